@@ -1,0 +1,1 @@
+"""Deployment kernels for ternary linear layers (Triton, with pure-torch references)."""

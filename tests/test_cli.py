@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from tests.conftest import tiny_llama
+from twla.cli import main
+from twla.models import load_model, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(smollm2, tmp_path_factory):
+    """A tiny random Llama with the real tokenizer, saved as a local checkpoint."""
+    _, tokenizer = smollm2
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, str(path))
+    return str(path)
+
+
+def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "bench",
+        "--model",
+        tiny_checkpoint,
+        "--methods",
+        "absmean,e2m+gptq",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--eval-seqlen",
+        "64",
+        "--eval-tokens",
+        "512",
+        "--out",
+        str(out),
+        "--save",
+        "e2m+gptq",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["fp", "absmean", "e2m+gptq"]
+    assert all(r["ppl"] > 1 for r in report["rows"])
+    assert report["rows"][2]["bits_storage"] > 2.0
+    assert "| e2m+gptq |" in (out / "report.md").read_text()
+    for plot in ("layer_errors.png", "weight_hist.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    saved = out / "models" / "e2m_gptq"
+    assert json.loads((saved / "twla_quant.json").read_text())["method"] == "e2m+gptq"
+    model, _ = load_model(str(saved))
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert max(row.unique().numel() for row in w) <= 3  # one 64-column block per row
+
+
+def test_quantize_command(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    args = [
+        "quantize",
+        "--model",
+        tiny_checkpoint,
+        "--method",
+        "pt2+gptq+ssr",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert "bits/weight stored" in capsys.readouterr().out
+    assert len(json.loads((out / "report.json").read_text())["layers"]) == 14
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["bench", "--model", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert main(["bench", "--methods", "e2m+magic", "--quiet"]) == 2
+    assert "unknown modifier" in capsys.readouterr().err
+
+
+def test_bench_refuses_shared_text(tiny_checkpoint, tmp_path, capsys):
+    args = ["bench", "--model", tiny_checkpoint, "--calibration", "emma", "--evaluation", "emma", "--quiet"]
+    assert main(args) == 2
+    assert "share text" in capsys.readouterr().err
+
+
+def test_help_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "--methods" in capsys.readouterr().out

@@ -1,0 +1,144 @@
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from tests.conftest import tiny_llama
+from twla import QuantConfig, count_bits, get_adapter, quantize
+from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text
+from twla.evaluate import perplexity
+from twla.models import load_model
+
+SMALL = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):
+    model, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
+    assert len(report.records) == 2 * 7
+    for name, tw in report.weights.items():
+        W = model.get_submodule(name).weight.detach()
+        assert torch.allclose(W, tw.dequantize(), atol=1e-6)
+        for b in range(tw.alpha.shape[1]):
+            cols = tw.perm[b * tw.block_size : (b + 1) * tw.block_size]
+            assert max(row.unique().numel() for row in W[:, cols]) <= 3
+    down = report.weights["model.layers.0.mlp.down_proj"]
+    assert down.alpha.shape == (64, 2)  # 160 inputs: blocks of 128 and 32
+    rec = report.records[0]
+    assert set(rec.stages) == {"itf", "gptq-round", "refit"} and 0 < rec.output_error < 1
+
+
+def test_quantization_is_deterministic(calib_ids):
+    a, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr"), calib_ids, "cpu", progress=False)
+    b, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr"), calib_ids, "cpu", progress=False)
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na
+
+
+def test_compensation_beats_plain_on_tiny_model(calib_ids):
+    windows = calib_ids  # the calibration tokens themselves: a fit measure, not a held-out score
+    plain, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2"), calib_ids, "cpu", progress=False)
+    comp, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq"), calib_ids, "cpu", progress=False)
+    fp = tiny_llama()
+    ref = fp(windows).logits
+    err_plain = (plain(windows).logits - ref).pow(2).mean()
+    err_comp = (comp(windows).logits - ref).pow(2).mean()
+    assert err_comp < err_plain
+
+
+def test_bit_accounting(tiny_model, calib_ids):
+    model, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq+ssr"), calib_ids, "cpu", progress=False)
+    bits = count_bits(model, get_adapter(model), report.weights)
+    per_layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 160 * 64 + 64 * 160
+    assert bits.quantized_weights == 2 * per_layer
+    # 2 bits per code + 32 bits of (α, μ) per (row, block) + 16 bits per permuted column
+    side = sum(w.alpha.numel() * 32 + w.shape[1] * 16 * w.is_reordered() for w in report.weights.values())
+    assert bits.storage_bits_per_weight == pytest.approx(2 + side / bits.quantized_weights)
+    assert bits.entropy_bits_per_weight == pytest.approx(bits.storage_bits_per_weight - 2 + 1.5849625, rel=1e-6)
+    assert bits.embedding_params == 256 * 64  # tied embedding counted once
+
+
+@pytest.mark.parametrize(
+    "cls,cfg",
+    [(MistralForCausalLM, MistralConfig), (Qwen2ForCausalLM, Qwen2Config), (Qwen3ForCausalLM, Qwen3Config)],
+)
+def test_other_supported_architectures(cls, cfg, calib_ids):
+    torch.manual_seed(0)
+    extra = {"head_dim": 16} if cfg is Qwen3Config else {}
+    model = cls(cfg(**SMALL, **extra)).eval()
+    model, report = quantize(model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
+    assert len(report.weights) == 14
+
+
+def test_unsupported_architecture_is_a_clear_error(calib_ids):
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256))
+    with pytest.raises(NotImplementedError, match="unsupported architecture 'gpt2'.*llama"):
+        quantize(model, QuantConfig(), calib_ids, "cpu", progress=False)
+
+
+def test_nan_weights_are_rejected(tiny_model, calib_ids):
+    with torch.no_grad():
+        tiny_model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="layer 1 mlp.up_proj.*NaN"):
+        quantize(tiny_model, QuantConfig(), calib_ids, "cpu", progress=False)
+
+
+def test_too_little_calibration_text():
+    with pytest.raises(ValueError, match="too short"):
+        calibration_windows(torch.arange(100), nsamples=4, seqlen=512, seed=0)
+    with pytest.raises(ValueError, match="too short"):
+        evaluation_windows(torch.arange(100), seqlen=512)
+
+
+def test_empty_text_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("   \n")
+    with pytest.raises(ValueError, match="empty"):
+        load_text(str(path))
+
+
+def test_calibration_and_evaluation_must_be_disjoint(tmp_path):
+    with pytest.raises(ValueError, match="share text.*emma"):
+        check_disjoint(load_text("emma+mansfieldpark"), load_text("emma"))
+    check_disjoint(load_text("emma"), load_text("prideprejudice"))
+
+
+def test_unknown_text_source():
+    with pytest.raises(FileNotFoundError, match="neither a built-in corpus"):
+        load_text("no_such_corpus")
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        load_model(str(tmp_path / "missing"))
+
+
+def test_calibration_windows_follow_the_seed():
+    ids = torch.arange(10_000)
+    a = calibration_windows(ids, 4, 64, seed=3)
+    assert torch.equal(a, calibration_windows(ids, 4, 64, seed=3))
+    assert not torch.equal(a, calibration_windows(ids, 4, 64, seed=4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 63, dtype=torch.long))
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.zero_()  # tied: also zeroes the embedding, logits all 0
+    windows = torch.randint(0, 256, (3, 16))
+    result = perplexity(tiny_model, windows, "random", device="cpu")
+    assert result.ppl == pytest.approx(256, rel=1e-4) and result.tokens == 3 * 15

@@ -1,0 +1,24 @@
+"""Integration on the real default model, SmolLM2-135M (short calibration and evaluation)."""
+
+import torch
+
+from twla import QuantConfig, calibration_windows, evaluation_windows, load_text, perplexity, quantize, tokenize
+
+
+def test_error_compensated_ternary_beats_absmean_on_real_model(smollm2):
+    model, tokenizer = smollm2
+    calib = calibration_windows(tokenize(tokenizer, load_text("emma")), 8, 256, seed=0)
+    windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=2048)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    ppl = {"fp": perplexity(model, windows, device="cpu").ppl}
+    try:
+        for spec in ("absmean", "pt2+gptq", "e2m+gptq"):
+            model.load_state_dict(original)
+            quantize(model, QuantConfig.from_method(spec), calib, "cpu", progress=False)
+            ppl[spec] = perplexity(model, windows, device="cpu").ppl
+    finally:
+        model.load_state_dict(original)
+    print(ppl)
+    assert ppl["fp"] < ppl["e2m+gptq"] < ppl["absmean"]
+    assert ppl["fp"] < ppl["pt2+gptq"] < ppl["absmean"]
+    assert torch.isfinite(torch.tensor(list(ppl.values()))).all()

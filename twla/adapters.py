@@ -1,0 +1,77 @@
+"""Architecture adapters: where the decoder layers, linear layers, norms and head live.
+
+Linear layers are grouped by *input site*: layers in one site read the same input
+(q/k/v; gate/up), share its statistics S = XᵀX, and later share one rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Site:
+    """An input site of a decoder layer: the linears reading one input, and its norm."""
+
+    name: str
+    linears: tuple[str, ...]
+    norm: str | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Module paths of a decoder-only architecture (relative to the model or to a layer)."""
+
+    family: str
+    layers: str
+    embed: str
+    final_norm: str
+    head: str
+    sites: tuple[Site, ...]
+    extras: tuple[str, ...] = ()  # modules besides the embedding that run before layer 0
+
+    def prefix_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules that compute layer 0's inputs (embedding, rotary tables)."""
+        return [model.get_submodule(p) for p in (self.embed, *self.extras)]
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def site_linears(self, layer: nn.Module, site: Site) -> dict[str, nn.Linear]:
+        return {path: layer.get_submodule(path) for path in site.linears}
+
+    def linear_names(self) -> list[str]:
+        return [path for site in self.sites for path in site.linears]
+
+
+_LLAMA_SITES = (
+    Site("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    Site("attn_out", ("self_attn.o_proj",)),
+    Site("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    Site("mlp_out", ("mlp.down_proj",)),
+)
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    head="lm_head",
+    extras=("model.rotary_emb",),
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    family: Adapter(family=family, sites=_LLAMA_SITES, **_LLAMA_LIKE)
+    for family in ("llama", "mistral", "qwen2", "qwen3")
+}
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model.config.model_type``, or a clear error naming the supported ones."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise NotImplementedError(
+            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+            f"twla supports model_type in: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]

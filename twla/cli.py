@@ -1,0 +1,157 @@
+"""Command line: ``twla bench`` (the main job) and ``twla quantize``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+from twla.bench import DEFAULT_METHODS, BenchConfig, run_bench
+from twla.config import BASE_METHODS, MODIFIERS
+from twla.data import CORPORA, HUB_DATASETS
+from twla.models import BUILTIN, DEFAULT_MODEL
+
+METHOD_HELP = (
+    f"methods are a base quantizer ({', '.join(BASE_METHODS)}) plus optional modifiers "
+    f"({', '.join('+' + m for m in MODIFIERS)}): absmean = BitNet b1.58, twn = ternary weight networks, "
+    "pt2 = PT²-LLM asymmetric ternary (ITF + AGA), e2m = E2M-ATQ (ITF with TWLA's rule + exact S-metric refit); "
+    "+gptq adds GPTQ error compensation, +ssr structural similarity reordering"
+)
+DATA_HELP = (
+    f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network "
+    "and 'datasets'), or a path to a UTF-8 text file; join several with '+'"
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in model ({', '.join(BUILTIN)}, offline), local checkpoint directory, or hub id "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--calibration", default="emma+mansfieldpark", help="calibration text: " + DATA_HELP)
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--evaluation", default="prideprejudice", help="evaluation text (never the calibration text): " + DATA_HELP
+    )
+    p.add_argument(
+        "--eval-seqlen", type=int, default=512, help="evaluation window length (default 512; 2048 for papers)"
+    )
+    p.add_argument(
+        "--eval-tokens", type=int, default=20480, help="evaluate on the first N tokens (default 20480; 0 = all)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twla",
+        description="Post-training ternary quantization of causal LMs (W1.58), benched side by side.",
+        epilog="Start with `twla bench`: it quantizes the built-in SmolLM2-135M with the default methods, "
+        "offline, and writes runs/latest/report.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser(
+        "bench",
+        help="quantize a model with several methods and compare them with full precision (the main job)",
+        description="Quantize MODEL with each method, evaluate perplexity, bits per weight and time, and write "
+        "a report (report.md, report.json, plots) to --out. " + METHOD_HELP,
+    )
+    _common(bench)
+    _eval_args(bench)
+    bench.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})",
+    )
+    bench.add_argument("--out", default="runs/latest", help="report directory (default runs/latest)")
+    bench.add_argument(
+        "--save",
+        default="e2m+gptq+ssr",
+        help="comma-separated methods whose fake-quantized checkpoint is written to OUT/models/ "
+        "(default e2m+gptq+ssr when benched; '' for none)",
+    )
+
+    quant = sub.add_parser(
+        "quantize",
+        help="quantize a model with one method and save the checkpoint",
+        description="Quantize MODEL with one method and save a fake-quantized checkpoint (weights on the ternary "
+        "grid, stored densely) with twla_quant.json and report.json. " + METHOD_HELP,
+    )
+    _common(quant)
+    quant.add_argument("--method", default="e2m+gptq+ssr", help="method (default e2m+gptq+ssr)")
+    quant.add_argument("--out", required=True, help="output checkpoint directory")
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> None:
+    methods = tuple(m for m in args.methods.split(",") if m)
+    save = tuple(m for m in args.save.split(",") if m and m in methods)
+    cfg = BenchConfig(
+        model=args.model,
+        methods=methods,
+        calibration=args.calibration,
+        evaluation=args.evaluation,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        eval_seqlen=args.eval_seqlen,
+        eval_tokens=args.eval_tokens or None,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        out=args.out,
+        save=save,
+    )
+    run_bench(cfg, progress=not args.quiet)
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from twla.accounting import count_bits
+    from twla.adapters import get_adapter
+    from twla.config import QuantConfig
+    from twla.data import calibration_windows, load_text, tokenize
+    from twla.models import load_model, save_checkpoint
+    from twla.quantize import quantize
+
+    config = QuantConfig.from_method(args.method, batch_size=args.batch_size)
+    model, tokenizer = load_model(args.model)
+    calib = calibration_windows(
+        tokenize(tokenizer, load_text(args.calibration, "calibration")), args.nsamples, args.seqlen, args.seed
+    )
+    model, report = quantize(model, config, calib, args.device, progress=not args.quiet)
+    bits = count_bits(model, get_adapter(model), report.weights)
+    meta = {"method": args.method, "config": asdict(config), "bits": asdict(bits), "format": "fake-quantized"}
+    save_checkpoint(
+        model,
+        tokenizer,
+        args.out,
+        {"twla_quant.json": json.dumps(meta, indent=2), "report.json": json.dumps(report.to_dict(), indent=2)},
+    )
+    print(
+        f"{args.method}: {bits.describe()}; quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"bench": _bench, "quantize": _quantize}[args.command](args)
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
+        print(f"twla: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

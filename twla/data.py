@@ -1,0 +1,129 @@
+"""Text sources and token windows for calibration and evaluation (DESIGN §8).
+
+A source is a built-in public-domain corpus (``emma``, ``mansfieldpark``,
+``prideprejudice``, ``persuasion``, ``northangerabbey``, ``sensesensibility``,
+``mobydick``), a path to a UTF-8 text file, or ``wikitext2`` / ``c4`` (through
+`datasets`, needs a reachable hub). Join several with ``+``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+from torch import Tensor
+
+CORPORA = {
+    "emma": "austen_emma.txt",
+    "mansfieldpark": "austen_mansfieldpark.txt",
+    "prideprejudice": "austen_prideprejudice.txt",
+    "persuasion": "austen_persuasion.txt",
+    "northangerabbey": "austen_northangerabbey.txt",
+    "sensesensibility": "austen_sensesensibility.txt",
+    "mobydick": "melville_mobydick.txt",
+}
+HUB_DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}, "\n\n"),
+    "c4": ("allenai/c4", "en", {"calibration": "train", "evaluation": "validation"}, " "),
+}
+
+
+@dataclass(frozen=True)
+class Text:
+    """Loaded text and the parts (corpus names or resolved paths) it came from."""
+
+    text: str
+    parts: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(os.path.basename(p) for p in self.parts)
+
+
+def _hub_text(name: str, role: str) -> str:
+    repo, subset, splits, sep = HUB_DATASETS[name]
+    try:
+        import datasets
+    except ImportError as err:
+        raise RuntimeError(f"text source {name!r} needs the 'datasets' package: pip install 'twla[hub]'") from err
+    try:
+        if name == "c4":
+            files = {
+                "train": "en/c4-train.00000-of-01024.json.gz",
+                "validation": "en/c4-validation.00000-of-00008.json.gz",
+            }
+            split = splits[role]
+            ds = datasets.load_dataset(repo, data_files={split: files[split]}, split=split)
+            ds = ds.select(range(min(len(ds), 5000)))
+        else:
+            ds = datasets.load_dataset(repo, subset, split=splits[role])
+    except Exception as err:  # network, hub and cache failures all surface here
+        raise RuntimeError(
+            f"could not load {name!r} from the Hugging Face hub ({type(err).__name__}: {err}); "
+            f"offline, use a built-in corpus ({', '.join(CORPORA)}) or a local text file"
+        ) from err
+    return sep.join(ds["text"])
+
+
+def load_text(source: str, role: str = "evaluation") -> Text:
+    """Load a text source (see module docstring); ``role`` picks a hub dataset's split."""
+    texts, parts = [], []
+    for part in source.split("+"):
+        part = part.strip()
+        if part in CORPORA:
+            texts.append((resources.files("twla.corpora") / CORPORA[part]).read_text(encoding="utf-8"))
+            parts.append(part)
+        elif part in HUB_DATASETS:
+            texts.append(_hub_text(part, role))
+            parts.append(f"{part}:{HUB_DATASETS[part][2][role]}")
+        elif os.path.isfile(part):
+            with open(part, encoding="utf-8") as fh:
+                texts.append(fh.read())
+            parts.append(os.path.realpath(part))
+        else:
+            raise FileNotFoundError(
+                f"text source {part!r} is neither a built-in corpus ({', '.join(CORPORA)}), "
+                f"a hub dataset ({', '.join(HUB_DATASETS)}) nor an existing file"
+            )
+    text = "\n\n".join(texts)
+    if not text.strip():
+        raise ValueError(f"text source {source!r} is empty")
+    return Text(text, tuple(parts))
+
+
+def check_disjoint(calibration: Text, evaluation: Text) -> None:
+    """Calibration and evaluation must never share text."""
+    shared = {p.split(":")[0] for p in calibration.parts} & {p.split(":")[0] for p in evaluation.parts}
+    if shared:
+        raise ValueError(f"calibration and evaluation share text ({', '.join(sorted(shared))}); pick disjoint sources")
+
+
+def tokenize(tokenizer, text: Text) -> Tensor:
+    """Token ids of the whole text, without BOS or other special tokens (1-D)."""
+    return torch.tensor(tokenizer(text.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random starts drawn with ``seed``."""
+    if nsamples < 1 or seqlen < 2:
+        raise ValueError("need at least one calibration sample of at least 2 tokens")
+    if ids.numel() < seqlen + 1:
+        raise ValueError(
+            f"calibration text is too short: {ids.numel()} tokens, need more than seqlen={seqlen}; "
+            "give a longer text or a shorter sequence length"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(ids: Tensor, seqlen: int, max_tokens: int | None = None) -> Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens covering the first ``max_tokens`` tokens."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    nwin = ids.numel() // seqlen
+    if nwin < 1:
+        raise ValueError(f"evaluation text is too short: {ids.numel()} tokens, need at least one window of {seqlen}")
+    return ids[: nwin * seqlen].view(nwin, seqlen)

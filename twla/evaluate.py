@@ -1,0 +1,47 @@
+"""Perplexity (DESIGN §8): mean next-token NLL over non-overlapping windows, exponentiated."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float
+    tokens: int  # predicted tokens: windows · (seqlen − 1)
+    windows: int
+    seqlen: int
+    text: str
+
+    def describe(self) -> str:
+        return f"{self.text}: {self.windows} windows × {self.seqlen} tokens ({self.tokens} predicted)"
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    windows: Tensor,
+    text: str = "",
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Perplexity:
+    """exp of the mean token NLL of ``model`` over the (nwin, seqlen) token ``windows``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    total, count = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+        batch = batch.to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    model.to("cpu")
+    mean = total / count
+    return Perplexity(math.exp(mean) if mean < 700 else math.inf, mean, count, windows.shape[0], windows.shape[1], text)

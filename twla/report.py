@@ -1,0 +1,101 @@
+"""Bench reports: a Markdown table, a JSON file and plots, all written atomically."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from twla.io import atomic_write, write_json, write_text  # noqa: E402
+
+COLUMNS = [
+    ("method", "method", "{}"),
+    ("ppl", "perplexity", "{:.2f}"),
+    ("bits_storage", "bits/w (stored)", "{:.3f}"),
+    ("bits_entropy", "bits/w (entropy)", "{:.3f}"),
+    ("size_mb", "size MB", "{:.1f}"),
+    ("output_error", "mean rel. E_x", "{:.4f}"),
+    ("quant_seconds", "quant s", "{:.1f}"),
+    ("eval_seconds", "eval s", "{:.1f}"),
+]
+
+
+def _cell(value: object, fmt: str) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and value >= 1e5 and fmt.startswith("{:."):
+        return f"{value:.3g}"
+    return fmt.format(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def stage_table(rows: list[dict]) -> str:
+    """Mean relative weight / output error after each stage of each method's block fit."""
+    lines = ["| method | stage | mean rel. E_w | mean rel. E_x |", "|---|---|---|---|"]
+    for row in rows:
+        for stage, err in row.get("stages", {}).items():
+            lines.append(f"| {row['method']} | {stage} | {err['weight_error']:.4f} | {err['output_error']:.4f} |")
+    return "\n".join(lines)
+
+
+def markdown_report(result: dict) -> str:
+    setup = result["setup"]
+    return "\n\n".join(
+        [
+            f"# twla bench: {setup['model']}",
+            f"Evaluation: {setup['evaluation']}. Calibration: {setup['calibration']}. "
+            f"Seed {setup['seed']}, device {setup['device']}.",
+            f"Bit accounting: {setup['accounting']}",
+            markdown_table(result["rows"]),
+            "## Stages of the block fit (per-layer means, in each block's metric)",
+            stage_table(result["rows"]),
+        ]
+    )
+
+
+def _save_figure(fig, path: str) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+    plt.close(fig)
+
+
+def plot_layer_errors(rows: list[dict], path: str) -> None:
+    """Relative output error of every quantized linear layer, in execution order, per method."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for row in rows:
+        layers = row.get("layers")
+        if layers:
+            ax.semilogy([rec["output_error"] for rec in layers], label=row["method"], lw=1)
+    ax.set_xlabel("linear layer (execution order)")
+    ax.set_ylabel("relative output error tr(ESEᵀ)/tr(WSWᵀ)")
+    ax.set_title("Per-layer output error on calibration data")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_weight_histograms(name: str, original: torch.Tensor, quantized: dict[str, torch.Tensor], path: str) -> None:
+    """Histogram of one layer's weights before and after each method."""
+    fig, axes = plt.subplots(1, 1 + len(quantized), figsize=(3.2 * (1 + len(quantized)), 2.8), sharey=True)
+    lim = float(original.abs().max())
+    for ax, (label, w) in zip(axes, [("full precision", original), *quantized.items()]):
+        ax.hist(w.flatten().float().clamp(-lim, lim).numpy(), bins=121, range=(-lim, lim), log=True)
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(f"weights of {name}", fontsize=10)
+    _save_figure(fig, path)
+
+
+def write_report(out_dir: str, result: dict) -> str:
+    """Write report.json and report.md into ``out_dir``; return the Markdown text."""
+    text = markdown_report(result)
+    write_json(os.path.join(out_dir, "report.json"), result)
+    write_text(os.path.join(out_dir, "report.md"), text + "\n")
+    return text

@@ -47,7 +47,7 @@ def damped_hessian(S: Tensor, damp: float) -> tuple[Tensor, Tensor]:
 
     Returns H (float64) and the mask of dead input columns.
     """
-    H = S.detach().to(torch.float64).clone()
+    H = S.detach().to(torch.float64, copy=True)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * torch.diagonal(H).mean())
@@ -95,17 +95,18 @@ def gptq(
     if S.shape != (m, m):
         raise ValueError(f"input statistics have shape {tuple(S.shape)}, expected {(m, m)}")
     H, dead = damped_hessian(S, damp)
-    Wc = W.detach().to(torch.float64).clone()
+    Wc = W.detach().to(S.device, torch.float64, copy=True)
     Wc[:, dead] = 0.0
     P = torch.cholesky_inverse(torch.linalg.cholesky(H)) if compensate else None
 
-    remaining = torch.arange(m)
+    device = Wc.device
+    remaining = torch.arange(m, device=device)
     Q = torch.empty_like(Wc)
     result = GPTQResult(Q, [], [])
     while remaining.numel():
         size = min(block_size, remaining.numel())
-        pos = ssr_block(Wc[:, remaining], size) if reorder else torch.arange(size)
-        keep = torch.ones(remaining.numel(), dtype=torch.bool)
+        pos = ssr_block(Wc[:, remaining], size) if reorder else torch.arange(size, device=device)
+        keep = torch.ones(remaining.numel(), dtype=torch.bool, device=device)
         keep[pos] = False
         rest = keep.nonzero().squeeze(1)
         cols = remaining[pos]

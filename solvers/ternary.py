@@ -141,7 +141,7 @@ def refit_metric(W: Tensor, T: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
     ok = det > 1e-10 * (a11 * a22).clamp(min=1e-300)
     safe = torch.where(ok, det, torch.ones_like(det))
     alpha = torch.where(ok, (b1 * a22 - a12 * b2) / safe, torch.zeros_like(det))
-    const = b2 / a22 if a22 > 0 else W.mean(dim=1)
+    const = torch.where(a22 > 0, b2 / a22.clamp(min=1e-300), W.mean(dim=1))
     mu = torch.where(ok, (a11 * b2 - a12 * b1) / safe, const)
     return alpha, mu
 

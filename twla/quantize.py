@@ -105,15 +105,15 @@ def capture_layer_inputs(
 
 @torch.no_grad()
 def collect_statistics(layer: nn.Module, linear: nn.Linear, batches: list[tuple[Tensor, dict]]) -> tuple[Tensor, int]:
-    """S = XᵀX / N over all calibration tokens entering ``linear`` (float64), and N."""
+    """S = XᵀX / N over all calibration tokens entering ``linear`` (float64, on its device), and N."""
     m = linear.in_features
-    S = torch.zeros(m, m, dtype=torch.float64)
+    S = torch.zeros(m, m, dtype=torch.float64, device=linear.weight.device)
     count = 0
 
     def accumulate(module, args):
-        nonlocal S, count
+        nonlocal count
         x = args[0].reshape(-1, m).to(torch.float32)
-        S += (x.T @ x).double().cpu()
+        S.add_((x.T @ x).double())
         count += x.shape[0]
         raise _Stop
 
@@ -134,9 +134,9 @@ def _quantize_site(
 ) -> None:
     for path, linear in adapter.site_linears(layer, site).items():
         start = time.perf_counter()
-        W = linear.weight.detach().to("cpu", torch.float64)
+        W = linear.weight.detach().to(S.device, torch.float64)
         tw, res = quantize_weight(W, S, config.weights)
-        W_hat = tw.dequantize(torch.float64)
+        W_hat = tw.dequantize(torch.float64).to(S.device)
         E = W - W_hat
         energy_s = float(((W @ S) * W).sum())
         energy_h = energy_s + config.weights.damp * float(torch.diagonal(S).mean()) * float((W**2).sum())

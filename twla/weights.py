@@ -78,15 +78,19 @@ def block_fitter(cfg: TernaryConfig) -> BlockFit:
 
 
 def quantize_weight(W: Tensor, S: Tensor, cfg: TernaryConfig) -> tuple[TernaryWeight, GPTQResult]:
-    """Ternarize one weight W (n×m) given its input statistics S (m×m)."""
+    """Ternarize one weight W (n×m) given its input statistics S (m×m).
+
+    The solver runs in float64 on S's device; the returned weight lives on the CPU.
+    """
     if not torch.isfinite(W).all():
         raise ValueError("weight contains NaN or inf values")
     res = gptq(W, S, block_fitter(cfg), cfg.block_size, cfg.compensate, cfg.reorder, cfg.damp)
     fits: list[TernaryFit] = res.payloads
-    perm = torch.cat(res.blocks)
+    perm = torch.cat(res.blocks).cpu()
     codes = torch.empty(W.shape, dtype=torch.int8)
     for cols, f in zip(res.blocks, fits):
-        codes[:, cols] = f.codes
-    alpha = torch.stack([f.alpha for f in fits], dim=1).float()
-    mu = torch.stack([f.mu for f in fits], dim=1).float()
+        codes[:, cols.cpu()] = f.codes.cpu()
+    # α and μ are stored in 16 bits: round them so the model is exactly what is stored
+    alpha = torch.stack([f.alpha for f in fits], dim=1).half().float().cpu()
+    mu = torch.stack([f.mu for f in fits], dim=1).half().float().cpu()
     return TernaryWeight(codes, alpha, mu, perm, cfg.block_size, cfg.has_offset), res

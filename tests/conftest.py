@@ -14,21 +14,22 @@ def correlated_inputs(n_tokens: int, m: int, seed: int = 0) -> torch.Tensor:
     return (low + noise) * torch.logspace(-1, 1, m, dtype=torch.float64)
 
 
+# A tiny decoder whose MLP width (160) leaves a partial 128-column block.
+SMALL_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A randomly initialized Llama whose MLP width (160) leaves a partial 128-column block."""
+    """A randomly initialized Llama of :data:`SMALL_CONFIG` with tied embeddings."""
     torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**SMALL_CONFIG, "tie_word_embeddings": True, **overrides})).eval()
 
 
 @pytest.fixture

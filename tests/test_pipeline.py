@@ -11,21 +11,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tests.conftest import tiny_llama
+from tests.conftest import SMALL_CONFIG, tiny_llama
 from twla import QuantConfig, count_bits, get_adapter, quantize
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text
 from twla.evaluate import perplexity
 from twla.models import load_model
-
-SMALL = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
 
 
 def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):
@@ -80,7 +70,7 @@ def test_bit_accounting(tiny_model, calib_ids):
 def test_other_supported_architectures(cls, cfg, calib_ids):
     torch.manual_seed(0)
     extra = {"head_dim": 16} if cfg is Qwen3Config else {}
-    model = cls(cfg(**SMALL, **extra)).eval()
+    model = cls(cfg(**SMALL_CONFIG, **extra)).eval()
     model, report = quantize(model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
     assert len(report.weights) == 14
 

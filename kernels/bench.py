@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from twla.kernels.reference import matmul_a16, pack_ternary, quantize_activations
+from twla.kernels.reference import PackedTernary, matmul_a16, pack_ternary, quantize_activations
 
 SHAPES = {
     "smollm2 q/o 576x576": (576, 576),
@@ -30,8 +30,9 @@ SHAPES = {
 BATCHES = (1, 16, 128, 2048)
 
 
-def random_packed(N: int, K: int, group_size: int = 128, device: str = "cpu"):
-    g = torch.Generator().manual_seed(0)
+def random_packed(N: int, K: int, group_size: int = 128, device: str = "cpu", seed: int = 0) -> PackedTernary:
+    """Random ternary codes with α ∈ [0.1, 1.1) and μ ~ 0.1·N(0, 1) per (row, group), packed."""
+    g = torch.Generator().manual_seed(seed)
     T = (torch.randint(0, 3, (N, K), generator=g) - 1).to(torch.int8)
     G = -(-K // group_size)
     w = pack_ternary(T, torch.rand(N, G, generator=g) + 0.1, torch.randn(N, G, generator=g) * 0.1, group_size)

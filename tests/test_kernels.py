@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from twla.kernels.bench import random_packed
 from twla.kernels.reference import (
     dequantize,
     group_accumulators,
@@ -19,12 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def random_weight(N, K, group_size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = (torch.randint(0, 3, (N, K), generator=g) - 1).to(torch.int8)
-    G = -(-K // group_size)
-    alpha = torch.rand(N, G, generator=g) + 0.1
-    mu = torch.randn(N, G, generator=g) * 0.1
-    return T, alpha, mu, pack_ternary(T, alpha, mu, group_size)
+    """The benchmark's random packed weight, with its codes T and α, μ as (N, G)."""
+    w = random_packed(N, K, group_size, seed=seed)
+    return unpack_codes(w.packed, K), w.alpha.T, w.mu.T, w
 
 
 @pytest.mark.parametrize("K", [1, 4, 13, 128, 130])

@@ -132,3 +132,19 @@ def test_perplexity_of_uniform_model_is_vocab_size(tiny_model):
     windows = torch.randint(0, 256, (3, 16))
     result = perplexity(tiny_model, windows, "random", device="cpu")
     assert result.ppl == pytest.approx(256, rel=1e-4) and result.tokens == 3 * 15
+
+
+def test_scales_are_stored_in_16_bits(tiny_model, calib_ids):
+    _, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
+    for tw in report.weights.values():
+        assert torch.equal(tw.alpha, tw.alpha.half().float()) and torch.equal(tw.mu, tw.mu.half().float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_quantization_matches_cpu(calib_ids):
+    cfg = QuantConfig.from_method("e2m+gptq+ssr")
+    cpu, rep_cpu = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
+    gpu, rep_gpu = quantize(tiny_llama(), cfg, calib_ids, "cuda", progress=False)
+    assert {p.device.type for p in gpu.parameters()} == {"cpu"}
+    for name in rep_cpu.weights:
+        assert torch.equal(rep_cpu.weights[name].codes, rep_gpu.weights[name].codes), name

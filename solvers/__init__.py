@@ -4,4 +4,12 @@
   (absmean, TWN, ITF, and the exact S-metric refit).
 - :mod:`twla.solvers.gptq`: block-wise GPTQ error compensation, which turns any
   block fit into a layer-output-aware quantizer.
+- :mod:`twla.solvers.uniform`: uniform integer quantization (per-token activations, RTN weights).
+- :mod:`twla.solvers.kronecker`: Kronecker rotations R₁ ⊗ R₂ applied without forming R,
+  factor sizes, Hadamard matrices.
+- :mod:`twla.solvers.stiefel`: minimization over pairs of orthogonal factors (geoopt
+  Riemannian Adam/SGD on the Stiefel manifold, Cayley-parameterized Adam, fixed).
+- :mod:`twla.solvers.kotms`: the tri-modal shaping loss and its batched solver.
+- :mod:`twla.solvers.relocation`: E2M stage-2 relocation of a site's rotation against
+  its ternarized output error.
 """

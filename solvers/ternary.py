@@ -64,10 +64,12 @@ def twn(W: Tensor) -> TernaryFit:
 def grid_given_codes(W: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
     """Per-row least squares min_{α,μ} ‖w_i − α t_i − μ 1‖² (DESIGN §3.2).
 
+    Solved in W's dtype and differentiable in W (the codes are held fixed), so it also
+    serves as the closed-form grid inside gradient-based relocation.
+
     With a = (W∘T)1, t = T1, u = W1, q = (T∘T)1, den = m·q − t²:
     α = (m·a − t∘u)/den, μ = (q∘u − t∘a)/den. Rows with den = 0 get α = 0, μ = row mean.
     """
-    W = _f64(W)
     Tf = T.to(W.dtype)
     m = W.shape[1]
     a, t, u, q = (W * Tf).sum(1), Tf.sum(1), W.sum(1), (Tf * Tf).sum(1)

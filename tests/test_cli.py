@@ -23,7 +23,7 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
         "--model",
         tiny_checkpoint,
         "--methods",
-        "absmean,e2m+gptq",
+        "absmean,e2m+gptq,e2m+gptq+kotms+a4",
         "--nsamples",
         "4",
         "--seqlen",
@@ -40,11 +40,15 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["fp", "absmean", "e2m+gptq"]
+    assert [r["method"] for r in report["rows"]] == ["fp", "absmean", "e2m+gptq", "e2m+gptq+kotms+a4"]
     assert all(r["ppl"] > 1 for r in report["rows"])
     assert report["rows"][2]["bits_storage"] > 2.0
-    assert "| e2m+gptq |" in (out / "report.md").read_text()
-    for plot in ("layer_errors.png", "weight_hist.png"):
+    a4 = report["rows"][3]
+    assert (a4["scheme"], a4["rotation"]) == ("W1.58A4", "kotms")
+    assert set(a4["shaping"]) == {"attn_in", "attn_out", "mlp_in", "mlp_out"} and a4["activations"]["calibrated"] > 0
+    text = (out / "report.md").read_text()
+    assert "| e2m+gptq | W1.58A16 | none |" in text and "tri-modality" in text
+    for plot in ("layer_errors.png", "weight_hist.png", "rotation_hist.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     saved = out / "models" / "e2m_gptq"
     assert json.loads((saved / "twla_quant.json").read_text())["method"] == "e2m+gptq"
@@ -79,6 +83,16 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["bench", "--methods", "e2m+magic", "--quiet"]) == 2
     assert "unknown modifier" in capsys.readouterr().err
+
+
+def test_rotated_or_a4_models_are_not_saved_silently(tiny_checkpoint, tmp_path, capsys):
+    args = ["quantize", "--model", tiny_checkpoint, "--method", "e2m+gptq+had+a4", "--out", str(tmp_path / "q")]
+    assert main([*args, "--quiet"]) == 2
+    assert "packed checkpoint format" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+    bench = ["bench", "--model", tiny_checkpoint, "--methods", "e2m+a4", "--save", "e2m+a4", "--quiet"]
+    assert main(bench) == 2
+    assert "packed checkpoint format" in capsys.readouterr().err
 
 
 def test_bench_refuses_shared_text(tiny_checkpoint, tmp_path, capsys):

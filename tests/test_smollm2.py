@@ -2,7 +2,16 @@
 
 import torch
 
-from twla import QuantConfig, calibration_windows, evaluation_windows, load_text, perplexity, quantize, tokenize
+from twla import (
+    QuantConfig,
+    calibration_windows,
+    evaluation_windows,
+    load_model,
+    load_text,
+    perplexity,
+    quantize,
+    tokenize,
+)
 
 
 def test_error_compensated_ternary_beats_absmean_on_real_model(smollm2):
@@ -22,3 +31,20 @@ def test_error_compensated_ternary_beats_absmean_on_real_model(smollm2):
     assert ppl["fp"] < ppl["e2m+gptq"] < ppl["absmean"]
     assert ppl["fp"] < ppl["pt2+gptq"] < ppl["absmean"]
     assert torch.isfinite(torch.tensor(list(ppl.values()))).all()
+
+
+def test_rotations_rescue_4_bit_activations_on_real_model(smollm2):
+    _, tokenizer = smollm2
+    calib = calibration_windows(tokenize(tokenizer, load_text("emma")), 8, 256, seed=0)
+    windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=2048)
+    ppl, reports = {}, {}
+    for spec in ("e2m+gptq+a4", "e2m+gptq+had+a4", "e2m+gptq+kotms+a4"):
+        model, _ = load_model("smollm2-135m")
+        _, reports[spec] = quantize(model, QuantConfig.from_method(spec), calib, "cpu", progress=False)
+        ppl[spec] = perplexity(model, windows, device="cpu").ppl
+    print(ppl)
+    assert ppl["e2m+gptq+had+a4"] < ppl["e2m+gptq+a4"] / 3
+    assert ppl["e2m+gptq+kotms+a4"] < ppl["e2m+gptq+a4"] / 3
+    for shaping in reports["e2m+gptq+kotms+a4"].rotation.sites.values():
+        assert shaping.losses[-1] < shaping.losses[0]
+        assert sum(shaping.fit_error_after) < sum(shaping.fit_error_before)

@@ -1,11 +1,12 @@
-"""twla: post-training ternary-weight quantization of LLMs as explicit optimization problems.
+"""twla: post-training W1.58A4 quantization of LLMs (ternary weights, low-bit activations),
+built around explicit optimization problems.
 
 Typical use::
 
     import twla
     model, tokenizer = twla.load_model("smollm2-135m")
     calib = twla.calibration_windows(twla.tokenize(tokenizer, twla.load_text("emma")), 32, 512, seed=0)
-    model, report = twla.quantize(model, twla.QuantConfig.from_method("e2m+gptq"), calib)
+    model, report = twla.quantize(model, twla.QuantConfig.from_method("e2m+gptq+ssr+kotms+a4"), calib)
     windows = twla.evaluation_windows(twla.tokenize(tokenizer, twla.load_text("prideprejudice")), 512)
     print(twla.perplexity(model, windows).ppl)
 """
@@ -13,25 +14,33 @@ Typical use::
 from twla.accounting import BitReport, count_bits
 from twla.adapters import ADAPTERS, Adapter, Site, get_adapter
 from twla.bench import BenchConfig, run_bench
-from twla.config import QuantConfig, TernaryConfig, method_config
+from twla.config import ActivationConfig, QuantConfig, RotationConfig, TernaryConfig, UniformConfig, method_config
 from twla.data import calibration_windows, evaluation_windows, load_text, tokenize
 from twla.evaluate import Perplexity, perplexity
 from twla.models import load_model, save_checkpoint
+from twla.modules import QuantLinear
 from twla.quantize import LayerRecord, QuantReport, quantize
-from twla.weights import TernaryWeight, quantize_weight
+from twla.rotation import RotationReport
+from twla.weights import TernaryWeight, UniformWeight, quantize_weight
 
 __all__ = [
     "ADAPTERS",
+    "ActivationConfig",
     "Adapter",
     "BenchConfig",
     "BitReport",
     "LayerRecord",
     "Perplexity",
     "QuantConfig",
+    "QuantLinear",
     "QuantReport",
+    "RotationConfig",
+    "RotationReport",
     "Site",
     "TernaryConfig",
     "TernaryWeight",
+    "UniformConfig",
+    "UniformWeight",
     "calibration_windows",
     "count_bits",
     "evaluation_windows",

@@ -13,11 +13,16 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Site:
-    """An input site of a decoder layer: the linears reading one input, and its norm."""
+    """An input site of a decoder layer: the linears reading one input, and its norm.
+
+    Sites with a norm read the residual stream; ``writes_residual`` marks the sites whose
+    linears add their output back into it (o_proj, down_proj).
+    """
 
     name: str
     linears: tuple[str, ...]
     norm: str | None = None
+    writes_residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,9 @@ class Adapter:
 
 _LLAMA_SITES = (
     Site("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-    Site("attn_out", ("self_attn.o_proj",)),
+    Site("attn_out", ("self_attn.o_proj",), writes_residual=True),
     Site("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-    Site("mlp_out", ("mlp.down_proj",)),
+    Site("mlp_out", ("mlp.down_proj",), writes_residual=True),
 )
 _LLAMA_LIKE = dict(
     layers="model.layers",

@@ -1,7 +1,7 @@
 """The main job: quantize one model with several methods and bench them side by side.
 
-Every method starts from the same full-precision weights, sees the same calibration
-windows and is evaluated on the same tokens, so the rows of the table compare.
+Every method starts from a freshly loaded full-precision model, sees the same
+calibration windows and is evaluated on the same tokens, so the rows of the table compare.
 """
 
 from __future__ import annotations
@@ -14,16 +14,44 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from twla.accounting import count_bits
+from twla.accounting import ACCOUNTING_RULES, count_bits
 from twla.adapters import get_adapter
-from twla.config import QuantConfig, method_config
+from twla.config import QuantConfig, TernaryConfig
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text, tokenize
 from twla.evaluate import perplexity
 from twla.models import DEFAULT_MODEL, load_model, save_checkpoint
 from twla.quantize import quantize
-from twla.report import plot_layer_errors, plot_weight_histograms, write_report
+from twla.report import plot_layer_errors, plot_rotation_histograms, plot_weight_histograms, write_report
 
-DEFAULT_METHODS = ("absmean", "absmean+gptq", "pt2", "pt2+gptq+ssr", "e2m", "e2m+gptq+ssr")
+DEFAULT_METHODS = (
+    "e2m+gptq+ssr",  # W1.58A16
+    "e2m+gptq+ssr+a4",  # W1.58A4, no rotation
+    "e2m+gptq+ssr+had+a4",  # fixed random Kronecker-Hadamard site rotations
+    "e2m+gptq+ssr+rand+a4",  # fixed random orthogonal site rotations
+    "e2m+gptq+ssr+kotms+a4",  # KOTMS: learned on the Stiefel manifold
+    "e2m+gptq+ssr+kotms+reloc+a4",  # KOTMS + E2M stage-2 Stiefel relocation
+    "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
+)
+
+
+def scheme(config: QuantConfig) -> str:
+    """W1.58A4-style label of a configuration (mixed activation bits show their mean range)."""
+    w = "W1.58" if isinstance(config.weights, TernaryConfig) else f"W{config.weights.bits}"
+    bits = {config.activations.bits, *config.activations.layer_bits.values()}
+    a = f"A{min(bits)}-{max(bits)}" if len(bits) > 1 else f"A{bits.pop()}"
+    return w + a
+
+
+def rotation_label(config: QuantConfig) -> str:
+    rot = config.rotation
+    parts = [p for p in (rot.residual != "none" and f"R1 {rot.residual}", rot.site != "none" and rot.site) if p]
+    if rot.relocate:
+        parts.append("relocated")
+    return " + ".join(parts) or "none"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 @dataclass
@@ -47,10 +75,18 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for spec in (*self.methods, *self.save):
-            method_config(spec)  # fail early on a bad spec
+            QuantConfig.from_method(spec)  # fail early on a bad spec
         unknown = set(self.save) - set(self.methods)
         if unknown:
             raise ValueError(f"--save names methods that are not benched: {', '.join(sorted(unknown))}")
+        for spec in self.save:
+            qcfg = QuantConfig.from_method(spec)
+            if qcfg.rotation.online or qcfg.activations.quantized:
+                raise ValueError(
+                    f"--save {spec}: models with online rotations or quantized activations need the packed "
+                    "checkpoint format, which this version does not write; save a W1.58A16 method without "
+                    "site rotations (e.g. e2m+gptq+ssr)"
+                )
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -66,21 +102,22 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
 
     layers = adapter.decoder_layers(model)
     hist_name = cfg.histogram_layer or f"{adapter.layers}.{len(layers) // 2}.{adapter.sites[-1].linears[-1]}"
-    names = [f"{adapter.layers}.{i}.{path}" for i in range(len(layers)) for path in adapter.linear_names()]
-    original = {name: model.get_submodule(name).weight.detach().clone() for name in names}
+    original = model.get_submodule(hist_name).weight.detach().clone()
 
-    def evaluate(label: str):
+    def evaluate(label: str, model):
         start = time.perf_counter()
         result = perplexity(model, windows, eval_text.name, cfg.batch_size, device, progress)
         if progress:
             print(f"{label}: perplexity {result.ppl:.3f} on {result.describe()}", flush=True)
         return result, time.perf_counter() - start
 
-    fp, fp_seconds = evaluate("full precision")
+    fp, fp_seconds = evaluate("full precision", model)
     fp_bits = count_bits(model, adapter, {})
     rows = [
         {
             "method": "fp",
+            "scheme": "W16A16",
+            "rotation": "none",
             "ppl": fp.ppl,
             "bits_storage": 16.0,
             "bits_entropy": 16.0,
@@ -88,36 +125,46 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             "eval_seconds": fp_seconds,
         }
     ]
-    histograms = {}
-    accounting = ""
-    for spec in cfg.methods:
-        with torch.no_grad():
-            for name, w in original.items():
-                model.get_submodule(name).weight.copy_(w)
-        qcfg = QuantConfig(weights=method_config(spec), batch_size=cfg.batch_size)
+    histograms, rotation_weights = {}, {}
+    for i, spec in enumerate(cfg.methods):
+        if i:
+            model, _ = load_model(cfg.model)
+        qcfg = QuantConfig.from_method(spec, batch_size=cfg.batch_size)
         model, report = quantize(model, qcfg, calib, device, progress)
-        result, eval_seconds = evaluate(spec)
+        result, eval_seconds = evaluate(spec, model)
         bits = count_bits(model, adapter, report.weights)
-        accounting = bits.describe()
-        histograms[spec] = model.get_submodule(hist_name).weight.detach().clone()
-        stage_names = report.records[0].stages.keys()
+        histograms[spec] = report.weights[hist_name].dequantize()
+        if report.rotation:
+            rotation_weights[spec] = report.rotation.weights
+        records = report.records
+        relocated = [r.relocation for r in records if r.relocation]
+        acts = [r.act_error for r in records if r.act_error]
         rows.append(
             {
                 "method": spec,
+                "scheme": scheme(qcfg),
+                "rotation": rotation_label(qcfg),
                 "ppl": result.ppl,
                 "bits_storage": bits.storage_bits_per_weight,
                 "bits_entropy": bits.entropy_bits_per_weight,
                 "size_mb": bits.size_bytes / 2**20,
-                "output_error": sum(r.output_error for r in report.records) / len(report.records),
+                "output_error": _mean([r.output_error for r in records]),
                 "quant_seconds": report.seconds,
+                "rotation_seconds": report.rotation_seconds,
                 "eval_seconds": eval_seconds,
                 "stages": {
-                    s: {
-                        k: sum(r.stages[s][k] for r in report.records) / len(report.records)
-                        for k in ("weight_error", "output_error")
-                    }
-                    for s in stage_names
+                    s: {k: _mean([r.stages[s][k] for r in records]) for k in ("weight_error", "output_error")}
+                    for s in records[0].stages
                 },
+                "relocation": {k: _mean([r[k] for r in relocated]) for k in ("before", "after")} if relocated else None,
+                "activations": {
+                    "clip=1": _mean([a["clip=1"] for a in acts]),
+                    "calibrated": _mean([a["calibrated"] for a in acts]),
+                    "mean_clip": _mean([r.act_clip for r in records if r.act_error]),
+                }
+                if acts
+                else None,
+                "shaping": report.rotation.to_dict()["sites"] if report.rotation else None,
                 "bits": asdict(bits),
                 "config": asdict(qcfg),
                 "layers": report.to_dict()["layers"],
@@ -138,7 +185,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             "device": device,
             "evaluation": fp.describe(),
             "calibration": f"{cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, seed {cfg.seed}",
-            "accounting": accounting or "no quantized method",
+            "accounting": ACCOUNTING_RULES,
             "host": platform.node(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -147,11 +194,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     }
     text = write_report(cfg.out, result)
     plot_layer_errors(rows, os.path.join(cfg.out, "layer_errors.png"))
-    plot_weight_histograms(hist_name, original[hist_name], histograms, os.path.join(cfg.out, "weight_hist.png"))
+    plot_weight_histograms(hist_name, original, histograms, os.path.join(cfg.out, "weight_hist.png"))
+    plots = "layer_errors.png, weight_hist.png"
+    if rotation_weights:
+        plot_rotation_histograms(rotation_weights, os.path.join(cfg.out, "rotation_hist.png"))
+        plots += ", rotation_hist.png"
     if progress:
-        print(
-            "\n"
-            + text
-            + f"\n\nReport written to {cfg.out}/ (report.md, report.json, layer_errors.png, weight_hist.png)"
-        )
+        print("\n" + text + f"\n\nReport written to {cfg.out}/ (report.md, report.json, {plots})")
     return result

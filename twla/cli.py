@@ -14,10 +14,14 @@ from twla.data import CORPORA, HUB_DATASETS
 from twla.models import BUILTIN, DEFAULT_MODEL
 
 METHOD_HELP = (
-    f"methods are a base quantizer ({', '.join(BASE_METHODS)}) plus optional modifiers "
-    f"({', '.join('+' + m for m in MODIFIERS)}): absmean = BitNet b1.58, twn = ternary weight networks, "
-    "pt2 = PT²-LLM asymmetric ternary (ITF + AGA), e2m = E2M-ATQ (ITF with TWLA's rule + exact S-metric refit); "
-    "+gptq adds GPTQ error compensation, +ssr structural similarity reordering"
+    f"methods are a base weight quantizer ({', '.join(BASE_METHODS)}) plus '+'-joined modifiers "
+    f"({', '.join(MODIFIERS)}): absmean = BitNet b1.58, twn = ternary weight networks, pt2 = PT²-LLM "
+    "asymmetric ternary (ITF + AGA), e2m = E2M-ATQ (ITF with TWLA's rule + exact S-metric refit), rtnN = N-bit "
+    "round-to-nearest integer weights; gptq = GPTQ error compensation, ssr = structural similarity reordering; "
+    "had / rand / kotms = per-site Kronecker rotations (fixed Hadamard, fixed random orthogonal, learned on the "
+    "Stiefel manifold), reloc = E2M stage-2 Stiefel relocation per site, r1 = residual-stream rotation with "
+    "RMSNorm folding; aN = N-bit per-token activations (clipping calibrated per layer), sym = symmetric "
+    "activations. Example: e2m+gptq+ssr+kotms+reloc+a4"
 )
 DATA_HELP = (
     f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network "
@@ -125,6 +129,12 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.quantize import quantize
 
     config = QuantConfig.from_method(args.method, batch_size=args.batch_size)
+    if config.rotation.online or config.activations.quantized:
+        raise ValueError(
+            f"{args.method}: models with online rotations or quantized activations need the packed checkpoint "
+            "format, which this version does not write; use `twla bench --methods ...` to evaluate them, or "
+            "quantize a W1.58A16 method without site rotations (e.g. e2m+gptq+ssr, optionally +r1)"
+        )
     model, tokenizer = load_model(args.model)
     calib = calibration_windows(
         tokenize(tokenizer, load_text(args.calibration, "calibration")), args.nsamples, args.seqlen, args.seed
@@ -145,6 +155,10 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         {"bench": _bench, "quantize": _quantize}[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:

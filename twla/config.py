@@ -1,18 +1,28 @@
-"""Configuration objects: how weights are ternarized and how the pipeline runs.
+"""Configuration objects: how weights and activations are quantized, how inputs are rotated.
 
-A method is named by a spec string, a base quantizer plus modifiers:
-``absmean``, ``twn``, ``pt2`` (PT²-LLM ATQ: ITF + AGA) or ``e2m`` (E2M-ATQ stage 1
-ITF with TWLA's rule + exact S-metric stage 2), followed by ``+gptq`` (error
-compensation) and/or ``+ssr`` (Structural Similarity Reordering),
-e.g. ``e2m+gptq`` or ``pt2+gptq+ssr``.
+A method is named by a spec string: a base weight quantizer, then modifiers joined by ``+``.
+
+- base: ``absmean``, ``twn``, ``pt2`` (PT²-LLM ATQ: ITF + AGA), ``e2m`` (E2M-ATQ: ITF with
+  TWLA's rule + exact S-metric refit), or ``rtn4`` / ``rtn8`` (uniform integer weights, a
+  familiar reference);
+- weights: ``gptq`` (error compensation), ``ssr`` (Structural Similarity Reordering);
+- rotations: ``had`` (fixed random Kronecker-Hadamard), ``rand`` (fixed random orthogonal),
+  ``kotms`` (learned on the Stiefel manifold), ``reloc`` (E2M stage-2 Stiefel relocation per
+  site), ``r1`` (offline residual-stream rotation with RMSNorm folding);
+- activations: ``a2``/``a3``/``a4``/``a6``/``a8`` (per-token bits), ``sym`` (symmetric).
+
+E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4), ``rtn4+had+a4``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from twla.solvers.stiefel import STIEFEL_SOLVERS, StiefelSolver
 from twla.solvers.ternary import ItfRule
+from twla.solvers.uniform import ACTIVATION_BITS
 
 Quantizer = Literal["absmean", "twn", "atq"]
 
@@ -50,26 +60,152 @@ class TernaryConfig:
         return self.quantizer == "atq" or self.refit
 
 
-BASE_METHODS: dict[str, TernaryConfig] = {
+@dataclass(frozen=True)
+class UniformConfig:
+    """Uniform integer weights: per (row, group of ``block_size`` columns) min-max grid with a
+    16-bit scale and a ``bits``-bit zero point; round to nearest, or GPTQ with ``compensate``."""
+
+    bits: int = 4
+    block_size: int = 128
+    compensate: bool = False
+    reorder: bool = False
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 6, 8):
+            raise ValueError(f"uniform weights support 2, 3, 4, 6 or 8 bits, got {self.bits}")
+        if self.block_size < 1 or self.damp < 0:
+            raise ValueError("block_size must be ≥ 1 and damp ≥ 0")
+
+
+WeightConfig = TernaryConfig | UniformConfig
+SiteRotation = Literal["none", "hadamard", "random", "kotms"]
+ResidualRotation = Literal["none", "hadamard", "random"]
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """Orthogonal rotations of the linear layers' inputs (DESIGN §4).
+
+    site: one online Kronecker rotation R = R₁ ⊗ R₂ per input site (q/k/v, o, gate/up, down),
+    ``hadamard`` / ``random`` fixed, ``kotms`` learned (tri-modal loss, §4.3) starting from
+    ``init``; the weight side is fused offline (W ← W R).
+    relocate: E2M stage-2 relocation of each site's factors against its ternarized output
+    error (§3.4), starting from the site rotation (identity when ``site="none"``).
+    residual: offline residual-stream rotation with RMSNorm folding (QuaRot's R1).
+    solver / steps / lr / balance / rows: the KOTMS problem (rows: weight rows per site
+    used by the loss, evenly spaced); relocate_*: the relocation problem.
+    factors: optional {dimension: (m₁, m₂)} overrides of the Kronecker factor sizes.
+    """
+
+    site: SiteRotation = "none"
+    relocate: bool = False
+    residual: ResidualRotation = "none"
+    init: Literal["identity", "random", "hadamard"] = "hadamard"
+    solver: StiefelSolver = "riemannian-adam"
+    steps: int = 100
+    lr: float = 5e-2
+    balance: float = 0.1
+    rows: int = 128
+    relocate_solver: StiefelSolver = "riemannian-adam"
+    relocate_steps: int = 20
+    relocate_lr: float = 5e-3
+    factors: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "site": (self.site, ("none", "hadamard", "random", "kotms")),
+            "residual": (self.residual, ("none", "hadamard", "random")),
+            "init": (self.init, ("identity", "random", "hadamard")),
+            "solver": (self.solver, STIEFEL_SOLVERS),
+            "relocate_solver": (self.relocate_solver, STIEFEL_SOLVERS),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"unknown rotation {name} {value!r}; choose one of {', '.join(allowed)}")
+        if min(self.steps, self.relocate_steps) < 0 or min(self.lr, self.relocate_lr) <= 0 or self.rows < 1:
+            raise ValueError("rotation steps must be ≥ 0, learning rates > 0 and rows ≥ 1")
+
+    @property
+    def online(self) -> bool:
+        """Whether the linear layers get online input rotations."""
+        return self.site != "none" or self.relocate
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Per-token dynamic fake quantization of every quantized linear layer's input (DESIGN §5.1).
+
+    bits: the uniform bit-width; layer_bits: per-layer overrides {linear name: bits}, e.g.
+    from a mixed-precision allocation. The clipping ratio p of each layer is chosen from
+    ``clip_grid`` to minimize that layer's output error on ``calibration_tokens`` tokens.
+    """
+
+    bits: int = 16
+    symmetric: bool = False
+    layer_bits: Mapping[str, int] = field(default_factory=dict)
+    clip_grid: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+    calibration_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        for name, bits in {"bits": self.bits, **self.layer_bits}.items():
+            if bits not in ACTIVATION_BITS:
+                raise ValueError(f"activation bits for {name}: {bits} is not one of {ACTIVATION_BITS}")
+        if not self.clip_grid or not all(0 < p <= 1 for p in self.clip_grid):
+            raise ValueError("clip_grid must be a non-empty sequence of ratios in (0, 1]")
+        if self.calibration_tokens < 1:
+            raise ValueError("calibration_tokens must be ≥ 1")
+
+    def bits_for(self, name: str) -> int:
+        return self.layer_bits.get(name, self.bits)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16 or any(b < 16 for b in self.layer_bits.values())
+
+
+BASE_METHODS: dict[str, WeightConfig] = {
     "absmean": TernaryConfig(quantizer="absmean", refit=False, compensate=False),
     "twn": TernaryConfig(quantizer="twn", refit=False, compensate=False),
     "pt2": TernaryConfig(quantizer="atq", itf_rule="lsq", itf_iters=10, refit=True, compensate=False),
     "e2m": TernaryConfig(quantizer="atq", itf_rule="twn", itf_iters=15, refit=True, compensate=False),
+    "rtn4": UniformConfig(bits=4),
+    "rtn8": UniformConfig(bits=8),
 }
-MODIFIERS = {"gptq": "compensate", "ssr": "reorder"}
+WEIGHT_MODIFIERS = {"gptq": {"compensate": True}, "ssr": {"reorder": True}}
+ROTATION_MODIFIERS = {
+    "had": {"site": "hadamard"},
+    "rand": {"site": "random"},
+    "kotms": {"site": "kotms"},
+    "reloc": {"relocate": True},
+    "r1": {"residual": "hadamard"},
+}
+ACTIVATION_MODIFIERS = {f"a{b}": {"bits": b} for b in ACTIVATION_BITS if b < 16} | {"sym": {"symmetric": True}}
+MODIFIERS = {**WEIGHT_MODIFIERS, **ROTATION_MODIFIERS, **ACTIVATION_MODIFIERS}
 
 
-def method_config(spec: str, **overrides: object) -> TernaryConfig:
-    """Parse a method spec such as ``e2m+gptq+ssr`` into a :class:`TernaryConfig`."""
+def _parse(spec: str) -> tuple[str, list[str]]:
     base, *mods = spec.strip().lower().split("+")
     if base not in BASE_METHODS:
         raise ValueError(f"unknown method {spec!r}: base must be one of {', '.join(BASE_METHODS)}")
-    flags = {}
     for mod in mods:
         if mod not in MODIFIERS:
             raise ValueError(f"unknown modifier {mod!r} in {spec!r}: choose from {', '.join(MODIFIERS)}")
-        flags[MODIFIERS[mod]] = True
-    return replace(BASE_METHODS[base], **flags, **overrides)
+    sites = [m for m in mods if m in ("had", "rand", "kotms")]
+    if len(sites) > 1:
+        raise ValueError(f"{spec!r} names several site rotations ({', '.join(sites)}); choose one")
+    return base, mods
+
+
+def _flags(mods: list[str], table: dict[str, dict]) -> dict:
+    return {k: v for mod in mods if mod in table for k, v in table[mod].items()}
+
+
+def method_config(spec: str, **overrides: object) -> WeightConfig:
+    """The weight quantizer of a method spec such as ``e2m+gptq+ssr``."""
+    base, mods = _parse(spec)
+    return replace(BASE_METHODS[base], **_flags(mods, WEIGHT_MODIFIERS), **overrides)
 
 
 @dataclass(frozen=True)
@@ -81,10 +217,19 @@ class QuantConfig:
     batch_size: calibration sequences per forward pass.
     """
 
-    weights: TernaryConfig = field(default_factory=TernaryConfig)
+    weights: WeightConfig = field(default_factory=TernaryConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
     true_sequential: bool = True
     batch_size: int = 8
 
     @classmethod
     def from_method(cls, spec: str, **kwargs: object) -> QuantConfig:
-        return cls(weights=method_config(spec), **kwargs)
+        """Parse a method spec (module docstring) into a full configuration."""
+        _, mods = _parse(spec)
+        return cls(
+            weights=method_config(spec),
+            rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
+            activations=ActivationConfig(**_flags(mods, ACTIVATION_MODIFIERS)),
+            **kwargs,
+        )

@@ -1,9 +1,17 @@
 """Layer-wise sequential post-training quantization (GPTQ's schedule, DESIGN §3.5).
 
-The calibration batch runs through the model one decoder layer at a time. For each
-input site of the layer, the statistics S = XᵀX / N of its input are collected, its
-linear layers are ternarized against S, and the *quantized* layer's outputs feed the
-next layer. Only the current decoder layer sits on the compute device.
+Before the layers: the optional residual rotation (norms folded), and the per-site
+rotations (fixed or learned with KOTMS, DESIGN §4). Then the calibration batch runs
+through the model one decoder layer at a time. For each input site of the layer:
+
+1. the statistics S = XᵀX / N of its input are collected (and a token sample X);
+2. optionally the site's rotation is relocated on the Stiefel manifold against the
+   ternarized output error (E2M stage 2, DESIGN §3.4), and installed (W ← W R, S ← RᵀSR);
+3. its linears are quantized against S (block fit, GPTQ, refit);
+4. each linear's activation clipping ratio is calibrated (DESIGN §5.1);
+
+and the *quantized* layer's outputs feed the next layer. Only the current decoder
+layer sits on the compute device.
 """
 
 from __future__ import annotations
@@ -15,9 +23,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from twla.activations import calibrate_clip
 from twla.adapters import Adapter, Site, get_adapter
 from twla.config import QuantConfig
-from twla.weights import TernaryWeight, quantize_weight
+from twla.modules import wrap_linears
+from twla.rotation import (
+    Factors,
+    RotationReport,
+    apply_residual_rotation,
+    install_rotation,
+    make_factors,
+    site_rotations,
+)
+from twla.solvers.kronecker import rotate_metric
+from twla.solvers.relocation import relocate
+from twla.weights import QuantizedWeight, quantize_weight
 
 
 @dataclass
@@ -27,6 +47,10 @@ class LayerRecord:
     weight_error = ‖W − Ŵ‖²/‖W‖², output_error = tr(E S Eᵀ)/tr(W S Wᵀ) on the calibration
     inputs; stages hold the same two ratios after each stage of the block fit (summed
     over blocks in each block's metric, relative to tr(W H Wᵀ), H the damped S).
+    rotation: the site's online rotation (m₁⊗m₂) or "none"; relocation: the site's
+    relocation objective (relative ternarized output error) before and after;
+    act_error: relative output error ‖XWᵀ − Q_a(XR)Ŵᵀ‖²/‖XWᵀ‖² on the token sample
+    without clipping and at the calibrated ratio act_clip.
     """
 
     name: str
@@ -37,23 +61,32 @@ class LayerRecord:
     output_error: float
     stages: dict[str, dict[str, float]]
     seconds: float
+    rotation: str = "none"
+    relocation: dict[str, float] | None = None
+    act_bits: int = 16
+    act_clip: float = 1.0
+    act_error: dict[str, float] | None = None
 
 
 @dataclass
 class QuantReport:
-    """What :func:`quantize` did: per-layer records, the ternary weights, and timing."""
+    """What :func:`quantize` did: per-layer records, the quantized weights, rotations, timing."""
 
     config: QuantConfig
     records: list[LayerRecord] = field(default_factory=list)
-    weights: dict[str, TernaryWeight] = field(default_factory=dict)
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    rotation: RotationReport | None = None
     seconds: float = 0.0
+    rotation_seconds: float = 0.0
     calibration_tokens: int = 0
 
     def to_dict(self) -> dict:
         return {
             "config": asdict(self.config),
             "seconds": self.seconds,
+            "rotation_seconds": self.rotation_seconds,
             "calibration_tokens": self.calibration_tokens,
+            "rotation": self.rotation.to_dict() if self.rotation else None,
             "layers": [asdict(r) for r in self.records],
         }
 
@@ -103,17 +136,34 @@ def capture_layer_inputs(
     return captured
 
 
+@dataclass
+class SiteInputs:
+    """Statistics of the calibration tokens entering a site: S = XᵀX / N (float64), N, and
+    an evenly strided sample of about ``keep`` raw input rows (float32) or None."""
+
+    S: Tensor
+    tokens: int
+    sample: Tensor | None
+
+
 @torch.no_grad()
-def collect_statistics(layer: nn.Module, linear: nn.Linear, batches: list[tuple[Tensor, dict]]) -> tuple[Tensor, int]:
-    """S = XᵀX / N over all calibration tokens entering ``linear`` (float64, on its device), and N."""
+def collect_statistics(
+    layer: nn.Module, linear: nn.Module, batches: list[tuple[Tensor, dict]], keep: int = 0
+) -> SiteInputs:
+    """Accumulate S over all calibration tokens entering ``linear`` (on its device)."""
     m = linear.in_features
     S = torch.zeros(m, m, dtype=torch.float64, device=linear.weight.device)
+    total = sum(hidden.shape[:-1].numel() for hidden, _ in batches)
+    stride = max(1, total // keep) if keep else 0
+    rows: list[Tensor] = []
     count = 0
 
     def accumulate(module, args):
         nonlocal count
         x = args[0].reshape(-1, m).to(torch.float32)
         S.add_((x.T @ x).double())
+        if stride:
+            rows.append(x[(-count) % stride :: stride].clone())
         count += x.shape[0]
         raise _Stop
 
@@ -126,14 +176,64 @@ def collect_statistics(layer: nn.Module, linear: nn.Linear, batches: list[tuple[
                 pass
     finally:
         handle.remove()
-    return S / max(count, 1), count
+    return SiteInputs(S / max(count, 1), count, torch.cat(rows) if stride else None)
+
+
+def _site_inputs(
+    layer: nn.Module, index: int, adapter: Adapter, site: Site, batches: list[tuple[Tensor, dict]], config: QuantConfig
+) -> SiteInputs:
+    """The site's statistics, with a token sample when any of its linears quantizes activations."""
+    acts = config.activations
+    sample = any(acts.bits_for(f"{adapter.layers}.{index}.{path}") < 16 for path in site.linears)
+    first = adapter.site_linears(layer, site)[site.linears[0]]
+    return collect_statistics(layer, first, batches, acts.calibration_tokens if sample else 0)
+
+
+def _relocate_site(
+    layer: nn.Module, adapter: Adapter, site: Site, S: Tensor, rotation: Factors | None, config: QuantConfig
+) -> tuple[Factors, dict[str, float]]:
+    """E2M stage 2, part 1: refine the site's factors against its ternarized output error."""
+    rot = config.rotation
+    modules = list(adapter.site_linears(layer, site).values())
+    if rotation is None:
+        rotation, _ = make_factors(modules[0].in_features, "identity", torch.Generator(), rot.factors.get(S.shape[0]))
+    res = relocate(
+        [m.original_weight() for m in modules],
+        S,
+        *rotation,
+        rot.relocate_solver,
+        rot.relocate_steps,
+        rot.relocate_lr,
+        config.weights.block_size,
+    )
+    return (res.R1, res.R2), {"before": res.losses[0], "after": res.losses[-1]}
 
 
 def _quantize_site(
-    layer: nn.Module, index: int, adapter: Adapter, site: Site, S: Tensor, config: QuantConfig, report: QuantReport
+    layer: nn.Module,
+    index: int,
+    adapter: Adapter,
+    site: Site,
+    inputs: SiteInputs,
+    rotation: Factors | None,
+    config: QuantConfig,
+    report: QuantReport,
 ) -> None:
+    start = time.perf_counter()
+    S = inputs.S
+    relocation = None
+    if config.rotation.relocate:
+        rotation, relocation = _relocate_site(layer, adapter, site, S, rotation, config)
+    rot_name = "none"
+    if rotation is not None:
+        install_rotation(layer, adapter, site, *rotation)
+        R1, R2 = (r.to(S) for r in rotation)
+        S = rotate_metric(S, R1, R2)
+        rot_name = f"{R1.shape[0]}⊗{R2.shape[0]}"
+    setup_seconds = time.perf_counter() - start
     for path, linear in adapter.site_linears(layer, site).items():
         start = time.perf_counter()
+        name = f"{adapter.layers}.{index}.{path}"
         W = linear.weight.detach().to(S.device, torch.float64)
         tw, res = quantize_weight(W, S, config.weights)
         W_hat = tw.dequantize(torch.float64).to(S.device)
@@ -149,8 +249,14 @@ def _quantize_site(
             for name in res.stage_weight_error
         }
         linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
-        name = f"{adapter.layers}.{index}.{path}"
         report.weights[name] = tw
+        bits = config.activations.bits_for(name)
+        clip, act_error = 1.0, None
+        if bits < 16:
+            acts = config.activations
+            choice = calibrate_clip(linear.rotate_input(inputs.sample), W, W_hat, bits, acts.symmetric, acts.clip_grid)
+            linear.act_bits, linear.act_clip, linear.act_symmetric = bits, choice.clip, acts.symmetric
+            clip, act_error = choice.clip, {"clip=1": choice.errors[1.0], "calibrated": choice.error}
         report.records.append(
             LayerRecord(
                 name=name,
@@ -160,7 +266,12 @@ def _quantize_site(
                 weight_error=float((E**2).sum()) / wnorm,
                 output_error=float(((E @ S) * E).sum()) / max(energy_s, 1e-300),
                 stages=stages,
-                seconds=time.perf_counter() - start,
+                seconds=time.perf_counter() - start + setup_seconds / len(site.linears),
+                rotation=rot_name,
+                relocation=relocation,
+                act_bits=bits,
+                act_clip=clip,
+                act_error=act_error,
             )
         )
 
@@ -173,7 +284,8 @@ def quantize(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, QuantReport]:
-    """Ternarize every linear layer of the decoder blocks in place (fake-quantized weights).
+    """Quantize every linear layer of the decoder blocks in place (fake-quantized weights;
+    with rotations or activation quantization the linears become :class:`QuantLinear`).
 
     calibration: token ids, shape (nsamples, seqlen). Returns the model and a report.
     """
@@ -184,22 +296,29 @@ def quantize(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = QuantReport(config, calibration_tokens=calibration.numel())
     start = time.perf_counter()
+    rot = config.rotation
+    if rot.residual != "none":
+        apply_residual_rotation(model, adapter, rot.residual, rot.seed)
+    if rot.online or config.activations.quantized:
+        wrap_linears(model, adapter)
+    rotations: dict[tuple[int, str], Factors] = {}
+    if rot.site != "none":
+        rotations, report.rotation = site_rotations(model, adapter, rot, progress)
+    report.rotation_seconds = time.perf_counter() - start
     batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device)
     layers = adapter.decoder_layers(model)
-    for index, layer in enumerate(tqdm(layers, desc=f"quantize {config.weights.quantizer}", disable=not progress)):
+    for index, layer in enumerate(tqdm(layers, desc="quantize layers", disable=not progress)):
         layer.to(device)
-        if config.true_sequential:
-            for site in adapter.sites:
-                first = adapter.site_linears(layer, site)[site.linears[0]]
-                S, _ = collect_statistics(layer, first, batches)
-                _quantize_site(layer, index, adapter, site, S, config, report)
-        else:
-            stats = [
-                collect_statistics(layer, adapter.site_linears(layer, site)[site.linears[0]], batches)[0]
-                for site in adapter.sites
-            ]
-            for site, S in zip(adapter.sites, stats):
-                _quantize_site(layer, index, adapter, site, S, config, report)
+
+        early = (
+            {}
+            if config.true_sequential
+            else {s.name: _site_inputs(layer, index, adapter, s, batches, config) for s in adapter.sites}
+        )
+        for site in adapter.sites:
+            inputs = early.get(site.name) or _site_inputs(layer, index, adapter, site, batches, config)
+            rotation = rotations.get((index, site.name))
+            _quantize_site(layer, index, adapter, site, inputs, rotation, config, report)
         batches = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         layer.to("cpu")
     report.seconds = time.perf_counter() - start

@@ -14,6 +14,8 @@ from twla.io import atomic_write, write_json, write_text  # noqa: E402
 
 COLUMNS = [
     ("method", "method", "{}"),
+    ("scheme", "scheme", "{}"),
+    ("rotation", "rotation", "{}"),
     ("ppl", "perplexity", "{:.2f}"),
     ("bits_storage", "bits/w (stored)", "{:.3f}"),
     ("bits_entropy", "bits/w (entropy)", "{:.3f}"),
@@ -48,19 +50,63 @@ def stage_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def shaping_table(rows: list[dict]) -> str:
+    """Tri-modality of the rotated weights per site (means over layers): before → after."""
+    lines = [
+        "| method | site | factors | ternary fit error | zero codes | loss (first → last) | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for site, sh in (row.get("shaping") or {}).items():
+            fit = f"{_avg(sh['fit_error_before']):.4f} → {_avg(sh['fit_error_after']):.4f}"
+            zero = f"{_avg(sh['zero_fraction_before']):.3f} → {_avg(sh['zero_fraction_after']):.3f}"
+            loss = f"{sh['losses'][0]:.4f} → {sh['losses'][-1]:.4f}" if sh["losses"] else "fixed"
+            factors = "⊗".join(map(str, sh["factors"]))
+            lines.append(f"| {row['method']} | {site} | {factors} | {fit} | {zero} | {loss} | {sh['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def activation_table(rows: list[dict]) -> str:
+    """Relocation objective and activation-quantization error (per-layer means)."""
+    lines = [
+        "| method | relocation objective (before → after) | act. output error, p = 1 | calibrated p | mean p |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        reloc, acts = row.get("relocation"), row.get("activations")
+        if not (reloc or acts):
+            continue
+        r = f"{reloc['before']:.4f} → {reloc['after']:.4f}" if reloc else "–"
+        a = [f"{acts[k]:.4f}" if acts else "–" for k in ("clip=1", "calibrated")]
+        p = f"{acts['mean_clip']:.3f}" if acts else "–"
+        lines.append(f"| {row['method']} | {r} | {a[0]} | {a[1]} | {p} |")
+    return "\n".join(lines)
+
+
+def _avg(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def markdown_report(result: dict) -> str:
     setup = result["setup"]
-    return "\n\n".join(
-        [
-            f"# twla bench: {setup['model']}",
-            f"Evaluation: {setup['evaluation']}. Calibration: {setup['calibration']}. "
-            f"Seed {setup['seed']}, device {setup['device']}.",
-            f"Bit accounting: {setup['accounting']}",
-            markdown_table(result["rows"]),
-            "## Stages of the block fit (per-layer means, in each block's metric)",
-            stage_table(result["rows"]),
+    rows = result["rows"]
+    parts = [
+        f"# twla bench: {setup['model']}",
+        f"Evaluation: {setup['evaluation']}. Calibration: {setup['calibration']}. "
+        f"Seed {setup['seed']}, device {setup['device']}.",
+        f"Bit accounting: {setup['accounting']}",
+        markdown_table(rows),
+        "## Stages of the block fit (per-layer means, in each block's metric)",
+        stage_table(rows),
+    ]
+    if any(row.get("shaping") for row in rows):
+        parts += ["## Rotations: tri-modality of the rotated weights (means over layers)", shaping_table(rows)]
+    if any(row.get("relocation") or row.get("activations") for row in rows):
+        parts += [
+            "## Relocation and activations (relative output errors, per-layer means)",
+            activation_table(rows),
         ]
-    )
+    return "\n\n".join(parts)
 
 
 def _save_figure(fig, path: str) -> None:
@@ -90,6 +136,37 @@ def plot_weight_histograms(name: str, original: torch.Tensor, quantized: dict[st
         ax.hist(w.flatten().float().clamp(-lim, lim).numpy(), bins=121, range=(-lim, lim), log=True)
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"weights of {name}", fontsize=10)
+    _save_figure(fig, path)
+
+
+def _row_normalized(W: torch.Tensor) -> torch.Tensor:
+    """(w_ij − mean_j w_ij) / mean_j |w_ij − mean|: rows on the scale of the tri-modal centres ±1."""
+    Z = W - W.mean(dim=1, keepdim=True)
+    return (Z / Z.abs().mean(dim=1, keepdim=True).clamp(min=1e-12)).flatten()
+
+
+def plot_rotation_histograms(weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], path: str) -> None:
+    """Per rotated method and site: row-normalized weights of the middle layer before/after rotation."""
+    methods = list(weights)
+    sites = list(next(iter(weights.values())))
+    fig, axes = plt.subplots(len(methods), len(sites), figsize=(3.2 * len(sites), 2.4 * len(methods)), squeeze=False)
+    for r, method in enumerate(methods):
+        for c, site in enumerate(sites):
+            before, after = weights[method][site]
+            ax = axes[r][c]
+            for label, W, color in (("original", before, "0.6"), ("rotated", after, "C0")):
+                ax.hist(
+                    _row_normalized(W.float()).clamp(-4, 4).numpy(),
+                    bins=161,
+                    range=(-4, 4),
+                    density=True,
+                    histtype="step",
+                    color=color,
+                    label=label,
+                )
+            ax.set_title(f"{method}\n{site}", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("middle layer, weights per row divided by their mean |w|: before and after rotation", fontsize=9)
     _save_figure(fig, path)
 
 

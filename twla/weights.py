@@ -1,28 +1,31 @@
-"""Ternary weights of one linear layer: the block fit of a :class:`TernaryConfig`, the
-GPTQ-compensated layer quantizer, and the stored record (codes, per-(row, block) α, μ)."""
+"""Quantized weights of one linear layer: the block fit of a weight config, the
+GPTQ-compensated layer quantizer, and the stored record (codes plus per-(row, block)
+α, μ for ternary weights, or scale and zero point for uniform integer weights)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from twla.config import TernaryConfig
+from twla.config import TernaryConfig, UniformConfig, WeightConfig
 from twla.solvers.gptq import BlockFit, GPTQResult, gptq, sequential_round
 from twla.solvers.ternary import TernaryFit, absmean, codes_given_grid, itf, refit_metric, twn
+from twla.solvers.uniform import quantize_codes, uniform_grid
+
+SCALE_BITS = 16  # α, μ and uniform scales are stored as 16-bit floats
+INDEX_BITS = 16  # one column index per input when the blocks are reordered
 
 
 @dataclass
-class TernaryWeight:
-    """W ≈ α[:, block(j)] T[:, j] + μ[:, block(j)], block j = columns perm[j·B:(j+1)·B]."""
+class BlockWeight:
+    """Codes of a linear weight quantized in blocks of columns: block j = columns perm[j·B:(j+1)·B]."""
 
-    codes: Tensor  # int8 (n, m), original column order
-    alpha: Tensor  # (n, n_blocks)
-    mu: Tensor  # (n, n_blocks)
+    codes: Tensor  # integer codes (n, m), original column order
     perm: Tensor  # (m,) column order of the blocks
     block_size: int
-    has_offset: bool
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -33,16 +36,59 @@ class TernaryWeight:
         index[self.perm] = torch.arange(self.perm.numel()) // self.block_size
         return index
 
+    def is_reordered(self) -> bool:
+        return bool((self.perm != torch.arange(self.perm.numel())).any())
+
+    def index_bits(self) -> int:
+        return self.shape[1] * INDEX_BITS if self.is_reordered() else 0
+
+
+@dataclass
+class TernaryWeight(BlockWeight):
+    """W ≈ α[:, block(j)] T[:, j] + μ[:, block(j)] with T ∈ {−1, 0, +1} (int8 codes)."""
+
+    alpha: Tensor  # (n, n_blocks)
+    mu: Tensor  # (n, n_blocks)
+    has_offset: bool
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         b = self.block_of_column()
         return (self.alpha[:, b] * self.codes.to(self.alpha.dtype) + self.mu[:, b]).to(dtype)
 
-    def is_reordered(self) -> bool:
-        return bool((self.perm != torch.arange(self.perm.numel())).any())
+    def code_bits(self, entropy: bool = False) -> float:
+        """Bits per code: 2 when 2-bit packed, log2 3 in entropy terms."""
+        return math.log2(3) if entropy else 2.0
+
+    def side_bits(self) -> int:
+        """α (and μ) per (row, block), and the permutation."""
+        return (self.alpha.numel() + self.has_offset * self.mu.numel()) * SCALE_BITS + self.index_bits()
 
 
-def block_fitter(cfg: TernaryConfig) -> BlockFit:
-    """The per-block fit of ``cfg``:
+@dataclass
+class UniformWeight(BlockWeight):
+    """W ≈ s[:, block(j)] (C[:, j] − z[:, block(j)]) with integer codes C ∈ [0, 2^bits − 1]."""
+
+    scale: Tensor  # (n, n_blocks)
+    zero: Tensor  # (n, n_blocks), integer-valued
+    bits: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        b = self.block_of_column()
+        return (self.scale[:, b] * (self.codes.to(self.scale.dtype) - self.zero[:, b])).to(dtype)
+
+    def code_bits(self, entropy: bool = False) -> float:
+        return float(self.bits)
+
+    def side_bits(self) -> int:
+        """A 16-bit scale and a ``bits``-bit zero point per (row, block), and the permutation."""
+        return self.scale.numel() * (SCALE_BITS + self.bits) + self.index_bits()
+
+
+QuantizedWeight = TernaryWeight | UniformWeight
+
+
+def ternary_block_fitter(cfg: TernaryConfig) -> BlockFit:
+    """The per-block fit of a ternary ``cfg``:
 
     1. stage 1, the Euclidean fit (absmean / TWN / ITF) of the block's grid and codes;
     2. with compensation, GPTQ rounding: codes re-assigned column by column on the
@@ -77,20 +123,64 @@ def block_fitter(cfg: TernaryConfig) -> BlockFit:
     return fit
 
 
-def quantize_weight(W: Tensor, S: Tensor, cfg: TernaryConfig) -> tuple[TernaryWeight, GPTQResult]:
-    """Ternarize one weight W (n×m) given its input statistics S (m×m).
+@dataclass
+class UniformFit:
+    """Integer codes (n×B) of one block with per-row scale and zero point."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+
+
+def uniform_block_fitter(cfg: UniformConfig) -> BlockFit:
+    """Per-block min-max grid (scale rounded to 16 bits), then round to nearest, or GPTQ's
+    column-by-column rounding on that grid when compensating."""
+
+    def fit(Wb: Tensor, metric: Tensor, Pbb: Tensor | None) -> tuple[Tensor, dict[str, Tensor], UniformFit]:
+        scale, zero = uniform_grid(Wb, cfg.bits)
+        scale = scale.half().to(Wb.dtype)
+
+        def dequant(codes: Tensor, s: Tensor, z: Tensor) -> Tensor:
+            return s * (codes - z)
+
+        codes = quantize_codes(Wb, scale, zero, cfg.bits, symmetric=False)
+        stages = {"rtn": dequant(codes, scale, zero)}
+        if Pbb is not None:
+
+            def round_column(w: Tensor, j: int) -> Tensor:
+                return dequant(quantize_codes(w[:, None], scale, zero, cfg.bits, False), scale, zero).squeeze(1)
+
+            Q = sequential_round(Wb, Pbb, round_column)
+            codes = quantize_codes(Q, scale, zero, cfg.bits, symmetric=False)
+            stages["gptq-round"] = dequant(codes, scale, zero)
+        return dequant(codes, scale, zero), stages, UniformFit(codes, scale.squeeze(1), zero.squeeze(1))
+
+    return fit
+
+
+def block_fitter(cfg: WeightConfig) -> BlockFit:
+    """The per-block fit of a weight config (ternary or uniform)."""
+    return ternary_block_fitter(cfg) if isinstance(cfg, TernaryConfig) else uniform_block_fitter(cfg)
+
+
+def quantize_weight(W: Tensor, S: Tensor, cfg: WeightConfig) -> tuple[QuantizedWeight, GPTQResult]:
+    """Quantize one weight W (n×m) given its input statistics S (m×m).
 
     The solver runs in float64 on S's device; the returned weight lives on the CPU.
     """
     if not torch.isfinite(W).all():
         raise ValueError("weight contains NaN or inf values")
     res = gptq(W, S, block_fitter(cfg), cfg.block_size, cfg.compensate, cfg.reorder, cfg.damp)
-    fits: list[TernaryFit] = res.payloads
     perm = torch.cat(res.blocks).cpu()
-    codes = torch.empty(W.shape, dtype=torch.int8)
-    for cols, f in zip(res.blocks, fits):
-        codes[:, cols.cpu()] = f.codes.cpu()
+    codes = torch.empty(W.shape, dtype=torch.int8 if isinstance(cfg, TernaryConfig) else torch.uint8)
+    for cols, f in zip(res.blocks, res.payloads):
+        codes[:, cols.cpu()] = f.codes.cpu().to(codes.dtype)
+
+    def side(attr: str) -> Tensor:
+        return torch.stack([getattr(f, attr) for f in res.payloads], dim=1).float().cpu()
+
+    if isinstance(cfg, UniformConfig):
+        return UniformWeight(codes, perm, cfg.block_size, side("scale"), side("zero"), cfg.bits), res
     # α and μ are stored in 16 bits: round them so the model is exactly what is stored
-    alpha = torch.stack([f.alpha for f in fits], dim=1).half().float().cpu()
-    mu = torch.stack([f.mu for f in fits], dim=1).half().float().cpu()
-    return TernaryWeight(codes, alpha, mu, perm, cfg.block_size, cfg.has_offset), res
+    alpha, mu = side("alpha").half().float(), side("mu").half().float()
+    return TernaryWeight(codes, perm, cfg.block_size, alpha, mu, cfg.has_offset), res

@@ -1,0 +1,50 @@
+"""Uniform integer quantization: per-token activations (DESIGN §5.1) and RTN weights.
+
+Asymmetric min-max with clipping ratio p over the last dimension:
+    s = p·(max x − min x)/(2^b − 1), z = round(−p·min x / s), x̂ = s·(clamp(round(x/s) + z, 0, 2^b − 1) − z).
+Symmetric (the integer kernel's variant), levels −q..q with q = 2^{b−1} − 1:
+    s = p·max|x| / q, x̂ = s·clamp(round(x/s), −q, q).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ACTIVATION_BITS = (2, 3, 4, 6, 8, 16)
+
+
+def uniform_grid(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """Scale s and zero point z (integer-valued, 0 when symmetric) per slice of the last dimension."""
+    if symmetric:
+        if bits < 2:
+            raise ValueError("symmetric quantization needs at least 2 bits")
+        scale = clip * x.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale, torch.zeros_like(scale)
+    hi = clip * x.amax(dim=-1, keepdim=True)
+    lo = clip * x.amin(dim=-1, keepdim=True)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, torch.round(-lo / scale)
+
+
+def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Integer codes of x on the grid (s, z)."""
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(x / scale), -q, q)
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quantize(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = False) -> Tensor:
+    """x̂: x quantized per slice of the last dimension (e.g. per token) and dequantized."""
+    if bits >= 16:
+        return x
+    if bits not in ACTIVATION_BITS:
+        raise ValueError(f"unsupported bit-width {bits}; choose from {ACTIVATION_BITS}")
+    if not 0 < clip <= 1:
+        raise ValueError(f"clipping ratio must be in (0, 1], got {clip}")
+    xf = x.float()
+    scale, zero = uniform_grid(xf, bits, clip, symmetric)
+    return (scale * (quantize_codes(xf, scale, zero, bits, symmetric) - zero)).to(x.dtype)

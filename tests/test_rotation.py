@@ -1,0 +1,196 @@
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from tests.conftest import SMALL_CONFIG, tiny_llama
+from twla import QuantConfig, get_adapter, quantize
+from twla.config import RotationConfig
+from twla.modules import wrap_linears
+from twla.rotation import apply_residual_rotation, install_rotation, site_rotations
+from twla.solvers.kotms import learn_kotms, trimodal_loss, trimodal_terms, trimodality
+from twla.solvers.kronecker import (
+    FactorWarning,
+    hadamard,
+    kron_apply,
+    kron_apply_t,
+    kron_factors,
+    random_orthogonal,
+    rotate_metric,
+)
+from twla.solvers.relocation import relocate, relocation_loss
+from twla.solvers.stiefel import STIEFEL_SOLVERS
+
+G = torch.Generator
+
+
+def _orthogonality_error(R: torch.Tensor) -> float:
+    eye = torch.eye(R.shape[-1], dtype=R.dtype)
+    return float((R.mT @ R - eye).abs().max())
+
+
+@pytest.mark.parametrize("m1,m2", [(4, 6), (1, 7), (24, 24)])
+def test_reshape_identity_matches_dense_kronecker(m1, m2):
+    g = G().manual_seed(0)
+    R1, R2 = random_orthogonal(m1, g), random_orthogonal(m2, g)
+    R = torch.kron(R1, R2)
+    x = torch.randn(3, 5, m1 * m2, dtype=torch.float64, generator=g)
+    assert torch.allclose(kron_apply(x, R1, R2), x @ R, atol=1e-12)
+    assert torch.allclose(kron_apply_t(x, R1, R2), x @ R.T, atol=1e-12)
+    assert torch.allclose(kron_apply_t(kron_apply(x, R1, R2), R1, R2), x, atol=1e-12)
+    S = x.reshape(-1, m1 * m2).T @ x.reshape(-1, m1 * m2)
+    assert torch.allclose(rotate_metric(S, R1, R2), R.T @ S @ R, atol=1e-10)
+
+
+def test_batched_factors_rotate_each_matrix():
+    g = G().manual_seed(1)
+    R1 = torch.stack([random_orthogonal(3, g) for _ in range(2)])
+    R2 = torch.stack([random_orthogonal(4, g) for _ in range(2)])
+    W = torch.randn(2, 5, 12, dtype=torch.float64, generator=g)
+    out = kron_apply(W, R1[:, None], R2[:, None])
+    for i in range(2):
+        assert torch.allclose(out[i], W[i] @ torch.kron(R1[i], R2[i]), atol=1e-12)
+
+
+def test_factor_sizes():
+    assert [kron_factors(m) for m in (576, 1536, 4096, 11008)] == [(24, 24), (32, 48), (64, 64), (86, 128)]
+    assert kron_factors(160, (8, 20)) == (8, 20)
+    with pytest.warns(FactorWarning, match="577 is prime.*dense"):
+        assert kron_factors(577) == (1, 577)
+    with pytest.warns(FactorWarning, match="unevenly as 2×577"):
+        assert kron_factors(1154) == (2, 577)
+    with pytest.raises(ValueError, match="25×24 do not multiply to the dimension 576"):
+        kron_factors(576, (25, 24))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 24, 28, 32, 36, 48, 64, 128])
+def test_hadamard_matrices(n):
+    H = hadamard(n)
+    assert H is not None and set(H.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.float64))
+
+
+def test_no_hadamard_falls_back_with_a_message():
+    assert hadamard(86) is None and hadamard(6) is None
+    model = tiny_llama()  # the MLP width 160 = 10×16: no Hadamard matrix of order 10
+    with pytest.warns(FactorWarning, match="order 10.*random orthogonal"):
+        rotations, _ = site_rotations(model, get_adapter(model), RotationConfig(site="hadamard"), progress=False)
+    for R1, R2 in rotations.values():
+        assert _orthogonality_error(R1) < 1e-12 and _orthogonality_error(R2) < 1e-12
+
+
+def _rotate_everything(model, site: str, residual: str):
+    adapter = get_adapter(model)
+    if residual != "none":
+        apply_residual_rotation(model, adapter, residual)
+    wrap_linears(model, adapter)
+    cfg = RotationConfig(site=site, init="random", steps=5)
+    rotations, _ = site_rotations(model, adapter, cfg, progress=False)
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        for s in adapter.sites:
+            install_rotation(layer, adapter, s, *rotations[(i, s.name)])
+    return model
+
+
+@pytest.mark.parametrize("site,residual", [("kotms", "hadamard"), ("random", "random"), ("hadamard", "none")])
+def test_rotated_full_precision_model_reproduces_logits(site, residual, calib_ids):
+    reference = tiny_llama()(calib_ids).logits
+    model = _rotate_everything(tiny_llama(), site, residual)
+    if residual != "none":
+        assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied: γ folded into the head
+        assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    assert model.model.layers[0].mlp.down_proj.rotated
+    assert torch.allclose(model(calib_ids).logits, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_rotated_model_with_biases_reproduces_logits(calib_ids):
+    def make():
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(Qwen2Config(**SMALL_CONFIG)).eval()
+
+    reference = make()(calib_ids).logits
+    model = _rotate_everything(make(), "random", "hadamard")
+    assert torch.allclose(model(calib_ids).logits, reference, atol=2e-5, rtol=1e-4)
+
+
+def _mixture_reference(Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tri-modal NLL and responsibilities written directly as a three-Gaussian mixture."""
+    Z = Z - Z.mean(-1, keepdim=True)
+    c = Z.abs().mean(-1, keepdim=True)
+    s = 0.25 * c
+    dens = torch.stack(
+        [torch.exp(-0.5 * ((Z - k * c) / s) ** 2) / (s * math.sqrt(2 * math.pi)) / 3 for k in (-1, 0, 1)], -1
+    )
+    p = dens.sum(-1)
+    return -torch.log(p).mean((-2, -1)), (dens / p[..., None]).mean((-3, -2))
+
+
+def test_trimodal_loss_is_the_mixture_likelihood():
+    Z = torch.randn(2, 6, 40, dtype=torch.float64, generator=G().manual_seed(2))
+    nll, resp = trimodal_terms(Z)
+    ref_nll, ref_resp = _mixture_reference(Z)
+    assert torch.allclose(nll, ref_nll, atol=1e-10) and torch.allclose(resp, ref_resp, atol=1e-10)
+    ternary = torch.randint(-1, 2, (1, 8, 300), generator=G().manual_seed(3)).double()
+    assert trimodal_loss(ternary + 0.01 * torch.randn_like(ternary)) < trimodal_loss(torch.randn_like(ternary))
+
+
+@pytest.mark.parametrize("solver", [s for s in STIEFEL_SOLVERS if s != "fixed"])
+def test_kotms_lowers_the_loss_and_stays_orthogonal(solver):
+    g = G().manual_seed(4)
+    # a ternary matrix seen through a random rotation: shaping can undo the rotation
+    T = torch.randint(-1, 2, (2, 64, 48), generator=g).double()
+    R = torch.kron(random_orthogonal(6, g), random_orthogonal(8, g))
+    W = T @ R.T + 0.01 * torch.randn(T.shape, generator=g, dtype=torch.float64)
+    eye1, eye2 = torch.eye(6).expand(2, 6, 6), torch.eye(8).expand(2, 8, 8)
+    lr = 0.2 if solver == "riemannian-sgd" else 5e-2
+    res = learn_kotms(W, eye1, eye2, solver, steps=40, lr=lr)
+    assert res.losses[-1] < 0.8 * res.losses[0]
+    assert max(_orthogonality_error(r) for r in (*res.R1, *res.R2)) < 1e-12
+    fit_before, _ = trimodality(W)
+    fit_after, _ = trimodality(kron_apply(W, res.R1[:, None], res.R2[:, None]))
+    assert (fit_after < fit_before).all()
+
+
+def test_fixed_solver_returns_the_start():
+    W = torch.randn(1, 8, 16, dtype=torch.float64)
+    R1, R2 = torch.eye(4).expand(1, 4, 4), torch.eye(4).expand(1, 4, 4)
+    res = learn_kotms(W, R1, R2, "fixed", steps=10)
+    assert torch.equal(res.R1, R1.double()) and len(res.losses) == 2
+
+
+def test_relocation_lowers_the_ternarized_output_error():
+    from tests.conftest import correlated_inputs
+
+    g = G().manual_seed(5)
+    X = correlated_inputs(512, 48, seed=5)
+    S = X.T @ X / X.shape[0]
+    weights = [torch.randn(40, 48, generator=g, dtype=torch.float64) for _ in range(2)]
+    R1, R2 = torch.eye(6, dtype=torch.float64), torch.eye(8, dtype=torch.float64)
+    res = relocate(weights, S, R1, R2, steps=30, lr=2e-2, block_size=16)
+    assert res.losses[-1] < res.losses[0]
+    assert max(_orthogonality_error(r) for r in (res.R1, res.R2)) < 1e-12
+    again = float(relocation_loss([w.float() for w in weights], S.float(), res.R1.float(), res.R2.float(), 16))
+    assert again == pytest.approx(res.losses[-1], rel=1e-4)
+
+
+def test_relocation_is_measured_per_layer(tiny_model, calib_ids):
+    cfg = QuantConfig.from_method("e2m+gptq+kotms+reloc")
+    _, report = quantize(tiny_model, cfg, calib_ids, "cpu", progress=False)
+    for rec in report.records:
+        assert rec.relocation["after"] <= rec.relocation["before"]
+        assert rec.rotation in ("8⊗8", "10⊗16")
+    assert set(report.rotation.sites) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+
+
+def test_rotation_config_errors():
+    with pytest.raises(ValueError, match="unknown rotation site 'givens'"):
+        RotationConfig(site="givens")
+    with pytest.raises(ValueError, match="unknown rotation solver"):
+        RotationConfig(solver="newton")
+    with pytest.raises(ValueError, match="several site rotations"):
+        QuantConfig.from_method("e2m+had+kotms")
+    bad = replace(QuantConfig.from_method("e2m+gptq"), rotation=RotationConfig(site="hadamard", factors={64: (7, 9)}))
+    with pytest.raises(ValueError, match="7×9 do not multiply to the dimension 64"):
+        quantize(tiny_llama(), bad, torch.zeros(1, 8, dtype=torch.long), "cpu", progress=False)

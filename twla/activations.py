@@ -1,0 +1,50 @@
+"""Clipping calibration of per-token activation quantization (DESIGN §5.1).
+
+For a layer with rotated calibration inputs X_R, full-precision weight W_R (rotated
+basis) and its quantized weight Ŵ, the clipping ratio is chosen on a grid:
+
+    p* = argmin_p ‖X_R W_Rᵀ − Q_{a,p}(X_R) Ŵᵀ‖²_F / ‖X_R W_Rᵀ‖²_F.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from twla.solvers.uniform import fake_quantize
+
+
+@dataclass
+class ClipChoice:
+    """The chosen ratio and the relative output error at every ratio of the grid."""
+
+    clip: float
+    errors: dict[float, float]
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.clip]
+
+
+@torch.no_grad()
+def calibrate_clip(
+    X: Tensor, W_ref: Tensor, W_hat: Tensor, bits: int, symmetric: bool, grid: tuple[float, ...]
+) -> ClipChoice:
+    """Pick p from ``grid`` minimizing the layer's relative output error (ties: the larger p).
+
+    X: (N, m) inputs as the weights see them (already rotated); W_ref, W_hat: (n, m).
+    """
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError("clipping calibration needs a non-empty (tokens, features) input sample")
+    X = X.float()
+    target = X @ W_ref.float().T
+    energy = max(float((target**2).sum()), 1e-30)
+    W_hat = W_hat.float()
+    errors = {}
+    for p in sorted(set(grid), reverse=True):
+        out = fake_quantize(X, bits, p, symmetric) @ W_hat.T
+        errors[p] = float(((out - target) ** 2).sum()) / energy
+    best = min(errors, key=lambda p: (errors[p], -p))
+    return ClipChoice(best, errors)

@@ -1,0 +1,96 @@
+"""The quantized linear layer of a rotated, activation-quantized model (fake-quantized).
+
+    y = Q_a(x R) Ŵᵀ + b,   R = R₁ ⊗ R₂ (online, DESIGN §4.1),  Ŵ stored in the rotated basis,
+
+where Q_a is per-token dynamic quantization with this layer's bits and clipping ratio
+(DESIGN §5.1). Without a rotation and at 16 bits it is exactly the original linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from twla.adapters import Adapter
+from twla.solvers.kronecker import kron_apply, kron_apply_t
+from twla.solvers.uniform import fake_quantize
+
+ROTATION_BUFFERS = ("rot1", "rot2")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with an optional online Kronecker input rotation and activation quantization."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.rot1: Tensor | None
+        self.rot2: Tensor | None
+        self.register_buffer("rot1", None)
+        self.register_buffer("rot2", None)
+        self.act_bits = 16
+        self.act_clip = 1.0
+        self.act_symmetric = False
+
+    @property
+    def rotated(self) -> bool:
+        return self.rot1 is not None
+
+    def rotate_input(self, x: Tensor) -> Tensor:
+        """x R (identity without a rotation)."""
+        if self.rot1 is None:
+            return x
+        return kron_apply(x, self.rot1.to(x.dtype), self.rot2.to(x.dtype))
+
+    def original_weight(self) -> Tensor:
+        """The weight in the layer's input basis, W = W_stored Rᵀ (float64)."""
+        W = self.weight.detach().to(torch.float64)
+        if self.rot1 is None:
+            return W
+        return kron_apply_t(W, self.rot1.to(W), self.rot2.to(W))
+
+    @torch.no_grad()
+    def set_rotation(self, R1: Tensor | None, R2: Tensor | None) -> None:
+        """Replace the input rotation and re-express the weight in the new basis (W ← W R).
+
+        Pass the same factor tensors to every layer of a site so they are stored once.
+        """
+        W = self.original_weight()
+        if R1 is not None:
+            W = kron_apply(W, R1.to(W), R2.to(W))
+        self.weight.copy_(W.to(self.weight.dtype))
+        self.rot1, self.rot2 = R1, R2
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """Q_a(x R): the input the weight actually sees."""
+        return fake_quantize(self.rotate_input(x), self.act_bits, self.act_clip, self.act_symmetric)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quantize_input(x), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        rot = f"{self.rot1.shape[-1]}⊗{self.rot2.shape[-1]}" if self.rotated else "none"
+        sym = ", symmetric" if self.act_symmetric else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rotation={rot}, "
+            f"act_bits={self.act_bits}, act_clip={self.act_clip:.2f}{sym}"
+        )
+
+
+def wrap_linears(model: nn.Module, adapter: Adapter) -> dict[str, QuantLinear]:
+    """Replace every site linear of every decoder layer by a :class:`QuantLinear` (sharing its
+    parameters), in place; returns them by full name. Already wrapped layers are kept."""
+    modules: dict[str, QuantLinear] = {}
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for path in adapter.linear_names():
+            parent_path, _, attr = path.rpartition(".")
+            parent = layer.get_submodule(parent_path) if parent_path else layer
+            module = getattr(parent, attr)
+            if not isinstance(module, QuantLinear):
+                module = QuantLinear(module)
+                setattr(parent, attr, module)
+            modules[f"{adapter.layers}.{index}.{path}"] = module
+    return modules

@@ -1,0 +1,239 @@
+"""Rotations of a whole model (DESIGN §4.2).
+
+- Residual-stream rotation Q (QuaRot's R1), fused offline at zero run-time cost: every
+  RMSNorm scale γ is folded into the layers that read it (W ← W diag(γ), γ ← 1); then
+  E ← E Q, readers W ← W Q, writers (o_proj, down_proj) W ← Qᵀ W, lm_head ← lm_head Q.
+  Tied embeddings are untied (the head carries the final norm's γ, the embedding does not).
+- Per-site online rotations R = R₁ ⊗ R₂, one per input site of every decoder layer,
+  shared by the site's linears: fixed (random Kronecker-Hadamard, random orthogonal) or
+  learned with KOTMS, batched over the layers (one Stiefel problem per site type).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from twla.adapters import Adapter, Site
+from twla.config import RotationConfig
+from twla.modules import QuantLinear
+from twla.solvers.kotms import learn_kotms, trimodality
+from twla.solvers.kronecker import (
+    FactorWarning,
+    kron_apply,
+    kron_factors,
+    random_hadamard,
+    random_orthogonal,
+)
+
+Factors = tuple[Tensor, Tensor]
+LEARN_CHUNK_ELEMENTS = 2**25  # weight entries per batched KOTMS problem (memory bound)
+
+
+def _orthogonal_factor(n: int, kind: str, generator: torch.Generator) -> Tensor:
+    if kind == "identity":
+        return torch.eye(n, dtype=torch.float64)
+    if kind == "hadamard":
+        H = random_hadamard(n, generator)
+        if H is not None:
+            return H
+        warnings.warn(
+            f"no Hadamard matrix of order {n} is constructed (orders 1, 2 and Paley/Sylvester multiples of 4); "
+            "using a random orthogonal factor instead",
+            FactorWarning,
+            stacklevel=3,
+        )
+    return random_orthogonal(n, generator)
+
+
+def make_factors(
+    m: int, kind: str, generator: torch.Generator, factors: tuple[int, int] | None = None
+) -> tuple[Factors, tuple[int, int]]:
+    """Starting factors (R₁, R₂) for dimension m: ``identity``, ``random`` or ``hadamard``."""
+    m1, m2 = kron_factors(m, factors)
+    return (_orthogonal_factor(m1, kind, generator), _orthogonal_factor(m2, kind, generator)), (m1, m2)
+
+
+def _linear_weight(module: nn.Module) -> Tensor:
+    """A linear's weight in its own input basis (undoing an online rotation)."""
+    return module.original_weight() if isinstance(module, QuantLinear) else module.weight.detach().double()
+
+
+def site_weight(layer: nn.Module, adapter: Adapter, site: Site) -> Tensor:
+    """The site's linears' weights stacked by rows (Σ n_k × m), in the site's input basis."""
+    return torch.cat([_linear_weight(m) for m in adapter.site_linears(layer, site).values()], dim=0)
+
+
+# ---------------------------------------------------------------- residual rotation (R1)
+
+
+def _norm_scale(norm: nn.Module, where: str) -> nn.Parameter:
+    if getattr(norm, "bias", None) is not None or not isinstance(getattr(norm, "weight", None), nn.Parameter):
+        raise NotImplementedError(f"{where}: only RMSNorm-style norms (a scale, no bias) can be folded")
+    return norm.weight
+
+
+@torch.no_grad()
+def _untie_head(model: nn.Module, adapter: Adapter) -> None:
+    head = model.get_submodule(adapter.head)
+    if head.weight is model.get_submodule(adapter.embed).weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module, adapter: Adapter) -> None:
+    """Fold every RMSNorm scale into the linears reading its output (W ← W diag(γ), γ ← 1)."""
+    _untie_head(model, adapter)
+    readers: list[tuple[nn.Parameter, list[nn.Module]]] = []
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for site in adapter.sites:
+            if site.norm is not None:
+                gamma = _norm_scale(layer.get_submodule(site.norm), f"layer {index} {site.norm}")
+                readers.append((gamma, list(adapter.site_linears(layer, site).values())))
+    final = _norm_scale(model.get_submodule(adapter.final_norm), adapter.final_norm)
+    readers.append((final, [model.get_submodule(adapter.head)]))
+    for gamma, linears in readers:
+        for linear in linears:
+            if isinstance(linear, QuantLinear) and linear.rotated:
+                raise RuntimeError("fold norms before installing online rotations")
+            linear.weight.mul_(gamma.to(linear.weight.dtype))
+        gamma.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, adapter: Adapter, Q1: Tensor, Q2: Tensor) -> None:
+    """Rotate the residual stream by Q = Q₁ ⊗ Q₂ (norms must be folded first)."""
+
+    def right(p: Tensor) -> None:  # rows of p live in the residual space: p ← p Q
+        p.copy_(kron_apply(p.double(), Q1, Q2).to(p.dtype))
+
+    def left(p: Tensor) -> None:  # p ← Qᵀ p for a writer's weight (its outputs live in the residual space)
+        p.copy_(kron_apply(p.double().T, Q1, Q2).T.to(p.dtype))
+
+    right(model.get_submodule(adapter.embed).weight)
+    right(model.get_submodule(adapter.head).weight)
+    for layer in adapter.decoder_layers(model):
+        for site in adapter.sites:
+            for linear in adapter.site_linears(layer, site).values():
+                if site.writes_residual:
+                    left(linear.weight)
+                    if linear.bias is not None:
+                        right(linear.bias[None])
+                elif site.norm is not None:
+                    right(linear.weight)
+
+
+def apply_residual_rotation(model: nn.Module, adapter: Adapter, kind: str, seed: int = 0) -> tuple[int, int]:
+    """Fold the norms and rotate the residual stream by a fixed ``hadamard`` or ``random``
+    Kronecker rotation; the model computes the same function. Returns the factor sizes."""
+    hidden = model.get_submodule(adapter.embed).weight.shape[1]
+    (Q1, Q2), sizes = make_factors(hidden, kind, torch.Generator().manual_seed(seed))
+    fold_norms(model, adapter)
+    rotate_residual(model, adapter, Q1, Q2)
+    return sizes
+
+
+# ---------------------------------------------------------------- per-site rotations
+
+
+@dataclass
+class SiteShaping:
+    """Rotation of one site type across the layers: factor sizes, solver trace, tri-modality.
+
+    fit_error: relative ternary fit error ‖WR − ATQ(WR)‖/‖W‖ per layer (before = R = I);
+    zero_fraction: share of zero codes per layer; losses: KOTMS loss per step (mean over layers).
+    """
+
+    site: str
+    factors: tuple[int, int]
+    kind: str
+    fit_error_before: list[float]
+    fit_error_after: list[float]
+    zero_fraction_before: list[float]
+    zero_fraction_after: list[float]
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RotationReport:
+    """What the rotation stage did; ``weights`` holds (W, W R) of the middle layer per site for plots."""
+
+    residual: str
+    sites: dict[str, SiteShaping] = field(default_factory=dict)
+    weights: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"residual": self.residual, "sites": {k: asdict(v) for k, v in self.sites.items()}}
+
+
+def _learn_chunked(W: Tensor, R1: Tensor, R2: Tensor, cfg: RotationConfig) -> tuple[Tensor, Tensor, list[float]]:
+    """KOTMS on a batch of site weights, in chunks of layers that fit in memory."""
+    rows = torch.linspace(0, W.shape[1] - 1, min(cfg.rows, W.shape[1])).round().long()
+    per_layer = rows.numel() * W.shape[2]
+    chunk = max(1, LEARN_CHUNK_ELEMENTS // per_layer)
+    out1, out2, traces = [], [], []
+    for start in range(0, W.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        res = learn_kotms(W[sl][:, rows], R1[sl], R2[sl], cfg.solver, cfg.steps, cfg.lr, cfg.balance)
+        out1.append(res.R1)
+        out2.append(res.R2)
+        traces.append(torch.tensor(res.losses))
+    losses = (torch.stack(traces).sum(0) / W.shape[0]).tolist()
+    return torch.cat(out1), torch.cat(out2), losses
+
+
+def site_rotations(
+    model: nn.Module, adapter: Adapter, cfg: RotationConfig, progress: bool = True
+) -> tuple[dict[tuple[int, str], Factors], RotationReport]:
+    """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type)."""
+    layers = adapter.decoder_layers(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    report = RotationReport(residual=cfg.residual)
+    rotations: dict[tuple[int, str], Factors] = {}
+    kind = {"kotms": cfg.init, "none": "identity"}.get(cfg.site, cfg.site)
+    middle = len(layers) // 2
+    for site in tqdm(adapter.sites, desc=f"rotations ({cfg.site})", disable=not progress):
+        start = time.perf_counter()
+        W = torch.stack([site_weight(layer, adapter, site) for layer in layers])  # (L, n, m)
+        factors = [make_factors(W.shape[2], kind, generator, cfg.factors.get(W.shape[2])) for _ in layers]
+        sizes = factors[0][1]
+        R1 = torch.stack([f[0][0] for f in factors])
+        R2 = torch.stack([f[0][1] for f in factors])
+        losses: list[float] = []
+        if cfg.site == "kotms":
+            R1, R2, losses = _learn_chunked(W, R1, R2, cfg)
+        Z = kron_apply(W, R1[:, None], R2[:, None])
+        before = [trimodality(w) for w in W]  # per layer: bounded memory
+        after = [trimodality(z) for z in Z]
+        report.sites[site.name] = SiteShaping(
+            site.name,
+            sizes,
+            cfg.site,
+            [float(f) for f, _ in before],
+            [float(f) for f, _ in after],
+            [float(z) for _, z in before],
+            [float(z) for _, z in after],
+            losses,
+            time.perf_counter() - start,
+        )
+        report.weights[site.name] = (W[middle].float(), Z[middle].float())
+        for index in range(len(layers)):
+            rotations[(index, site.name)] = (R1[index], R2[index])
+    return rotations, report
+
+
+def install_rotation(layer: nn.Module, adapter: Adapter, site: Site, R1: Tensor | None, R2: Tensor | None) -> None:
+    """Give every linear of the site the same online rotation (weights re-expressed: W ← W R)."""
+    R1 = None if R1 is None else R1.float()
+    R2 = None if R2 is None else R2.float()
+    for module in adapter.site_linears(layer, site).values():
+        module.set_rotation(R1, R2)

@@ -71,6 +71,14 @@ def trimodality(Z: Tensor, block_size: int = 128, iters: int = 6) -> tuple[Tenso
     return (err / norm).sqrt().reshape(lead), (zeros / (n * m)).reshape(lead)
 
 
+def activation_noise(XR: Tensor, bits: int = 4) -> Tensor:
+    """Expected relative noise of per-token b-bit min-max quantization of rotated inputs,
+    Σ_t m·Δ_t²/12 / Σ_t ‖x_t R‖² with Δ_t = (max − min)/(2^b − 1), per batch element (…, N, m)."""
+    span = XR.amax(dim=-1) - XR.amin(dim=-1)
+    noise = XR.shape[-1] * (span / (2**bits - 1)) ** 2 / 12
+    return noise.sum(dim=-1) / (XR**2).sum(dim=(-2, -1)).clamp(min=1e-30)
+
+
 def learn_kotms(
     W: Tensor,
     R1: Tensor,
@@ -79,15 +87,25 @@ def learn_kotms(
     steps: int = 100,
     lr: float = 1e-2,
     balance: float = 0.1,
+    X: Tensor | None = None,
+    activation_weight: float = 0.0,
+    activation_bits: int = 4,
 ) -> FactorResult:
-    """Learn (R₁, R₂) minimizing the tri-modal loss of W R for a batch of weights.
+    """Learn (R₁, R₂) minimizing the tri-modal loss of W R for a batch of weights, plus
+    optionally γ·activation_noise(X R) on calibration inputs X (DESIGN §4.3's extension).
 
     W: (L, n, m) — one weight per batch element (e.g. one site in each of L layers,
-    its linears' rows stacked); R1: (L, m₁, m₁), R2: (L, m₂, m₂) starting factors.
+    its linears' rows stacked); R1: (L, m₁, m₁), R2: (L, m₂, m₂) starting factors;
+    X: (L, N, m) inputs of each element, used when ``activation_weight`` > 0.
     """
     Wf = W.detach().to(torch.float32)
+    Xf = None if X is None or activation_weight <= 0 else X.detach().to(torch.float32)
 
     def objective(Q1: Tensor, Q2: Tensor) -> Tensor:
-        return trimodal_loss(kron_apply(Wf, Q1[:, None], Q2[:, None]), balance)
+        loss = trimodal_loss(kron_apply(Wf, Q1[:, None], Q2[:, None]), balance)
+        if Xf is not None:
+            XR = kron_apply(Xf, Q1[:, None], Q2[:, None])
+            loss = loss + activation_weight * activation_noise(XR, activation_bits)
+        return loss
 
     return optimize_factors(objective, R1, R2, solver, steps, lr)

@@ -19,7 +19,8 @@ METHOD_HELP = (
     "asymmetric ternary (ITF + AGA), e2m = E2M-ATQ (ITF with TWLA's rule + exact S-metric refit), rtnN = N-bit "
     "round-to-nearest integer weights; gptq = GPTQ error compensation, ssr = structural similarity reordering; "
     "had / rand / kotms = per-site Kronecker rotations (fixed Hadamard, fixed random orthogonal, learned on the "
-    "Stiefel manifold), reloc = E2M stage-2 Stiefel relocation per site, r1 = residual-stream rotation with "
+    "Stiefel manifold; act = kotms with its activation-outlier term), reloc = E2M stage-2 Stiefel relocation per "
+    "site, r1 = residual-stream rotation with "
     "RMSNorm folding; aN = N-bit per-token activations (clipping calibrated per layer), sym = symmetric "
     "activations. Example: e2m+gptq+ssr+kotms+reloc+a4"
 )

@@ -7,8 +7,9 @@ A method is named by a spec string: a base weight quantizer, then modifiers join
   familiar reference);
 - weights: ``gptq`` (error compensation), ``ssr`` (Structural Similarity Reordering);
 - rotations: ``had`` (fixed random Kronecker-Hadamard), ``rand`` (fixed random orthogonal),
-  ``kotms`` (learned on the Stiefel manifold), ``reloc`` (E2M stage-2 Stiefel relocation per
-  site), ``r1`` (offline residual-stream rotation with RMSNorm folding);
+  ``kotms`` (learned on the Stiefel manifold; ``act`` adds the activation term to its
+  loss), ``reloc`` (E2M stage-2 Stiefel relocation per site), ``r1`` (offline
+  residual-stream rotation with RMSNorm folding);
 - activations: ``a2``/``a3``/``a4``/``a6``/``a8`` (per-token bits), ``sym`` (symmetric).
 
 E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4), ``rtn4+had+a4``.
@@ -94,7 +95,9 @@ class RotationConfig:
     error (§3.4), starting from the site rotation (identity when ``site="none"``).
     residual: offline residual-stream rotation with RMSNorm folding (QuaRot's R1).
     solver / steps / lr / balance / rows: the KOTMS problem (rows: weight rows per site
-    used by the loss, evenly spaced); relocate_*: the relocation problem.
+    used by the loss, evenly spaced); activation_weight γ > 0 adds γ times the expected
+    relative 4-bit quantization noise of X R on ``activation_tokens`` full-precision
+    calibration inputs per site (modifier ``act``, γ = 10); relocate_*: the relocation problem.
     factors: optional {dimension: (m₁, m₂)} overrides of the Kronecker factor sizes.
     """
 
@@ -107,6 +110,8 @@ class RotationConfig:
     lr: float = 5e-2
     balance: float = 0.1
     rows: int = 128
+    activation_weight: float = 0.0
+    activation_tokens: int = 256
     relocate_solver: StiefelSolver = "riemannian-adam"
     relocate_steps: int = 20
     relocate_lr: float = 5e-3
@@ -126,6 +131,8 @@ class RotationConfig:
                 raise ValueError(f"unknown rotation {name} {value!r}; choose one of {', '.join(allowed)}")
         if min(self.steps, self.relocate_steps) < 0 or min(self.lr, self.relocate_lr) <= 0 or self.rows < 1:
             raise ValueError("rotation steps must be ≥ 0, learning rates > 0 and rows ≥ 1")
+        if self.activation_weight < 0 or self.activation_tokens < 1:
+            raise ValueError("activation_weight must be ≥ 0 and activation_tokens ≥ 1")
 
     @property
     def online(self) -> bool:
@@ -178,6 +185,7 @@ ROTATION_MODIFIERS = {
     "had": {"site": "hadamard"},
     "rand": {"site": "random"},
     "kotms": {"site": "kotms"},
+    "act": {"site": "kotms", "activation_weight": 10.0},
     "reloc": {"relocate": True},
     "r1": {"residual": "hadamard"},
 }
@@ -192,7 +200,7 @@ def _parse(spec: str) -> tuple[str, list[str]]:
     for mod in mods:
         if mod not in MODIFIERS:
             raise ValueError(f"unknown modifier {mod!r} in {spec!r}: choose from {', '.join(MODIFIERS)}")
-    sites = [m for m in mods if m in ("had", "rand", "kotms")]
+    sites = sorted({"kotms" if m == "act" else m for m in mods if m in ("had", "rand", "kotms", "act")})
     if len(sites) > 1:
         raise ValueError(f"{spec!r} names several site rotations ({', '.join(sites)}); choose one")
     return base, mods

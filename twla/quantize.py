@@ -277,6 +277,22 @@ def _quantize_site(
 
 
 @torch.no_grad()
+def full_precision_samples(
+    model: nn.Module, adapter: Adapter, batches: list[tuple[Tensor, dict]], tokens: int, device: torch.device
+) -> dict[tuple[int, str], Tensor]:
+    """About ``tokens`` input rows of every (layer, site) of the unquantized model (CPU, float32)."""
+    samples = {}
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        layer.to(device)
+        for site in adapter.sites:
+            first = adapter.site_linears(layer, site)[site.linears[0]]
+            samples[(index, site.name)] = collect_statistics(layer, first, batches, tokens).sample[:tokens].cpu()
+        batches = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        layer.to("cpu")
+    return samples
+
+
+@torch.no_grad()
 def quantize(
     model: nn.Module,
     config: QuantConfig,
@@ -302,10 +318,13 @@ def quantize(
     if rot.online or config.activations.quantized:
         wrap_linears(model, adapter)
     rotations: dict[tuple[int, str], Factors] = {}
-    if rot.site != "none":
-        rotations, report.rotation = site_rotations(model, adapter, rot, progress)
-    report.rotation_seconds = time.perf_counter() - start
     batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device)
+    if rot.site != "none":
+        samples = None
+        if rot.site == "kotms" and rot.activation_weight > 0:
+            samples = full_precision_samples(model, adapter, batches, rot.activation_tokens, device)
+        rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples)
+    report.rotation_seconds = time.perf_counter() - start
     layers = adapter.decoder_layers(model)
     for index, layer in enumerate(tqdm(layers, desc="quantize layers", disable=not progress)):
         layer.to(device)

@@ -156,7 +156,7 @@ def plot_rotation_histograms(weights: dict[str, dict[str, tuple[torch.Tensor, to
             ax = axes[r][c]
             for label, W, color in (("original", before, "0.6"), ("rotated", after, "C0")):
                 ax.hist(
-                    _row_normalized(W.float()).clamp(-4, 4).numpy(),
+                    _row_normalized(W.float()).numpy(),
                     bins=161,
                     range=(-4, 4),
                     density=True,
@@ -167,6 +167,7 @@ def plot_rotation_histograms(weights: dict[str, dict[str, tuple[torch.Tensor, to
             ax.set_title(f"{method}\n{site}", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("middle layer, weights per row divided by their mean |w|: before and after rotation", fontsize=9)
+    fig.tight_layout()
     _save_figure(fig, path)
 
 

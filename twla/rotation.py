@@ -175,15 +175,20 @@ class RotationReport:
         return {"residual": self.residual, "sites": {k: asdict(v) for k, v in self.sites.items()}}
 
 
-def _learn_chunked(W: Tensor, R1: Tensor, R2: Tensor, cfg: RotationConfig) -> tuple[Tensor, Tensor, list[float]]:
-    """KOTMS on a batch of site weights, in chunks of layers that fit in memory."""
+def _learn_chunked(
+    W: Tensor, R1: Tensor, R2: Tensor, cfg: RotationConfig, X: Tensor | None
+) -> tuple[Tensor, Tensor, list[float]]:
+    """KOTMS on a batch of site weights (and inputs), in chunks of layers that fit in memory."""
     rows = torch.linspace(0, W.shape[1] - 1, min(cfg.rows, W.shape[1])).round().long()
     per_layer = rows.numel() * W.shape[2]
     chunk = max(1, LEARN_CHUNK_ELEMENTS // per_layer)
     out1, out2, traces = [], [], []
     for start in range(0, W.shape[0], chunk):
         sl = slice(start, start + chunk)
-        res = learn_kotms(W[sl][:, rows], R1[sl], R2[sl], cfg.solver, cfg.steps, cfg.lr, cfg.balance)
+        Xs = None if X is None else X[sl]
+        res = learn_kotms(
+            W[sl][:, rows], R1[sl], R2[sl], cfg.solver, cfg.steps, cfg.lr, cfg.balance, Xs, cfg.activation_weight
+        )
         out1.append(res.R1)
         out2.append(res.R2)
         traces.append(torch.tensor(res.losses))
@@ -192,9 +197,15 @@ def _learn_chunked(W: Tensor, R1: Tensor, R2: Tensor, cfg: RotationConfig) -> tu
 
 
 def site_rotations(
-    model: nn.Module, adapter: Adapter, cfg: RotationConfig, progress: bool = True
+    model: nn.Module,
+    adapter: Adapter,
+    cfg: RotationConfig,
+    progress: bool = True,
+    inputs: dict[tuple[int, str], Tensor] | None = None,
 ) -> tuple[dict[tuple[int, str], Factors], RotationReport]:
-    """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type)."""
+    """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type).
+
+    inputs: calibration input samples per (layer, site), for KOTMS's activation term."""
     layers = adapter.decoder_layers(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     report = RotationReport(residual=cfg.residual)
@@ -210,7 +221,8 @@ def site_rotations(
         R2 = torch.stack([f[0][1] for f in factors])
         losses: list[float] = []
         if cfg.site == "kotms":
-            R1, R2, losses = _learn_chunked(W, R1, R2, cfg)
+            X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))]) if inputs else None
+            R1, R2, losses = _learn_chunked(W, R1, R2, cfg, X)
         Z = kron_apply(W, R1[:, None], R2[:, None])
         before = [trimodality(w) for w in W]  # per layer: bounded memory
         after = [trimodality(z) for z in Z]

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from twla.solvers.kronecker import kron_apply
 from twla.solvers.stiefel import FactorResult, StiefelSolver, optimize_factors
-from twla.solvers.ternary import itf
+from twla.solvers.ternary import block_atq
 
 _LOG_NORM = 0.5 * math.log(2 * math.pi) + math.log(3.0)
 
@@ -56,19 +56,11 @@ def trimodal_loss(Z: Tensor, balance: float = 0.1) -> Tensor:
 def trimodality(Z: Tensor, block_size: int = 128, iters: int = 6) -> tuple[Tensor, Tensor]:
     """Tri-modality scores per matrix (…, n, m): the relative ternary fit error
     ‖Z − ATQ(Z)‖_F / ‖Z‖_F of per-(row, block) ITF, and the fraction of zero codes."""
-    lead, (n, m) = Z.shape[:-2], Z.shape[-2:]
-    flat = Z.detach().reshape(-1, n, m).to(torch.float64)
-    err = torch.zeros(flat.shape[0], dtype=torch.float64)
-    zeros = torch.zeros(flat.shape[0], dtype=torch.float64)
-    for start in range(0, m, block_size):
-        block = flat[..., start : start + block_size]
-        rows = block.reshape(-1, block.shape[-1])
-        fit, _ = itf(rows, iters, "lsq")
-        diff = (rows - fit.dequantize()).reshape(block.shape)
-        err += (diff**2).sum(dim=(-2, -1)).cpu()
-        zeros += (fit.codes == 0).reshape(block.shape).sum(dim=(-2, -1)).double().cpu()
-    norm = (flat**2).sum(dim=(-2, -1)).cpu().clamp(min=1e-300)
-    return (err / norm).sqrt().reshape(lead), (zeros / (n * m)).reshape(lead)
+    Z = Z.detach().to(torch.float64)
+    Q, codes = block_atq(Z, block_size, iters)
+    err = ((Z - Q) ** 2).sum(dim=(-2, -1))
+    norm = (Z**2).sum(dim=(-2, -1)).clamp(min=1e-300)
+    return (err / norm).sqrt().cpu(), (codes == 0).double().mean(dim=(-2, -1)).cpu()
 
 
 def activation_noise(XR: Tensor, bits: int = 4) -> Tensor:

@@ -6,8 +6,9 @@ For the linears W_k (n_k×m) reading one input with statistics S = XᵀX, and R 
                           =  Σ_k tr(D_k RᵀSR D_kᵀ) / Σ_k tr(W_k S W_kᵀ),   D_k = W_k R − Q(W_k R),
 
 where Q is the asymmetric ternary quantizer per (row, block of columns) with its
-closed-form grid: at every step the codes are re-assigned by ITF on the current
-rotated weight (held fixed), and (α, μ) = grid_given_codes(·) carry the gradient.
+closed-form grid (:func:`~twla.solvers.ternary.block_atq`): at every step the codes are
+re-assigned by ITF on the current rotated weight (held fixed), and the exact grid
+(α, μ) carries the gradient.
 """
 
 from __future__ import annotations
@@ -17,18 +18,7 @@ from torch import Tensor
 
 from twla.solvers.kronecker import kron_apply, rotate_metric
 from twla.solvers.stiefel import FactorResult, StiefelSolver, optimize_factors
-from twla.solvers.ternary import grid_given_codes, itf
-
-
-def closed_form_atq(Z: Tensor, block_size: int = 128, iters: int = 3) -> Tensor:
-    """Q(Z): per (row, block) ATQ with ITF codes (no gradient) and the exact grid (with gradient)."""
-    parts = []
-    for start in range(0, Z.shape[-1], block_size):
-        block = Z[:, start : start + block_size]
-        codes = itf(block.detach(), iters, "lsq")[0].codes
-        alpha, mu = grid_given_codes(block, codes)
-        parts.append(alpha[:, None] * codes.to(block.dtype) + mu[:, None])
-    return torch.cat(parts, dim=1)
+from twla.solvers.ternary import block_atq
 
 
 def relocation_loss(
@@ -40,7 +30,7 @@ def relocation_loss(
     energy = S.new_zeros(())
     for W in weights:
         Z = kron_apply(W, R1, R2)
-        D = Z - closed_form_atq(Z, block_size, iters)
+        D = Z - block_atq(Z, block_size, iters)[0]
         err = err + ((D @ S_R) * D).sum()
         energy = energy + ((W @ S) * W).sum()
     return err / energy.clamp(min=1e-30)

@@ -123,6 +123,21 @@ def itf(W: Tensor, iters: int = 10, rule: ItfRule = "lsq") -> tuple[TernaryFit, 
     return TernaryFit(T, alpha, mu), trace
 
 
+def block_atq(Z: Tensor, block_size: int = 128, iters: int = 10) -> tuple[Tensor, Tensor]:
+    """ATQ of every (row, block of ``block_size`` columns) of Z (…, n, m): codes from ITF with
+    PT²-LLM's rule (no gradient), then the exact grid :func:`grid_given_codes`, which is
+    differentiable in Z. Returns the dequantized Q(Z) and the codes, both shaped like Z."""
+    values, codes = [], []
+    for start in range(0, Z.shape[-1], block_size):
+        block = Z[..., start : start + block_size]
+        rows = block.reshape(-1, block.shape[-1])
+        T = itf(rows.detach(), iters, "lsq")[0].codes
+        alpha, mu = grid_given_codes(rows, T)
+        values.append((alpha[:, None] * T.to(rows.dtype) + mu[:, None]).reshape(block.shape))
+        codes.append(T.reshape(block.shape))
+    return torch.cat(values, dim=-1), torch.cat(codes, dim=-1)
+
+
 def refit_metric(W: Tensor, T: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
     """Exact refit of (α, μ) with T frozen in the input metric M (DESIGN §3.3):
 

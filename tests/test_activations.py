@@ -98,3 +98,13 @@ def test_rtn_reference_is_uniform_4_bit(calib_ids):
     W = model.get_submodule("model.layers.0.self_attn.q_proj").weight
     assert torch.allclose(W, w.dequantize(), atol=1e-6)
     assert max(row.unique().numel() for row in W) <= 16  # one 64-column group per row
+
+
+def test_unclipped_reference_is_always_measured(calib_ids):
+    X = _heavy_tailed(64, 16, seed=3)
+    W = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
+    choice = calibrate_clip(X, W, W, 4, False, (0.9, 0.8))
+    assert set(choice.errors) == {1.0, 0.9, 0.8}
+    cfg = replace(QuantConfig.from_method("e2m+a4"), activations=ActivationConfig(bits=4, clip_grid=(0.9, 0.8)))
+    _, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
+    assert all(r.act_clip in (1.0, 0.9, 0.8) and "clip=1" in r.act_error for r in report.records)

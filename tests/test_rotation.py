@@ -5,18 +5,19 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tests.conftest import SMALL_CONFIG, tiny_llama
+from tests.conftest import SMALL_CONFIG, correlated_inputs, tiny_llama
 from twla import QuantConfig, get_adapter, quantize
 from twla.config import RotationConfig
 from twla.modules import wrap_linears
 from twla.rotation import apply_residual_rotation, install_rotation, site_rotations
-from twla.solvers.kotms import learn_kotms, trimodal_loss, trimodal_terms, trimodality
+from twla.solvers.kotms import activation_noise, learn_kotms, trimodal_loss, trimodal_terms, trimodality
 from twla.solvers.kronecker import (
     FactorWarning,
     hadamard,
     kron_apply,
     kron_apply_t,
     kron_factors,
+    random_hadamard,
     random_orthogonal,
     rotate_metric,
 )
@@ -161,8 +162,6 @@ def test_fixed_solver_returns_the_start():
 
 
 def test_relocation_lowers_the_ternarized_output_error():
-    from tests.conftest import correlated_inputs
-
     g = G().manual_seed(5)
     X = correlated_inputs(512, 48, seed=5)
     S = X.T @ X / X.shape[0]
@@ -197,9 +196,6 @@ def test_rotation_config_errors():
 
 
 def test_activation_term_spreads_outliers():
-    from twla.solvers.kotms import activation_noise
-    from twla.solvers.kronecker import random_hadamard
-
     g = G().manual_seed(6)
     X = torch.randn(1, 256, 64, generator=g, dtype=torch.float64)
     X[..., 3] *= 50.0  # one outlier channel

@@ -33,6 +33,7 @@ def calibrate_clip(
     X: Tensor, W_ref: Tensor, W_hat: Tensor, bits: int, symmetric: bool, grid: tuple[float, ...]
 ) -> ClipChoice:
     """Pick p from ``grid`` minimizing the layer's relative output error (ties: the larger p).
+    p = 1 (no clipping) is always evaluated, so ``errors[1.0]`` is the unclipped reference.
 
     X: (N, m) inputs as the weights see them (already rotated); W_ref, W_hat: (n, m).
     """
@@ -43,7 +44,7 @@ def calibrate_clip(
     energy = max(float((target**2).sum()), 1e-30)
     W_hat = W_hat.float()
     errors = {}
-    for p in sorted(set(grid), reverse=True):
+    for p in sorted({1.0, *grid}, reverse=True):
         out = fake_quantize(X, bits, p, symmetric) @ W_hat.T
         errors[p] = float(((out - target) ** 2).sum()) / energy
     best = min(errors, key=lambda p: (errors[p], -p))

@@ -20,9 +20,8 @@ METHOD_HELP = (
     "round-to-nearest integer weights; gptq = GPTQ error compensation, ssr = structural similarity reordering; "
     "had / rand / kotms = per-site Kronecker rotations (fixed Hadamard, fixed random orthogonal, learned on the "
     "Stiefel manifold; act = kotms with its activation-outlier term), reloc = E2M stage-2 Stiefel relocation per "
-    "site, r1 = residual-stream rotation with "
-    "RMSNorm folding; aN = N-bit per-token activations (clipping calibrated per layer), sym = symmetric "
-    "activations. Example: e2m+gptq+ssr+kotms+reloc+a4"
+    "site, r1 = residual-stream rotation with RMSNorm folding; aN = N-bit per-token activations (clipping "
+    "calibrated per layer), sym = symmetric activations. Example: e2m+gptq+ssr+kotms+reloc+a4"
 )
 DATA_HELP = (
     f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network "

@@ -148,9 +148,10 @@ class SiteInputs:
 
 @torch.no_grad()
 def collect_statistics(
-    layer: nn.Module, linear: nn.Module, batches: list[tuple[Tensor, dict]], keep: int = 0
+    layer: nn.Module, linear: nn.Module, batches: list[tuple[Tensor, dict]], keep: int = 0, statistics: bool = True
 ) -> SiteInputs:
-    """Accumulate S over all calibration tokens entering ``linear`` (on its device)."""
+    """Accumulate S over all calibration tokens entering ``linear`` (on its device);
+    ``statistics=False`` only takes the token sample (S stays zero)."""
     m = linear.in_features
     S = torch.zeros(m, m, dtype=torch.float64, device=linear.weight.device)
     total = sum(hidden.shape[:-1].numel() for hidden, _ in batches)
@@ -161,7 +162,8 @@ def collect_statistics(
     def accumulate(module, args):
         nonlocal count
         x = args[0].reshape(-1, m).to(torch.float32)
-        S.add_((x.T @ x).double())
+        if statistics:
+            S.add_((x.T @ x).double())
         if stride:
             rows.append(x[(-count) % stride :: stride].clone())
         count += x.shape[0]
@@ -286,7 +288,8 @@ def full_precision_samples(
         layer.to(device)
         for site in adapter.sites:
             first = adapter.site_linears(layer, site)[site.linears[0]]
-            samples[(index, site.name)] = collect_statistics(layer, first, batches, tokens).sample[:tokens].cpu()
+            inputs = collect_statistics(layer, first, batches, tokens, statistics=False)
+            samples[(index, site.name)] = inputs.sample[:tokens].cpu()
         batches = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         layer.to("cpu")
     return samples
@@ -318,13 +321,15 @@ def quantize(
     if rot.online or config.activations.quantized:
         wrap_linears(model, adapter)
     rotations: dict[tuple[int, str], Factors] = {}
+    capture_start = time.perf_counter()
     batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device)
+    capture_seconds = time.perf_counter() - capture_start
     if rot.site != "none":
         samples = None
         if rot.site == "kotms" and rot.activation_weight > 0:
             samples = full_precision_samples(model, adapter, batches, rot.activation_tokens, device)
         rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples)
-    report.rotation_seconds = time.perf_counter() - start
+    report.rotation_seconds = time.perf_counter() - start - capture_seconds
     layers = adapter.decoder_layers(model)
     for index, layer in enumerate(tqdm(layers, desc="quantize layers", disable=not progress)):
         layer.to(device)

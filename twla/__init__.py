@@ -21,19 +21,24 @@ from twla.models import load_model, save_checkpoint
 from twla.modules import QuantLinear
 from twla.quantize import LayerRecord, QuantReport, quantize
 from twla.rotation import RotationReport
+from twla.solvers.bits import Allocation, BitCosts, InfeasibleBudgetError, Resource, solve_bits
 from twla.weights import TernaryWeight, UniformWeight, quantize_weight
 
 __all__ = [
     "ADAPTERS",
     "ActivationConfig",
     "Adapter",
+    "Allocation",
     "BenchConfig",
+    "BitCosts",
     "BitReport",
+    "InfeasibleBudgetError",
     "LayerRecord",
     "Perplexity",
     "QuantConfig",
     "QuantLinear",
     "QuantReport",
+    "Resource",
     "RotationConfig",
     "RotationReport",
     "Site",
@@ -53,5 +58,6 @@ __all__ = [
     "quantize_weight",
     "run_bench",
     "save_checkpoint",
+    "solve_bits",
     "tokenize",
 ]

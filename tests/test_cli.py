@@ -23,7 +23,7 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
         "--model",
         tiny_checkpoint,
         "--methods",
-        "absmean,e2m+gptq,e2m+gptq+kotms+a4",
+        "absmean,e2m+gptq,e2m+gptq+kotms+a4,e2m+had+amp",
         "--nsamples",
         "4",
         "--seqlen",
@@ -40,7 +40,7 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["fp", "absmean", "e2m+gptq", "e2m+gptq+kotms+a4"]
+    assert [r["method"] for r in report["rows"]] == ["fp", "absmean", "e2m+gptq", "e2m+gptq+kotms+a4", "e2m+had+amp"]
     assert all(r["ppl"] > 1 for r in report["rows"])
     assert report["rows"][2]["bits_storage"] > 2.0
     a4 = report["rows"][3]
@@ -48,7 +48,11 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert set(a4["shaping"]) == {"attn_in", "attn_out", "mlp_in", "mlp_out"} and a4["activations"]["calibrated"] > 0
     text = (out / "report.md").read_text()
     assert "| e2m+gptq | W1.58A16 | none |" in text and "tri-modality" in text
-    for plot in ("layer_errors.png", "weight_hist.png", "rotation_hist.png"):
+    mixed = report["rows"][4]
+    assert mixed["scheme"] == "W1.58A2-8 mixed" and mixed["act_bits"] <= 4.0 + 1e-9
+    assert mixed["allocation"]["allocation"]["bits"] and mixed["allocation"]["agreement"]["entries"] == 2 * 3
+    assert "Mixed-precision activations (ILA-AMP)" in text
+    for plot in ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     saved = out / "models" / "e2m_gptq"
     assert json.loads((saved / "twla_quant.json").read_text())["method"] == "e2m+gptq"
@@ -106,3 +110,13 @@ def test_help_runs(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     assert "--methods" in capsys.readouterr().out
+
+
+def test_solver_benchmark_command(tmp_path, capsys):
+    out = tmp_path / "solvers.json"
+    assert main(["solvers", "--sizes", "4,6", "--solvers", "dp,greedy,brute-force", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| 6 | brute-force |" in table and "| 4 | dp |" in table
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6 and all(r["excess"] >= -1e-12 for r in rows)
+    assert main(["solvers", "--solvers", "simplex"]) == 2

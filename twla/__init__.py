@@ -9,12 +9,26 @@ Typical use::
     model, report = twla.quantize(model, twla.QuantConfig.from_method("e2m+gptq+ssr+kotms+a4"), calib)
     windows = twla.evaluation_windows(twla.tokenize(tokenizer, twla.load_text("prideprejudice")), 512)
     print(twla.perplexity(model, windows).ppl)
+
+Mixed-precision activations (ILA-AMP) come from ``+amp`` in the method spec, or directly from
+measured or user costs::
+
+    alloc = twla.solve_bits({"bits": [2, 4, 8], "unary": ..., "pairwise": ..., "beta": 0.5}, budget=4.0)
 """
 
 from twla.accounting import BitReport, count_bits
 from twla.adapters import ADAPTERS, Adapter, Site, get_adapter
+from twla.allocation import AllocationReport, allocate
 from twla.bench import BenchConfig, run_bench
-from twla.config import ActivationConfig, QuantConfig, RotationConfig, TernaryConfig, UniformConfig, method_config
+from twla.config import (
+    ActivationConfig,
+    AllocationConfig,
+    QuantConfig,
+    RotationConfig,
+    TernaryConfig,
+    UniformConfig,
+    method_config,
+)
 from twla.data import calibration_windows, evaluation_windows, load_text, tokenize
 from twla.evaluate import Perplexity, perplexity
 from twla.models import load_model, save_checkpoint
@@ -29,6 +43,8 @@ __all__ = [
     "ActivationConfig",
     "Adapter",
     "Allocation",
+    "AllocationConfig",
+    "AllocationReport",
     "BenchConfig",
     "BitCosts",
     "BitReport",
@@ -46,6 +62,7 @@ __all__ = [
     "TernaryWeight",
     "UniformConfig",
     "UniformWeight",
+    "allocate",
     "calibration_windows",
     "count_bits",
     "evaluation_windows",

@@ -20,26 +20,41 @@ from twla.config import QuantConfig, TernaryConfig
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text, tokenize
 from twla.evaluate import perplexity
 from twla.models import DEFAULT_MODEL, load_model, save_checkpoint
-from twla.quantize import quantize
-from twla.report import plot_layer_errors, plot_rotation_histograms, plot_weight_histograms, write_report
+from twla.quantize import LayerRecord, quantize
+from twla.report import (
+    plot_allocations,
+    plot_cost_predictions,
+    plot_layer_errors,
+    plot_rotation_histograms,
+    plot_weight_histograms,
+    write_report,
+)
 
 DEFAULT_METHODS = (
     "e2m+gptq+ssr",  # W1.58A16
     "e2m+gptq+ssr+a4",  # W1.58A4, no rotation
     "e2m+gptq+ssr+had+a4",  # fixed random Kronecker-Hadamard site rotations
-    "e2m+gptq+ssr+rand+a4",  # fixed random orthogonal site rotations
+    "e2m+gptq+ssr+had+amp",  # + ILA-AMP: {2,4,6,8}-bit activations per decoder block, mean ≤ 4
+    "e2m+gptq+ssr+had+amp-site",  # + ILA-AMP per input site
     "e2m+gptq+ssr+kotms+a4",  # KOTMS: learned on the Stiefel manifold
-    "e2m+gptq+ssr+kotms+reloc+a4",  # KOTMS + E2M stage-2 Stiefel relocation
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
 
 
 def scheme(config: QuantConfig) -> str:
-    """W1.58A4-style label of a configuration (mixed activation bits show their mean range)."""
+    """W1.58A4-style label of a configuration (mixed activation bits show their range)."""
     w = "W1.58" if isinstance(config.weights, TernaryConfig) else f"W{config.weights.bits}"
+    if config.allocation:
+        return f"{w}A{min(config.allocation.options)}-{max(config.allocation.options)} mixed"
     bits = {config.activations.bits, *config.activations.layer_bits.values()}
     a = f"A{min(bits)}-{max(bits)}" if len(bits) > 1 else f"A{bits.pop()}"
     return w + a
+
+
+def activation_bits(records: list[LayerRecord]) -> float:
+    """Mean activation bits over the input elements of every site (Σ width·bits / Σ width)."""
+    sites = {(r.layer, r.site): (r.shape[1], r.act_bits) for r in records}
+    return sum(w * b for w, b in sites.values()) / sum(w for w, _ in sites.values())
 
 
 def rotation_label(config: QuantConfig) -> str:
@@ -119,6 +134,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             "scheme": "W16A16",
             "rotation": "none",
             "ppl": fp.ppl,
+            "act_bits": 16.0,
             "bits_storage": 16.0,
             "bits_entropy": 16.0,
             "size_mb": fp_bits.fp16_size_bytes / 2**20,
@@ -145,6 +161,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 "scheme": scheme(qcfg),
                 "rotation": rotation_label(qcfg),
                 "ppl": result.ppl,
+                "act_bits": activation_bits(records),
                 "bits_storage": bits.storage_bits_per_weight,
                 "bits_entropy": bits.entropy_bits_per_weight,
                 "size_mb": bits.size_bytes / 2**20,
@@ -165,6 +182,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 if acts
                 else None,
                 "shaping": report.rotation.to_dict()["sites"] if report.rotation else None,
+                "allocation": report.allocation.to_dict() if report.allocation else None,
                 "bits": asdict(bits),
                 "config": asdict(qcfg),
                 "layers": report.to_dict()["layers"],
@@ -199,6 +217,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     if rotation_weights:
         plot_rotation_histograms(rotation_weights, os.path.join(cfg.out, "rotation_hist.png"))
         plots += ", rotation_hist.png"
+    if any(row.get("allocation") for row in rows):
+        plot_allocations(rows, os.path.join(cfg.out, "allocation.png"))
+        plot_cost_predictions(rows, os.path.join(cfg.out, "cost_prediction.png"))
+        plots += ", allocation.png, cost_prediction.png"
     if progress:
         print("\n" + text + f"\n\nReport written to {cfg.out}/ (report.md, report.json, {plots})")
     return result

@@ -1,4 +1,4 @@
-"""Command line: ``twla bench`` (the main job) and ``twla quantize``."""
+"""Command line: ``twla bench`` (the main job), ``twla quantize`` and ``twla solvers``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from twla.bench import DEFAULT_METHODS, BenchConfig, run_bench
 from twla.config import BASE_METHODS, MODIFIERS
 from twla.data import CORPORA, HUB_DATASETS
 from twla.models import BUILTIN, DEFAULT_MODEL
+from twla.solvers.bits import bench as solver_bench
 
 METHOD_HELP = (
     f"methods are a base weight quantizer ({', '.join(BASE_METHODS)}) plus '+'-joined modifiers "
@@ -21,7 +22,9 @@ METHOD_HELP = (
     "had / rand / kotms = per-site Kronecker rotations (fixed Hadamard, fixed random orthogonal, learned on the "
     "Stiefel manifold; act = kotms with its activation-outlier term), reloc = E2M stage-2 Stiefel relocation per "
     "site, r1 = residual-stream rotation with RMSNorm folding; aN = N-bit per-token activations (clipping "
-    "calibrated per layer), sym = symmetric activations. Example: e2m+gptq+ssr+kotms+reloc+a4"
+    "calibrated per layer), sym = symmetric activations; amp / amp-site = ILA-AMP mixed {2,4,6,8}-bit activations "
+    "per decoder block / input site, mean ≤ 4 bits, from measured costs and an exact solver. "
+    "Example: e2m+gptq+ssr+kotms+reloc+a4"
 )
 DATA_HELP = (
     f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network "
@@ -96,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(quant)
     quant.add_argument("--method", default="e2m+gptq+ssr", help="method (default e2m+gptq+ssr)")
     quant.add_argument("--out", required=True, help="output checkpoint directory")
+
+    solvers = sub.add_parser(
+        "solvers", help="benchmark the activation bit-allocation solvers", description=solver_bench.DESCRIPTION
+    )
+    solver_bench.add_arguments(solvers)
     return parser
 
 
@@ -155,12 +163,12 @@ def _quantize(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quiet:
+    if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
-        {"bench": _bench, "quantize": _quantize}[args.command](args)
+        {"bench": _bench, "quantize": _quantize, "solvers": solver_bench.run}[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         print(f"twla: error: {err}", file=sys.stderr)
         return 2

@@ -10,9 +10,12 @@ A method is named by a spec string: a base weight quantizer, then modifiers join
   ``kotms`` (learned on the Stiefel manifold; ``act`` adds the activation term to its
   loss), ``reloc`` (E2M stage-2 Stiefel relocation per site), ``r1`` (offline
   residual-stream rotation with RMSNorm folding);
-- activations: ``a2``/``a3``/``a4``/``a6``/``a8`` (per-token bits), ``sym`` (symmetric).
+- activations: ``a2``/``a3``/``a4``/``a6``/``a8`` (per-token bits), ``sym`` (symmetric);
+- mixed activation bits (ILA-AMP): ``amp`` (one bit-width per decoder block, TWLA) or
+  ``amp-site`` (per input site), options {2, 4, 6, 8}, mean budget 4, β = 0.5.
 
-E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4), ``rtn4+had+a4``.
+E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4),
+``e2m+gptq+ssr+had+amp`` (W1.58, mixed A2–A8 averaging ≤ 4 bits), ``rtn4+had+a4``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from twla.solvers.bits import SOLVERS as BIT_SOLVERS
+from twla.solvers.bits import InfeasibleBudgetError
 from twla.solvers.stiefel import STIEFEL_SOLVERS, StiefelSolver
 from twla.solvers.ternary import ItfRule
 from twla.solvers.uniform import ACTIVATION_BITS
@@ -172,6 +177,56 @@ class ActivationConfig:
         return self.bits < 16 or any(b < 16 for b in self.layer_bits.values())
 
 
+@dataclass(frozen=True)
+class AllocationConfig:
+    """ILA-AMP: per-unit activation bits from measured costs and an integer program (DESIGN §5.2).
+
+    granularity: a unit is a decoder ``block`` (TWLA) or an input ``site``; options: the bit-widths
+    𝔅; budget: the mean bits over activation elements, Σ w·b ≤ budget·Σ w (w = a unit's input
+    width per token); beta: interaction weight β; solver: one of ``twla.solvers.bits.SOLVERS``.
+    Costs are deltas of ``metric`` (``kl`` to the reference model's next-token distribution, or
+    the ``loss``) against every unit at ``reference`` bits, measured on the first ``samples``
+    calibration windows cut to ``seqlen`` tokens, scoring every ``stride``-th position.
+    """
+
+    granularity: Literal["block", "site"] = "block"
+    options: tuple[int, ...] = (2, 4, 6, 8)
+    budget: float = 4.0
+    beta: float = 0.5
+    reference: int = 8
+    metric: Literal["kl", "loss"] = "kl"
+    solver: str = "dp"
+    samples: int = 2
+    seqlen: int = 256
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("block", "site"):
+            raise ValueError(f"unknown allocation granularity {self.granularity!r}; choose block or site")
+        if self.metric not in ("kl", "loss"):
+            raise ValueError(f"unknown cost metric {self.metric!r}; choose kl or loss")
+        if self.solver not in BIT_SOLVERS:
+            raise ValueError(f"unknown bit solver {self.solver!r}; choose one of {', '.join(BIT_SOLVERS)}")
+        for bits in (*self.options, self.reference):
+            if bits not in ACTIVATION_BITS:
+                raise ValueError(f"activation bit option {bits} is not one of {ACTIVATION_BITS}")
+        if not self.options or len(set(self.options)) != len(self.options):
+            raise ValueError(f"options must be distinct bit-widths, got {self.options}")
+        if self.budget < min(self.options):
+            raise InfeasibleBudgetError(
+                f"budget {self.budget:g} mean bits is infeasible: the smallest feasible budget is "
+                f"{min(self.options)} (every unit at {min(self.options)} bits)",
+                min(self.options),
+            )
+        if self.beta < 0 or min(self.samples, self.seqlen, self.stride) < 1 or self.seqlen <= self.stride:
+            raise ValueError("beta must be ≥ 0, samples ≥ 1, stride ≥ 1 and seqlen > stride")
+
+    @property
+    def clip_bits(self) -> tuple[int, ...]:
+        """The bit-widths whose clipping ratios the allocation needs."""
+        return tuple(sorted({*self.options, self.reference} - {16}))
+
+
 BASE_METHODS: dict[str, WeightConfig] = {
     "absmean": TernaryConfig(quantizer="absmean", refit=False, compensate=False),
     "twn": TernaryConfig(quantizer="twn", refit=False, compensate=False),
@@ -190,7 +245,8 @@ ROTATION_MODIFIERS = {
     "r1": {"residual": "hadamard"},
 }
 ACTIVATION_MODIFIERS = {f"a{b}": {"bits": b} for b in ACTIVATION_BITS if b < 16} | {"sym": {"symmetric": True}}
-MODIFIERS = {**WEIGHT_MODIFIERS, **ROTATION_MODIFIERS, **ACTIVATION_MODIFIERS}
+ALLOCATION_MODIFIERS = {"amp": {"granularity": "block"}, "amp-site": {"granularity": "site"}}
+MODIFIERS = {**WEIGHT_MODIFIERS, **ROTATION_MODIFIERS, **ACTIVATION_MODIFIERS, **ALLOCATION_MODIFIERS}
 
 
 def _parse(spec: str) -> tuple[str, list[str]]:
@@ -203,6 +259,8 @@ def _parse(spec: str) -> tuple[str, list[str]]:
     sites = sorted({"kotms" if m == "act" else m for m in mods if m in ("had", "rand", "kotms", "act")})
     if len(sites) > 1:
         raise ValueError(f"{spec!r} names several site rotations ({', '.join(sites)}); choose one")
+    if len({m for m in mods if m in ALLOCATION_MODIFIERS}) > 1:
+        raise ValueError(f"{spec!r} names both amp and amp-site; choose one granularity")
     return base, mods
 
 
@@ -220,6 +278,8 @@ def method_config(spec: str, **overrides: object) -> WeightConfig:
 class QuantConfig:
     """The whole post-training quantization run.
 
+    allocation: ILA-AMP mixed activation bits, chosen after the layers are quantized (the
+    layer-wise pass itself runs with ``activations.bits``).
     true_sequential: quantize the input sites of a decoder layer one after another,
     each seeing the outputs of the already-quantized ones (GPTQ's true-sequential).
     batch_size: calibration sequences per forward pass.
@@ -228,6 +288,7 @@ class QuantConfig:
     weights: WeightConfig = field(default_factory=TernaryConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
     activations: ActivationConfig = field(default_factory=ActivationConfig)
+    allocation: AllocationConfig | None = None
     true_sequential: bool = True
     batch_size: int = 8
 
@@ -235,9 +296,15 @@ class QuantConfig:
     def from_method(cls, spec: str, **kwargs: object) -> QuantConfig:
         """Parse a method spec (module docstring) into a full configuration."""
         _, mods = _parse(spec)
+        acts = _flags(mods, ACTIVATION_MODIFIERS)
+        allocation = None
+        if any(m in ALLOCATION_MODIFIERS for m in mods):
+            allocation = AllocationConfig(**_flags(mods, ALLOCATION_MODIFIERS))
+            acts.setdefault("bits", int(allocation.budget))  # the layer-wise pass runs at the budget's bits
         return cls(
             weights=method_config(spec),
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
-            activations=ActivationConfig(**_flags(mods, ACTIVATION_MODIFIERS)),
+            activations=ActivationConfig(**acts),
+            allocation=allocation,
             **kwargs,
         )

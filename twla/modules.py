@@ -34,6 +34,11 @@ class QuantLinear(nn.Module):
         self.act_bits = 16
         self.act_clip = 1.0
         self.act_symmetric = False
+        self.act_clips: dict[int, float] = {}  # calibrated clipping ratio per bit-width
+
+    def set_act_bits(self, bits: int) -> None:
+        """Quantize inputs to ``bits`` with that width's calibrated clipping ratio (1 if none)."""
+        self.act_bits, self.act_clip = bits, self.act_clips.get(bits, 1.0)
 
     @property
     def rotated(self) -> bool:

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 from twla.activations import calibrate_clip
 from twla.adapters import Adapter, Site, get_adapter
+from twla.allocation import AllocationReport, allocate
+from twla.capture import SiteInputs, capture_layer_inputs, collect_statistics, layer_output
 from twla.config import QuantConfig
 from twla.modules import wrap_linears
 from twla.rotation import (
@@ -50,7 +52,8 @@ class LayerRecord:
     rotation: the site's online rotation (m₁⊗m₂) or "none"; relocation: the site's
     relocation objective (relative ternarized output error) before and after;
     act_error: relative output error ‖XWᵀ − Q_a(XR)Ŵᵀ‖²/‖XWᵀ‖² on the token sample
-    without clipping and at the calibrated ratio act_clip.
+    without clipping and at the calibrated ratio act_clip; act_clips: the calibrated ratio of
+    every bit-width a mixed-precision allocation may choose.
     """
 
     name: str
@@ -66,6 +69,7 @@ class LayerRecord:
     act_bits: int = 16
     act_clip: float = 1.0
     act_error: dict[str, float] | None = None
+    act_clips: dict[int, float] | None = None
 
 
 @dataclass
@@ -76,6 +80,7 @@ class QuantReport:
     records: list[LayerRecord] = field(default_factory=list)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     rotation: RotationReport | None = None
+    allocation: AllocationReport | None = None
     seconds: float = 0.0
     rotation_seconds: float = 0.0
     calibration_tokens: int = 0
@@ -87,12 +92,9 @@ class QuantReport:
             "rotation_seconds": self.rotation_seconds,
             "calibration_tokens": self.calibration_tokens,
             "rotation": self.rotation.to_dict() if self.rotation else None,
+            "allocation": self.allocation.to_dict() if self.allocation else None,
             "layers": [asdict(r) for r in self.records],
         }
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
 
 
 def check_finite_weights(model: nn.Module, adapter: Adapter) -> None:
@@ -102,93 +104,20 @@ def check_finite_weights(model: nn.Module, adapter: Adapter) -> None:
                 raise ValueError(f"layer {i} {path}: weight contains NaN or inf values; refusing to quantize")
 
 
-def _layer_output(out) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
-) -> list[tuple[Tensor, dict]]:
-    """Inputs (hidden states and keyword arguments) of decoder layer 0, per batch."""
-    layers = adapter.decoder_layers(model)
-    captured: list[tuple[Tensor, dict]] = []
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    prefix = adapter.prefix_modules(model)
-    for mod in prefix:
-        mod.to(device)
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in windows.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-        for mod in prefix:
-            mod.to("cpu")
-    return captured
-
-
-@dataclass
-class SiteInputs:
-    """Statistics of the calibration tokens entering a site: S = XᵀX / N (float64), N, and
-    an evenly strided sample of about ``keep`` raw input rows (float32) or None."""
-
-    S: Tensor
-    tokens: int
-    sample: Tensor | None
-
-
-@torch.no_grad()
-def collect_statistics(
-    layer: nn.Module, linear: nn.Module, batches: list[tuple[Tensor, dict]], keep: int = 0, statistics: bool = True
-) -> SiteInputs:
-    """Accumulate S over all calibration tokens entering ``linear`` (on its device);
-    ``statistics=False`` only takes the token sample (S stays zero)."""
-    m = linear.in_features
-    S = torch.zeros(m, m, dtype=torch.float64, device=linear.weight.device)
-    total = sum(hidden.shape[:-1].numel() for hidden, _ in batches)
-    stride = max(1, total // keep) if keep else 0
-    rows: list[Tensor] = []
-    count = 0
-
-    def accumulate(module, args):
-        nonlocal count
-        x = args[0].reshape(-1, m).to(torch.float32)
-        if statistics:
-            S.add_((x.T @ x).double())
-        if stride:
-            rows.append(x[(-count) % stride :: stride].clone())
-        count += x.shape[0]
-        raise _Stop
-
-    handle = linear.register_forward_pre_hook(accumulate)
-    try:
-        for hidden, kwargs in batches:
-            try:
-                layer(hidden, **kwargs)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return SiteInputs(S / max(count, 1), count, torch.cat(rows) if stride else None)
-
-
 def _site_inputs(
     layer: nn.Module, index: int, adapter: Adapter, site: Site, batches: list[tuple[Tensor, dict]], config: QuantConfig
 ) -> SiteInputs:
     """The site's statistics, with a token sample when any of its linears quantizes activations."""
     acts = config.activations
-    sample = any(acts.bits_for(f"{adapter.layers}.{index}.{path}") < 16 for path in site.linears)
+    sample = any(_clip_bits(f"{adapter.layers}.{index}.{path}", config) for path in site.linears)
     first = adapter.site_linears(layer, site)[site.linears[0]]
     return collect_statistics(layer, first, batches, acts.calibration_tokens if sample else 0)
+
+
+def _clip_bits(name: str, config: QuantConfig) -> list[int]:
+    """Bit-widths whose clipping ratio the linear ``name`` needs: its own, and every allocation option."""
+    extra = config.allocation.clip_bits if config.allocation else ()
+    return sorted({config.activations.bits_for(name), *extra} - {16})
 
 
 def _relocate_site(
@@ -253,12 +182,18 @@ def _quantize_site(
         linear.weight.data.copy_(W_hat.to(linear.weight.dtype))
         report.weights[name] = tw
         bits = config.activations.bits_for(name)
+        acts = config.activations
+        choices = {
+            b: calibrate_clip(linear.rotate_input(inputs.sample), W, W_hat, b, acts.symmetric, acts.clip_grid)
+            for b in _clip_bits(name, config)
+        }
         clip, act_error = 1.0, None
+        if choices:
+            linear.act_clips, linear.act_symmetric = {b: c.clip for b, c in choices.items()}, acts.symmetric
+            linear.set_act_bits(bits)
         if bits < 16:
-            acts = config.activations
-            choice = calibrate_clip(linear.rotate_input(inputs.sample), W, W_hat, bits, acts.symmetric, acts.clip_grid)
-            linear.act_bits, linear.act_clip, linear.act_symmetric = bits, choice.clip, acts.symmetric
-            clip, act_error = choice.clip, {"clip=1": choice.errors[1.0], "calibrated": choice.error}
+            chosen = choices[bits]
+            clip, act_error = chosen.clip, {"clip=1": chosen.errors[1.0], "calibrated": chosen.error}
         report.records.append(
             LayerRecord(
                 name=name,
@@ -274,6 +209,7 @@ def _quantize_site(
                 act_bits=bits,
                 act_clip=clip,
                 act_error=act_error,
+                act_clips={b: c.clip for b, c in choices.items()} or None,
             )
         )
 
@@ -290,7 +226,7 @@ def full_precision_samples(
             first = adapter.site_linears(layer, site)[site.linears[0]]
             inputs = collect_statistics(layer, first, batches, tokens, statistics=False)
             samples[(index, site.name)] = inputs.sample[:tokens].cpu()
-        batches = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         layer.to("cpu")
     return samples
 
@@ -318,7 +254,7 @@ def quantize(
     rot = config.rotation
     if rot.residual != "none":
         apply_residual_rotation(model, adapter, rot.residual, rot.seed)
-    if rot.online or config.activations.quantized:
+    if rot.online or config.activations.quantized or config.allocation:
         wrap_linears(model, adapter)
     rotations: dict[tuple[int, str], Factors] = {}
     capture_start = time.perf_counter()
@@ -343,7 +279,13 @@ def quantize(
             inputs = early.get(site.name) or _site_inputs(layer, index, adapter, site, batches, config)
             rotation = rotations.get((index, site.name))
             _quantize_site(layer, index, adapter, site, inputs, rotation, config, report)
-        batches = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         layer.to("cpu")
+    if config.allocation:
+        del batches
+        report.allocation = allocate(model, adapter, calibration, config.allocation, device, progress)
+        for record in report.records:
+            record.act_bits = report.allocation.bits[record.name]
+            record.act_clip = (record.act_clips or {}).get(record.act_bits, 1.0)
     report.seconds = time.perf_counter() - start
     return model, report

@@ -17,6 +17,7 @@ COLUMNS = [
     ("scheme", "scheme", "{}"),
     ("rotation", "rotation", "{}"),
     ("ppl", "perplexity", "{:.2f}"),
+    ("act_bits", "A bits (mean)", "{:.2f}"),
     ("bits_storage", "bits/w (stored)", "{:.3f}"),
     ("bits_entropy", "bits/w (entropy)", "{:.3f}"),
     ("size_mb", "size MB", "{:.1f}"),
@@ -83,6 +84,30 @@ def activation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def allocation_table(rows: list[dict]) -> str:
+    """ILA-AMP: the chosen bits, and the cost model's prediction against the measured change."""
+    lines = [
+        "| method | units | solver | mean bits (budget) | units at 2/4/6/8 | predicted Δ (mixed) "
+        "| measured Δ (mixed) | predicted Δ (uniform) | measured Δ (uniform) "
+        "| Fisher vs measured s: Spearman, median ratio | cost passes, s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        al = row.get("allocation")
+        if not al:
+            continue
+        choice, uniform, agree = al["allocation"], al["uniform"] or {}, al["agreement"]
+        counts = "/".join(str(choice["bits"].count(b)) for b in (2, 4, 6, 8))
+        uni = [f"{uniform[k]:.4f}" if uniform else "–" for k in ("predicted", "measured")]
+        lines.append(
+            f"| {row['method']} | {len(al['units'])} {al['granularity']}s | {choice['solver']} "
+            f"| {choice['mean_bits']:.2f} ({choice['budget']:g}) | {counts} | {al['predicted']:.4f} "
+            f"| {al['measured']:.4f} | {uni[0]} | {uni[1]} | {agree['spearman']:.2f}, {agree['median_ratio']:.2f} "
+            f"| {al['passes']}, {al['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def _avg(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -105,6 +130,13 @@ def markdown_report(result: dict) -> str:
         parts += [
             "## Relocation and activations (relative output errors, per-layer means)",
             activation_table(rows),
+        ]
+    if any(row.get("allocation") for row in rows):
+        metric = next(row["allocation"]["metric"] for row in rows if row.get("allocation"))
+        parts += [
+            f"## Mixed-precision activations (ILA-AMP): Δ = {metric} change vs all-8-bit activations, "
+            "on calibration tokens",
+            allocation_table(rows),
         ]
     return "\n\n".join(parts)
 
@@ -177,3 +209,62 @@ def write_report(out_dir: str, result: dict) -> str:
     write_json(os.path.join(out_dir, "report.json"), result)
     write_text(os.path.join(out_dir, "report.md"), text + "\n")
     return text
+
+
+def plot_allocations(rows: list[dict], path: str) -> None:
+    """Per mixed-precision method: the bits chosen per unit (top) and the measured unary costs."""
+    mixed = [row for row in rows if row.get("allocation")]
+    fig, axes = plt.subplots(2, len(mixed), figsize=(6 * len(mixed), 5.5), squeeze=False)
+    for c, row in enumerate(mixed):
+        al = row["allocation"]
+        bits = al["allocation"]["bits"]
+        axes[0][c].bar(range(len(bits)), bits, width=1.0, color="C0", edgecolor="white", lw=0.3)
+        axes[0][c].axhline(al["allocation"]["mean_bits"], color="C3", lw=1, label="realized mean")
+        axes[0][c].set_yticks(al["costs"]["bits"])
+        axes[0][c].set_title(f"{row['method']}: bits per {al['granularity']}", fontsize=9)
+        axes[0][c].legend(fontsize=7)
+        unary = al["costs"]["unary"]
+        for k, b in enumerate(al["costs"]["bits"]):
+            values = [max(u[k], 1e-9) for u in unary]
+            if any(u[k] for u in unary):
+                axes[1][c].semilogy(values, label=f"{b} bits", lw=1)
+        axes[1][c].set_xlabel(f"{al['granularity']} (execution order)")
+        axes[1][c].set_ylabel(f"measured unary cost ({al['metric']})")
+        axes[1][c].legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_cost_predictions(rows: list[dict], path: str) -> None:
+    """Left: second-order (Fisher) estimate vs measured unary costs. Right: predicted (Σs + Σc)
+    vs measured change of the mixed and the uniform models."""
+    mixed = [row for row in rows if row.get("allocation")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    lo, hi = float("inf"), 0.0
+    for i, row in enumerate(mixed):
+        al = row["allocation"]
+        pairs = [
+            (e, m)
+            for est_row, meas_row in zip(al["estimate"], al["costs"]["unary"])
+            for e, m in zip(est_row, meas_row)
+            if e > 0 and m > 0
+        ]
+        if pairs:
+            est, meas = zip(*pairs)
+            left.loglog(est, meas, ".", ms=3, alpha=0.6, color=f"C{i}", label=row["method"])
+            lo, hi = min(lo, *est, *meas), max(hi, *est, *meas)
+        for key, marker in (("mixed", "o"), ("uniform", "s")):
+            point = al if key == "mixed" else al["uniform"]
+            if point:
+                right.plot(point["predicted"], point["measured"], marker, color=f"C{i}", label=f"{row['method']} {key}")
+    if hi > 0:
+        left.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    left.set_xlabel("Fisher estimate ½ΣFΔ²/12")
+    left.set_ylabel("measured unary cost")
+    left.legend(fontsize=7)
+    right.axline((0, 0), slope=1, color="k", ls="--", lw=0.8)
+    right.set_xlabel("predicted Σs + Σc")
+    right.set_ylabel("measured change")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, path)

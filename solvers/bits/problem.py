@@ -139,6 +139,13 @@ class BitCosts:
             value = value + self.beta * self.pairwise[np.arange(L - 1), choice[..., :-1], choice[..., 1:]].sum(-1)
         return value
 
+    def parts(self, choice: np.ndarray) -> tuple[float, float]:
+        """(Σ s, Σ c) of one choice: the unary and the pairwise part (without β)."""
+        choice = np.asarray(choice)
+        L = self.units
+        pair = float(self.pairwise[np.arange(L - 1), choice[:-1], choice[1:]].sum()) if L > 1 else 0.0
+        return float(self.unary[np.arange(L), choice].sum()), pair
+
     def mean_bits(self, choice: np.ndarray) -> np.ndarray:
         """Weighted mean bits Σ w b / Σ w of option indices ``choice`` (shape (..., L))."""
         return (self.bits[np.asarray(choice)] * self.weights).sum(-1) / self.weights.sum()
@@ -257,8 +264,7 @@ class Allocation:
     @classmethod
     def from_solution(cls, costs: BitCosts, budget: float, solution: Solution, seconds: float, solver: str):
         choice = np.asarray(solution.choice, dtype=np.int64)
-        L = costs.units
-        pair = float(costs.pairwise[np.arange(L - 1), choice[:-1], choice[1:]].sum()) if L > 1 else 0.0
+        unary, pair = costs.parts(choice)
         return cls(
             bits=costs.bits[choice].astype(int).tolist(),
             objective=float(costs.objective(choice)),
@@ -268,7 +274,7 @@ class Allocation:
             solver=solver,
             mean_bits=float(costs.mean_bits(choice)),
             budget=budget,
-            unary=float(costs.unary[np.arange(L), choice].sum()),
+            unary=unary,
             pairwise=pair,
             names=list(costs.names) if costs.names else None,
         )

@@ -12,4 +12,6 @@
 - :mod:`twla.solvers.kotms`: the tri-modal shaping loss and its batched solver.
 - :mod:`twla.solvers.relocation`: E2M stage-2 relocation of a site's rotation against
   its ternarized output error.
+- :mod:`twla.solvers.bits`: ILA-AMP's activation bit allocation, ``solve_bits(costs, budget)``
+  (chain DP, CP-SAT, SCIP, SciPy milp, CVXPY MILP / LP rounding, greedy, brute force).
 """

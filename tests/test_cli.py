@@ -87,6 +87,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["bench", "--methods", "e2m+magic", "--quiet"]) == 2
     assert "unknown modifier" in capsys.readouterr().err
+    assert main(["bench", "--methods", "e2m+had+amp", "--amp-budget", "1.5", "--quiet"]) == 2
+    assert "smallest feasible budget is 2" in capsys.readouterr().err
+    assert main(["bench", "--methods", "e2m+had+amp", "--amp-solver", "simplex", "--quiet"]) == 2
+    assert "unknown bit solver" in capsys.readouterr().err
 
 
 def test_rotated_or_a4_models_are_not_saved_silently(tiny_checkpoint, tmp_path, capsys):

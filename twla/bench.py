@@ -87,10 +87,11 @@ class BenchConfig:
     out: str = "runs/latest"
     save: tuple[str, ...] = field(default_factory=tuple)
     histogram_layer: str | None = None  # default: the middle layer's down_proj
+    amp: dict = field(default_factory=dict)  # AllocationConfig overrides for amp / amp-site methods
 
     def __post_init__(self) -> None:
         for spec in (*self.methods, *self.save):
-            QuantConfig.from_method(spec)  # fail early on a bad spec
+            QuantConfig.from_method(spec, self.amp)  # fail early on a bad spec or budget
         unknown = set(self.save) - set(self.methods)
         if unknown:
             raise ValueError(f"--save names methods that are not benched: {', '.join(sorted(unknown))}")
@@ -145,7 +146,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for i, spec in enumerate(cfg.methods):
         if i:
             model, _ = load_model(cfg.model)
-        qcfg = QuantConfig.from_method(spec, batch_size=cfg.batch_size)
+        qcfg = QuantConfig.from_method(spec, cfg.amp, batch_size=cfg.batch_size)
         model, report = quantize(model, qcfg, calib, device, progress)
         result, eval_seconds = evaluate(spec, model)
         bits = count_bits(model, adapter, report.weights)

@@ -46,6 +46,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods)")
+    amp.add_argument("--amp-budget", type=float, default=4.0, help="mean activation bits (default 4)")
+    amp.add_argument("--amp-beta", type=float, default=0.5, help="interaction weight β (default 0.5)")
+    amp.add_argument("--amp-options", default="2,4,6,8", help="comma-separated bit-widths (default 2,4,6,8)")
+    amp.add_argument("--amp-solver", default="dp", help="bit-allocation solver (default dp; see `twla solvers`)")
+
+
+def _amp(args: argparse.Namespace) -> dict:
+    options = tuple(int(b) for b in args.amp_options.split(",") if b)
+    return {"budget": args.amp_budget, "beta": args.amp_beta, "options": options, "solver": args.amp_solver}
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +134,7 @@ def _bench(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         out=args.out,
         save=save,
+        amp=_amp(args),
     )
     run_bench(cfg, progress=not args.quiet)
 
@@ -136,7 +147,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.models import load_model, save_checkpoint
     from twla.quantize import quantize
 
-    config = QuantConfig.from_method(args.method, batch_size=args.batch_size)
+    config = QuantConfig.from_method(args.method, _amp(args), batch_size=args.batch_size)
     if config.rotation.online or config.activations.quantized:
         raise ValueError(
             f"{args.method}: models with online rotations or quantized activations need the packed checkpoint "

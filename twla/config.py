@@ -293,14 +293,16 @@ class QuantConfig:
     batch_size: int = 8
 
     @classmethod
-    def from_method(cls, spec: str, **kwargs: object) -> QuantConfig:
-        """Parse a method spec (module docstring) into a full configuration."""
+    def from_method(cls, spec: str, amp: Mapping[str, object] | None = None, **kwargs: object) -> QuantConfig:
+        """Parse a method spec (module docstring) into a full configuration; ``amp`` overrides
+        fields of the :class:`AllocationConfig` of an ``amp``/``amp-site`` spec (e.g. budget, beta)."""
         _, mods = _parse(spec)
         acts = _flags(mods, ACTIVATION_MODIFIERS)
         allocation = None
         if any(m in ALLOCATION_MODIFIERS for m in mods):
-            allocation = AllocationConfig(**_flags(mods, ALLOCATION_MODIFIERS))
-            acts.setdefault("bits", int(allocation.budget))  # the layer-wise pass runs at the budget's bits
+            allocation = AllocationConfig(**{**_flags(mods, ALLOCATION_MODIFIERS), **(amp or {})})
+            # the layer-wise pass runs at the budget's bits (rounded down to a supported width)
+            acts.setdefault("bits", max(b for b in ACTIVATION_BITS if b <= max(allocation.budget, 2)))
         return cls(
             weights=method_config(spec),
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),

@@ -52,6 +52,8 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert mixed["scheme"] == "W1.58A2-8 mixed" and mixed["act_bits"] <= 4.0 + 1e-9
     assert mixed["allocation"]["allocation"]["bits"] and mixed["allocation"]["agreement"]["entries"] == 2 * 3
     assert "Mixed-precision activations (ILA-AMP)" in text
+    counts = ", ".join(f"{b}: {mixed['allocation']['allocation']['bits'].count(b)}" for b in (2, 4, 6, 8))
+    assert f"| {counts} |" in text
     for plot in ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     saved = out / "models" / "e2m_gptq"

@@ -87,7 +87,7 @@ def activation_table(rows: list[dict]) -> str:
 def allocation_table(rows: list[dict]) -> str:
     """ILA-AMP: the chosen bits, and the cost model's prediction against the measured change."""
     lines = [
-        "| method | units | solver | mean bits (budget) | units at 2/4/6/8 | predicted Δ (mixed) "
+        "| method | units | solver | mean bits (budget) | units per bit-width | predicted Δ (mixed) "
         "| measured Δ (mixed) | predicted Δ (uniform) | measured Δ (uniform) "
         "| Fisher vs measured s: Spearman, median ratio | cost passes, s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -97,7 +97,7 @@ def allocation_table(rows: list[dict]) -> str:
         if not al:
             continue
         choice, uniform, agree = al["allocation"], al["uniform"] or {}, al["agreement"]
-        counts = "/".join(str(choice["bits"].count(b)) for b in (2, 4, 6, 8))
+        counts = ", ".join(f"{b}: {choice['bits'].count(b)}" for b in al["costs"]["bits"])
         uni = [f"{uniform[k]:.4f}" if uniform else "–" for k in ("predicted", "measured")]
         lines.append(
             f"| {row['method']} | {len(al['units'])} {al['granularity']}s | {choice['solver']} "

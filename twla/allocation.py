@@ -95,11 +95,12 @@ class CostProbe:
         with torch.no_grad():
             for layer in self.layers:
                 self.inputs.append(layer_output(layer(self.inputs[-1], **self.kwargs)))
-            self.ref_logp = self._logp(self.inputs[-1])
+            self.ref_logp = self.log_probs(self.inputs[-1])
         self.ref_nll = float(F.nll_loss(self.ref_logp.flatten(0, 1), self.targets.flatten()))
         self.passes = 0
 
-    def _logp(self, hidden: Tensor) -> Tensor:
+    def log_probs(self, hidden: Tensor) -> Tensor:
+        """Next-token log-probabilities at the scored positions from the last block's output."""
         norm = self.model.get_submodule(self.adapter.final_norm)
         head = self.model.get_submodule(self.adapter.head)
         return head(norm(hidden[:, self.positions])).float().log_softmax(-1)
@@ -118,7 +119,7 @@ class CostProbe:
         hidden = self.inputs[start]
         for layer in self.layers[start:]:
             hidden = layer_output(layer(hidden, **self.kwargs))
-        logp = self._logp(hidden)
+        logp = self.log_probs(hidden)
         self.passes += 1
         if self.metric == "kl":
             return float((self.ref_logp.exp() * (self.ref_logp - logp)).sum(-1).mean())
@@ -185,7 +186,7 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
             hidden = probe.inputs[0].requires_grad_()
             for layer in probe.layers:
                 hidden = layer_output(layer(hidden, **probe.kwargs))
-            loss = F.nll_loss(probe._logp(hidden).flatten(0, 1), probe.targets.flatten())
+            loss = F.nll_loss(probe.log_probs(hidden).flatten(0, 1), probe.targets.flatten())
             torch.autograd.grad(loss, probe.inputs[0])
     finally:
         for handle in handles:
@@ -261,6 +262,14 @@ def _evaluate(probe: CostProbe, costs: BitCosts, units: list[Unit], bits: list[i
     return sum(costs.parts(option_index(costs, bits))), probe.score(0)
 
 
+def cost_windows(calibration: Tensor, cfg: AllocationConfig) -> Tensor:
+    """The calibration tokens the costs are measured on (first ``samples`` windows, ``seqlen`` long)."""
+    windows = calibration[: cfg.samples, : cfg.seqlen]
+    if windows.shape[1] <= cfg.stride:
+        raise ValueError(f"calibration windows of {windows.shape[1]} tokens are too short for stride {cfg.stride}")
+    return windows
+
+
 def allocate(
     model: nn.Module,
     adapter: Adapter,
@@ -277,9 +286,7 @@ def allocate(
     if missing:
         raise ValueError(f"{missing[0]}: no calibrated clipping ratio for every option; quantize with this allocation")
     units = allocation_units(model, adapter, cfg.granularity)
-    windows = calibration[: cfg.samples, : cfg.seqlen]
-    if windows.shape[1] <= cfg.stride:
-        raise ValueError(f"calibration windows of {windows.shape[1]} tokens are too short for stride {cfg.stride}")
+    windows = cost_windows(calibration, cfg)
     model.to(device)
     try:
         probe = CostProbe(model, adapter, windows, linears, cfg.reference, cfg.metric, cfg.stride, device)

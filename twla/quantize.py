@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from twla.activations import calibrate_clip
 from twla.adapters import Adapter, Site, get_adapter
-from twla.allocation import AllocationReport, allocate
+from twla.allocation import AllocationReport, allocate, cost_windows
 from twla.capture import SiteInputs, capture_layer_inputs, collect_statistics, layer_output
 from twla.config import QuantConfig
 from twla.modules import wrap_linears
@@ -248,6 +248,8 @@ def quantize(
     check_finite_weights(model, adapter)
     if calibration.ndim != 2 or calibration.numel() == 0:
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
+    if config.allocation:
+        cost_windows(calibration, config.allocation)  # fail before the work, not after it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = QuantReport(config, calibration_tokens=calibration.numel())
     start = time.perf_counter()

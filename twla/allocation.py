@@ -32,6 +32,7 @@ from twla.config import AllocationConfig
 from twla.modules import QuantLinear, wrap_linears
 from twla.solvers.bits import Allocation, BitCosts, solve_bits
 from twla.solvers.bits.problem import option_index
+from twla.solvers.uniform import uniform_grid
 
 
 @dataclass(frozen=True)
@@ -165,9 +166,9 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
     def hook(name: str, module: QuantLinear):
         def forward(mod, args, out):
             x = mod.rotate_input(args[0].detach()).float()
-            span = x.abs().amax(-1) if mod.act_symmetric else x.amax(-1) - x.amin(-1)
-            levels = [(2 ** (b - 1) - 1) if mod.act_symmetric else (2**b - 1) for b in options]
-            steps = torch.stack([mod.act_clips.get(b, 1.0) * span / lv for b, lv in zip(options, levels)], -1)
+            steps = torch.cat(
+                [uniform_grid(x, b, mod.act_clips.get(b, 1.0), mod.act_symmetric)[0] for b in options], -1
+            )  # per-token step Δ_t(b) of each option's grid
 
             def backward(grad: Tensor) -> None:
                 g2 = (grad.float() @ mod.weight.float()).pow(2).sum(-1)  # ‖∂L/∂x_t‖² per token

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from twla.solvers.bits import SOLVERS as BIT_SOLVERS
-from twla.solvers.bits import InfeasibleBudgetError
+from twla.solvers.bits.problem import check_mean_budget
 from twla.solvers.stiefel import STIEFEL_SOLVERS, StiefelSolver
 from twla.solvers.ternary import ItfRule
 from twla.solvers.uniform import ACTIVATION_BITS
@@ -212,12 +212,7 @@ class AllocationConfig:
                 raise ValueError(f"activation bit option {bits} is not one of {ACTIVATION_BITS}")
         if not self.options or len(set(self.options)) != len(self.options):
             raise ValueError(f"options must be distinct bit-widths, got {self.options}")
-        if self.budget < min(self.options):
-            raise InfeasibleBudgetError(
-                f"budget {self.budget:g} mean bits is infeasible: the smallest feasible budget is "
-                f"{min(self.options)} (every unit at {min(self.options)} bits)",
-                min(self.options),
-            )
+        check_mean_budget(self.budget, self.options)
         if self.beta < 0 or min(self.samples, self.seqlen, self.stride) < 1 or self.seqlen <= self.stride:
             raise ValueError("beta must be ≥ 0, samples ≥ 1, stride ≥ 1 and seqlen > stride")
 

@@ -29,6 +29,20 @@ class InfeasibleBudgetError(ValueError):
         self.min_budget = min_budget
 
 
+def check_mean_budget(budget: float, bits: Sequence[int]) -> None:
+    """Raise unless ``budget`` is a finite mean reachable with options ``bits``: every weighted mean
+    is at least min(bits), reached with every unit at the lowest option."""
+    if not math.isfinite(budget):
+        raise ValueError(f"budget must be a finite number of mean bits, got {budget}")
+    low = float(min(bits))
+    if budget < low * (1 - TOLERANCE):
+        raise InfeasibleBudgetError(
+            f"budget {budget:g} mean bits is infeasible: the smallest feasible budget is {low:g} "
+            f"(every unit at {low:g} bits)",
+            low,
+        )
+
+
 def _array(value: Any, name: str, ndim: int, dtype=np.float64) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=dtype)
@@ -162,15 +176,7 @@ class BitCosts:
     def check_budget(self, budget: float) -> None:
         """Raise :class:`InfeasibleBudgetError` when no allocation can meet the budget on its own
         (the smallest feasible mean is min(bits)) or an extra resource alone."""
-        if not math.isfinite(budget):
-            raise ValueError(f"budget must be a finite number of mean bits, got {budget}")
-        low = float(self.bits.min())
-        if budget < low * (1 - TOLERANCE):
-            raise InfeasibleBudgetError(
-                f"budget {budget:g} mean bits is infeasible: the smallest feasible budget is {low:g} "
-                f"(every unit at {low:g} bits)",
-                low,
-            )
+        check_mean_budget(budget, self.bits)
         for res in self.resources:
             least = float(res.coeffs.min(1).sum())
             if least > res.limit + TOLERANCE * max(1.0, abs(res.limit)):

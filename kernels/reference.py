@@ -1,15 +1,18 @@
-"""Packed ternary weights and the pure-torch reference kernels (DESIGN §7).
+"""Packed ternary weights, quantized activations, and the pure-torch reference kernels (DESIGN §7).
 
 Storage: codes c = t + 1 ∈ {0, 1, 2}, 2 bits each, four per byte along the input
 dimension K (k = 4r + j sits in bits 2j..2j+1 of byte r), laid out K-major as
 (⌈K/4⌉, N) so a tile of outputs is contiguous; padding uses code 1 (t = 0). Scales
 α and offsets μ are per (group of `group_size` input columns, output row): (G, N).
 
-With a per-token activation x ≈ s_m q_m (q integer), per group g:
+Activations are quantized per token and held as int8: x̂_m = s_m (q_m − z_m), with
+q ∈ [−2^{b−1}, 2^{b−1} − 1] for b ≤ 8 (asymmetric codes shifted by 2^{b−1}; z = 0 when
+symmetric). Per group g, with A_gmn = Σ_{k∈g} q_mk c_kn and R_gm = Σ_{k∈g} q_mk,
 
-    y_mn = s_m Σ_g [ α_gn Σ_{k∈g} q_mk c_kn + (μ_gn − α_gn) Σ_{k∈g} q_mk ],
+    y_mn = s_m [ Σ_g ( α_gn A_gmn + (μ_gn − α_gn) R_gm ) − z_m Σ_k Ŵ_nk ],
 
-an exact integer matmul of q with the codes plus a rank-1 offset term per group.
+an exact integer matmul of q with the codes, a rank-1 offset term per group, and, for
+asymmetric activations, one more rank-1 term with the weight's row sums.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from twla.solvers.uniform import quantize_codes, uniform_grid
 
 PAD_BYTE = 0x55  # four codes 1, i.e. t = 0
 
@@ -36,10 +42,29 @@ class PackedTernary:
     def out_features(self) -> int:
         return self.packed.shape[1]
 
+    @property
+    def groups(self) -> int:
+        return self.alpha.shape[0]
+
     def to(self, device: torch.device | str) -> PackedTernary:
         return PackedTernary(
             self.packed.to(device), self.alpha.to(device), self.mu.to(device), self.in_features, self.group_size
         )
+
+
+@dataclass
+class QuantizedActivations:
+    """Per-token quantized activations x̂ = s (q − z) and their per-group row sums."""
+
+    q: Tensor  # int8 (M, K)
+    scale: Tensor  # float32 (M,)
+    zero: Tensor  # float32 (M,), integer-valued; 0 when symmetric
+    rowsum: Tensor  # int32 (M, G): Σ_{k∈g} q_mk
+    symmetric: bool
+
+    def dequantize(self) -> Tensor:
+        """x̂ in float32, with exactly the rounding of :func:`twla.solvers.uniform.fake_quantize`."""
+        return self.scale[:, None] * (self.q.float() - self.zero[:, None])
 
 
 def pack_codes(T: Tensor) -> Tensor:
@@ -63,12 +88,12 @@ def unpack_codes(packed: Tensor, in_features: int) -> Tensor:
 def pack_ternary(codes: Tensor, alpha: Tensor, mu: Tensor, group_size: int) -> PackedTernary:
     """Pack codes (N, K) with per-(row, group) α, μ of shape (N, G) into the kernel layout."""
     N, K = codes.shape
+    if group_size < 4 or group_size % 4:
+        raise ValueError(f"group_size must be a positive multiple of 4, got {group_size}")
     if alpha.shape != (N, -(-K // group_size)) or mu.shape != alpha.shape:
         raise ValueError(
             f"α, μ must have shape (N, ⌈K/group_size⌉) = {(N, -(-K // group_size))}, got {tuple(alpha.shape)}"
         )
-    if group_size % 4:
-        raise ValueError(f"group_size must be a multiple of 4, got {group_size}")
     return PackedTernary(pack_codes(codes), alpha.T.float().contiguous(), mu.T.float().contiguous(), K, group_size)
 
 
@@ -79,37 +104,59 @@ def dequantize(w: PackedTernary) -> Tensor:
     return w.alpha.T[:, group] * t + w.mu.T[:, group]
 
 
+def weight_sums(w: PackedTernary) -> Tensor:
+    """Σ_k Ŵ_nk over the real inputs (N,), float32: the coefficient of the zero-point term."""
+    return dequantize(w).double().sum(1).float()
+
+
+def group_sums(q: Tensor, group_size: int) -> Tensor:
+    """R_gm = Σ_{k∈g} q_mk as int32 (M, G); the last group may be short."""
+    M, K = q.shape
+    G = -(-K // group_size)
+    padded = F.pad(q.to(torch.int32), (0, G * group_size - K))
+    return padded.view(M, G, group_size).sum(-1, dtype=torch.int32)
+
+
+def quantize_activations(
+    x: Tensor,
+    bits: int,
+    clip: float = 1.0,
+    symmetric: bool = False,
+    group_size: int = 128,
+    perm: Tensor | None = None,
+) -> QuantizedActivations:
+    """Per-token quantization of x (M, K), columns optionally gathered by ``perm`` first.
+
+    The grid is that of :func:`twla.solvers.uniform.uniform_grid` (clipping ratio ``clip``);
+    asymmetric codes in [0, 2^b − 1] and their zero point are shifted by 2^{b−1} to fit int8.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"the integer activation path supports 2..8 bits, got {bits}")
+    xf = x.float() if perm is None else x.float()[:, perm]
+    scale, zero = uniform_grid(xf, bits, clip, symmetric)
+    shift = 0 if symmetric else 2 ** (bits - 1)
+    q = (quantize_codes(xf, scale, zero, bits, symmetric) - shift).to(torch.int8)
+    zero = (zero - shift).squeeze(-1)
+    return QuantizedActivations(q, scale.squeeze(-1), zero, group_sums(q, group_size), symmetric)
+
+
 def matmul_a16(x: Tensor, w: PackedTernary) -> Tensor:
     """Reference W1.58A16: y = x Ŵᵀ, computed in float32, returned in x's dtype."""
     return (x.float() @ dequantize(w).T).to(x.dtype)
 
 
-def quantize_activations(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-token quantization x ≈ s q, q int8 in [−2^{b−1}+1, 2^{b−1}−1]."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"integer activation path supports 2..8 bits, got {bits}")
-    qmax = 2 ** (bits - 1) - 1
-    s = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
-    q = torch.clamp(torch.round(x.float() / s), -qmax, qmax).to(torch.int8)
-    return q, s.squeeze(-1)
-
-
-def group_accumulators(q: Tensor, w: PackedTernary) -> tuple[Tensor, Tensor]:
-    """Exact integer parts per group: A_gmn = Σ_{k∈g} q_mk c_kn (int32, c = t+1) and R_gm = Σ_{k∈g} q_mk."""
+def group_accumulators(q: Tensor, w: PackedTernary) -> Tensor:
+    """Exact integer parts per group: A_gmn = Σ_{k∈g} q_mk c_kn, int32 (G, M, N), c = t + 1."""
     c = (unpack_codes(w.packed, w.in_features).to(torch.int32) + 1).T  # (K, N)
     qi = q.to(torch.int32)
-    G = w.alpha.shape[0]
-    A = torch.stack(
-        [
-            qi[:, g * w.group_size : (g + 1) * w.group_size] @ c[g * w.group_size : (g + 1) * w.group_size]
-            for g in range(G)
-        ]
-    )
-    R = torch.stack([qi[:, g * w.group_size : (g + 1) * w.group_size].sum(1) for g in range(G)])
-    return A, R
+    gs = w.group_size
+    return torch.stack([qi[:, g * gs : (g + 1) * gs] @ c[g * gs : (g + 1) * gs] for g in range(w.groups)])
 
 
-def matmul_int(q: Tensor, s: Tensor, w: PackedTernary) -> Tensor:
-    """Reference integer-activation path: y_mn = s_m Σ_g [α_gn A_gmn + (μ_gn − α_gn) R_gm] (float32)."""
-    A, R = group_accumulators(q, w)
-    return s[:, None] * (w.alpha[:, None, :] * A.float() + (w.mu - w.alpha)[:, None, :] * R.float()[..., None]).sum(0)
+def matmul_int(a: QuantizedActivations, w: PackedTernary) -> Tensor:
+    """Reference integer-activation path, float32:
+    y_mn = s_m [Σ_g (α_gn A_gmn + (μ_gn − α_gn) R_gm) − z_m Σ_k Ŵ_nk]."""
+    A = group_accumulators(a.q, w).float()
+    R = a.rowsum.T.float()  # (G, M)
+    y = (w.alpha[:, None, :] * A + (w.mu - w.alpha)[:, None, :] * R[..., None]).sum(0)
+    return a.scale[:, None] * (y - a.zero[:, None] * weight_sums(w)[None, :])

@@ -14,67 +14,72 @@ Mixed-precision activations (ILA-AMP) come from ``+amp`` in the method spec, or 
 measured or user costs::
 
     alloc = twla.solve_bits({"bits": [2, 4, 8], "unary": ..., "pairwise": ..., "beta": 0.5}, budget=4.0)
+
+Deployment: pack the quantized linears into 2-bit ternary modules that run the Triton
+kernels on CUDA (the torch reference elsewhere), save, and load back::
+
+    twla.save_packed(twla.pack_model(model, report.weights), tokenizer, "out/model", method="...")
+    model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)
+
+Names are imported on first use, so the deployment path (``twla.kernels``, packed modules and
+checkpoints) needs only torch, triton, transformers, numpy and safetensors.
 """
 
-from twla.accounting import BitReport, count_bits
-from twla.adapters import ADAPTERS, Adapter, Site, get_adapter
-from twla.allocation import AllocationReport, allocate
-from twla.bench import BenchConfig, run_bench
-from twla.config import (
-    ActivationConfig,
-    AllocationConfig,
-    QuantConfig,
-    RotationConfig,
-    TernaryConfig,
-    UniformConfig,
-    method_config,
-)
-from twla.data import calibration_windows, evaluation_windows, load_text, tokenize
-from twla.evaluate import Perplexity, perplexity
-from twla.models import load_model, save_checkpoint
-from twla.modules import QuantLinear
-from twla.quantize import LayerRecord, QuantReport, quantize
-from twla.rotation import RotationReport
-from twla.solvers.bits import Allocation, BitCosts, InfeasibleBudgetError, Resource, solve_bits
-from twla.weights import TernaryWeight, UniformWeight, quantize_weight
+from __future__ import annotations
 
-__all__ = [
-    "ADAPTERS",
-    "ActivationConfig",
-    "Adapter",
-    "Allocation",
-    "AllocationConfig",
-    "AllocationReport",
-    "BenchConfig",
-    "BitCosts",
-    "BitReport",
-    "InfeasibleBudgetError",
-    "LayerRecord",
-    "Perplexity",
-    "QuantConfig",
-    "QuantLinear",
-    "QuantReport",
-    "Resource",
-    "RotationConfig",
-    "RotationReport",
-    "Site",
-    "TernaryConfig",
-    "TernaryWeight",
-    "UniformConfig",
-    "UniformWeight",
-    "allocate",
-    "calibration_windows",
-    "count_bits",
-    "evaluation_windows",
-    "get_adapter",
-    "load_model",
-    "load_text",
-    "method_config",
-    "perplexity",
-    "quantize",
-    "quantize_weight",
-    "run_bench",
-    "save_checkpoint",
-    "solve_bits",
-    "tokenize",
-]
+import importlib
+import sys
+import types
+
+_EXPORTS = {
+    "twla.accounting": ("BitReport", "count_bits"),
+    "twla.adapters": ("ADAPTERS", "Adapter", "Site", "get_adapter"),
+    "twla.allocation": ("AllocationReport", "allocate"),
+    "twla.bench": ("BenchConfig", "run_bench"),
+    "twla.checkpoint": ("PackedBits", "load_packed", "pack_model", "packed_bits", "save_packed"),
+    "twla.config": (
+        "ActivationConfig",
+        "AllocationConfig",
+        "QuantConfig",
+        "RotationConfig",
+        "TernaryConfig",
+        "UniformConfig",
+        "method_config",
+    ),
+    "twla.data": ("calibration_windows", "evaluation_windows", "load_text", "tokenize"),
+    "twla.evaluate": ("Perplexity", "perplexity"),
+    "twla.kernels.dispatch": ("kernel_backend", "set_kernel_backend"),
+    "twla.models": ("load_model", "save_checkpoint"),
+    "twla.modules": ("QuantLinear",),
+    "twla.quantize": ("LayerRecord", "QuantReport", "quantize"),
+    "twla.rotation": ("RotationReport",),
+    "twla.solvers.bits": ("Allocation", "BitCosts", "InfeasibleBudgetError", "Resource", "solve_bits"),
+    "twla.ternary_linear": ("TernaryLinear",),
+    "twla.weights": ("TernaryWeight", "UniformWeight", "quantize_weight"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'twla' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Keeps an exported name (``twla.quantize``, the function) from being replaced by the
+    submodule of the same name when that submodule is imported."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not (name in _WHERE and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

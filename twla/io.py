@@ -1,11 +1,13 @@
-"""Atomic file writes: write to a temporary sibling, then rename over the target."""
+"""Atomic writes of files and directories: write to a temporary sibling, then rename over the target."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -33,3 +35,24 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yield a temporary sibling directory to fill; on success it replaces ``path`` (an existing
+    directory is swapped out, then removed), on error it is removed and ``path`` is untouched."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

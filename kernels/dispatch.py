@@ -1,0 +1,96 @@
+"""Which kernels run a ternary linear: Triton on CUDA, the torch reference elsewhere.
+
+The choice is ``auto`` (the default: Triton for CUDA tensors, torch otherwise), ``triton``
+or ``torch``; set it with :func:`set_kernel_backend`, temporarily with :func:`kernel_backend`,
+or with the environment variable ``TWLA_KERNELS``. Forcing ``triton`` for CPU tensors needs
+``TRITON_INTERPRET=1`` (set before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from twla.kernels.reference import PackedTernary, dequantize, quantize_activations
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return name
+
+
+_backend = _check(os.environ.get("TWLA_KERNELS", "auto"))
+
+
+def set_kernel_backend(name: str) -> None:
+    """Select ``auto``, ``triton`` or ``torch`` for every ternary linear."""
+    global _backend
+    _backend = _check(name)
+
+
+@contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """``with kernel_backend("torch"): ...`` runs the block on the chosen backend."""
+    global _backend
+    previous, _backend = _backend, _check(name)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that runs on ``device`` now: ``triton`` or ``torch``."""
+    if _backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if _backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "the triton kernel backend needs CUDA tensors, or TRITON_INTERPRET=1 set before import to run on CPU"
+        )
+    return _backend
+
+
+def ternary_linear(
+    x: Tensor,
+    w: PackedTernary,
+    bits: int = 16,
+    clip: float = 1.0,
+    symmetric: bool = False,
+    perm: Tensor | None = None,
+    inverse_perm: Tensor | None = None,
+    wsum: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """y = Q_a(x) Ŵᵀ + b for x (M, K) in the layer's (rotated) input basis, in x's dtype.
+
+    The weight's groups are columns ``perm`` of the input (``inverse_perm`` undoes it).
+    ``bits`` < 16 quantizes x per token with clipping ratio ``clip``; asymmetric activations
+    on the Triton path need ``wsum`` = Σ_k Ŵ_k (:func:`~twla.kernels.reference.weight_sums`).
+
+    torch: Ŵ is unpacked to the input order and x̂ dequantized, so the result is that of
+    the fake-quantized layer. Triton: the fused quantization kernel gathers and quantizes x,
+    then the int8 GEMM (or GEMV) runs on the packed codes; 16 bits runs the A16 kernel.
+    """
+    if resolve(x.device) == "torch":
+        W = dequantize(w)
+        if inverse_perm is not None:
+            W = W[:, inverse_perm]
+        if bits < 16:
+            x = quantize_activations(x, bits, clip, symmetric, w.group_size).dequantize().to(x.dtype)
+        return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    from twla.kernels.triton_quant import quantize_activations_triton
+    from twla.kernels.triton_ternary import ternary_matmul
+
+    if bits >= 16:
+        y = ternary_matmul(x if perm is None else x[:, perm], w)
+    else:
+        y = ternary_matmul(quantize_activations_triton(x, bits, clip, symmetric, w.group_size, perm), w, wsum)
+    return (y if bias is None else y + bias).to(x.dtype)

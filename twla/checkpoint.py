@@ -1,0 +1,332 @@
+"""Packed ternary checkpoints: save a quantized model in 2 bits per weight and load it back.
+
+A checkpoint is a directory written atomically:
+
+- ``config.json`` (and ``generation_config.json``): the model's own config;
+- the tokenizer's files;
+- ``model.safetensors``: every tensor once. Each :class:`~twla.ternary_linear.TernaryLinear`
+  stores ``packed`` (uint8 codes c = t + 1, four per byte along the input, DESIGN §7),
+  ``alpha`` and ``mu`` (fp16, per (group, row)), ``perm`` (int16 column order, when the
+  blocks were reordered), ``rot1``/``rot2`` (the online rotation factors, once per site)
+  and its bias; the unquantized parameters keep their names;
+- ``twla_quant.json``: format and version, the method and its config, each packed
+  linear's shape, group size and activation settings, tensors that share storage, the
+  SHA-256 of ``model.safetensors``, and the bits counted from that file (DESIGN §6).
+
+Loading rebuilds the transformers model from its config with ternary modules in place of
+the packed linears; a changed, truncated or mismatched file is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from twla.adapters import get_adapter
+from twla.io import atomic_directory
+from twla.modules import QuantLinear
+from twla.ternary_linear import TernaryLinear
+
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers < 5
+    from transformers.modeling_utils import no_init_weights
+
+if TYPE_CHECKING:
+    from twla.weights import QuantizedWeight
+
+FORMAT = "twla-packed"
+VERSION = 1
+QUANT_FILE = "twla_quant.json"
+TENSOR_FILE = "model.safetensors"
+CODE_TENSORS = ("packed", "alpha", "mu", "perm")  # what a packed linear's weight costs
+ROTATION_TENSORS = ("rot1", "rot2")
+_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+class CheckpointError(ValueError):
+    """A packed checkpoint that is missing, corrupt, or does not match its model."""
+
+
+@dataclass(frozen=True)
+class PackedBits:
+    """Sizes counted from the files of a packed checkpoint."""
+
+    quantized_weights: int  # weights of the packed linears
+    bits_per_weight: float  # bytes of codes, α, μ and column orders per packed weight, × 8
+    linear_bytes: int  # codes, α, μ and column orders
+    rotation_bytes: int  # online rotation factors
+    embedding_bytes: int  # embeddings and lm_head
+    other_bytes: int  # norms, biases and everything else
+    file_bytes: int  # model.safetensors on disk (with its header)
+    directory_bytes: int  # the whole checkpoint directory (configs, tokenizer)
+    fp16_bytes: int  # the same model with every weight in 16 bits
+
+    def describe(self) -> str:
+        return (
+            f"{self.bits_per_weight:.3f} bits per packed weight (from the file: codes, α, μ, column orders); "
+            f"model.safetensors {self.file_bytes / 2**20:.1f} MiB vs {self.fp16_bytes / 2**20:.1f} MiB in fp16 "
+            f"({self.fp16_bytes / self.file_bytes:.2f}×): linears {self.linear_bytes / 2**20:.1f}, embeddings "
+            f"{self.embedding_bytes / 2**20:.1f}, rotations {self.rotation_bytes / 2**20:.2f}, "
+            f"other {self.other_bytes / 2**20:.2f} MiB"
+        )
+
+
+def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.Module:
+    """Replace each quantized linear named in ``weights`` (``QuantReport.weights``) by a
+    :class:`TernaryLinear` on its packed codes, in place; returns the model."""
+    for name, weight in weights.items():
+        module = model.get_submodule(name)
+        if not hasattr(weight, "alpha"):
+            raise NotImplementedError(
+                f"{name}: the packed format stores ternary weights; {weight.bits}-bit uniform weights "
+                "(the rtn reference methods) are not packed"
+            )
+        if not isinstance(module, nn.Linear | QuantLinear):
+            raise ValueError(f"{name} is a {type(module).__name__}, not a quantized linear; was it packed already?")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, TernaryLinear.from_quantized(module, weight))
+    return model
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _linear_spec(module: TernaryLinear) -> dict:
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "group_size": module.group_size,
+        "bias": module.bias is not None,
+        "rotation": [module.rot1.shape[-1], module.rot2.shape[-1]] if module.rot1 is not None else None,
+        "reordered": module.perm is not None,
+        "offset": module.has_offset,
+        "act_bits": module.act_bits,
+        "act_clip": module.act_clip,
+        "act_symmetric": module.act_symmetric,
+    }
+
+
+def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear]) -> Tensor:
+    """The tensor as stored: α, μ in fp16 (they are fp16-rounded, checked), column orders in int16."""
+    owner, _, leaf = key.rpartition(".")
+    t = t.detach().cpu()
+    if owner in linears and leaf in ("alpha", "mu"):
+        half = t.half()
+        if not torch.equal(half.float(), t.float()):
+            raise ValueError(f"{key}: values are not representable in 16 bits; the packed format stores fp16 α, μ")
+        return half
+    if owner in linears and leaf == "perm":
+        return t.to(torch.int16 if linears[owner].in_features <= torch.iinfo(torch.int16).max else torch.int32)
+    return t.contiguous()
+
+
+def save_packed(
+    model: PreTrainedModel,
+    tokenizer,
+    path: str,
+    method: str = "",
+    config: Mapping | None = None,
+    extra: Mapping | None = None,
+) -> PackedBits:
+    """Write the packed checkpoint of ``model`` (after :func:`pack_model`) to ``path``, atomically.
+
+    ``method`` and ``config`` (e.g. ``asdict(QuantConfig)``) and ``extra`` are recorded in
+    ``twla_quant.json``. Returns the sizes counted from the written file.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    if not linears:
+        raise ValueError("the model has no packed ternary linears; call pack_model(model, report.weights) first")
+    unpacked = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if unpacked:
+        raise ValueError(f"{len(unpacked)} quantized linears are not packed (e.g. {unpacked[0]}); call pack_model")
+    # a packed model must not mix with dense decoder linears: every site linear is packed
+    adapter = get_adapter(model)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for site_linear in adapter.linear_names():
+            if not isinstance(layer.get_submodule(site_linear), TernaryLinear):
+                raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; call pack_model on every layer")
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        signature = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and signature in first:
+            aliases[key] = first[signature]
+            continue
+        first[signature] = key
+        tensors[key] = _storage_tensor(key, t, linears)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "model_type": model.config.model_type,
+        "config": dict(config or {}),
+        "linears": {name: _linear_spec(m) for name, m in linears.items()},
+        "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
+        "aliases": aliases,
+        **dict(extra or {}),
+    }
+    with atomic_directory(path) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, TENSOR_FILE), metadata={"format": "pt"})
+        meta["sha256"] = _sha256(os.path.join(tmp, TENSOR_FILE))
+        bits = _count_bits(tmp, meta)
+        meta["bits"] = asdict(bits)
+        with open(os.path.join(tmp, QUANT_FILE), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=2, default=str)
+    return bits
+
+
+def read_meta(path: str) -> dict:
+    """``twla_quant.json`` of a packed checkpoint, checked for format and version."""
+    file = os.path.join(path, QUANT_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a checkpoint directory")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path!r} is not a packed twla checkpoint (no {QUANT_FILE})")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is corrupt: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file} does not describe a packed checkpoint (format {FORMAT!r} expected)")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{file}: format version {meta.get('version')} is not supported (this is {VERSION})")
+    missing = {"linears", "aliases", "sha256", "model_type", "embeddings"} - set(meta)
+    if missing:
+        raise CheckpointError(f"{file} is incomplete: no {', '.join(sorted(missing))}")
+    return meta
+
+
+def _count_bits(path: str, meta: Mapping) -> PackedBits:
+    file = os.path.join(path, TENSOR_FILE)
+    linears = meta["linears"]
+    groups = {"linear": 0, "rotation": 0, "embedding": 0, "other": 0}
+    fp16_params = 0
+    with safe_open(file, framework="pt") as fh:
+        for key in fh.keys():
+            view = fh.get_slice(key)
+            numel = math.prod(view.get_shape())
+            nbytes = numel * _ITEMSIZE[view.get_dtype()]
+            owner, _, leaf = key.rpartition(".")
+            if owner in linears and leaf in CODE_TENSORS:
+                groups["linear"] += nbytes
+            elif owner in linears and leaf in ROTATION_TENSORS:
+                groups["rotation"] += nbytes
+            else:
+                groups["embedding" if key in meta["embeddings"] else "other"] += nbytes
+                fp16_params += numel
+    count = sum(s["in_features"] * s["out_features"] for s in linears.values())
+    directory = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    return PackedBits(
+        quantized_weights=count,
+        bits_per_weight=8 * groups["linear"] / count,
+        linear_bytes=groups["linear"],
+        rotation_bytes=groups["rotation"],
+        embedding_bytes=groups["embedding"],
+        other_bytes=groups["other"],
+        file_bytes=os.path.getsize(file),
+        directory_bytes=directory,
+        fp16_bytes=2 * (count + fp16_params),
+    )
+
+
+def packed_bits(path: str) -> PackedBits:
+    """Sizes and bits per weight of a packed checkpoint, counted from its files."""
+    return _count_bits(path, read_meta(path))
+
+
+def load_packed(
+    path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, object, dict]:
+    """Rebuild ``(model, tokenizer, meta)`` from a packed checkpoint; ``dtype`` is that of the
+    unquantized parameters and activations (α, μ and codes keep their own)."""
+    meta = read_meta(path)
+    file = os.path.join(path, TENSOR_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path!r} has no {TENSOR_FILE}")
+    if _sha256(file) != meta["sha256"]:
+        raise CheckpointError(
+            f"{file} is corrupt: its SHA-256 does not match {QUANT_FILE} (the file was changed or truncated)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != meta["model_type"]:
+        raise CheckpointError(
+            f"{path}: config.json describes a {config.model_type!r} model but the packed weights are for "
+            f"{meta['model_type']!r}"
+        )
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in meta["linears"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as err:
+            raise CheckpointError(
+                f"{path}: packed linear {name} does not exist in the {config.model_type} model"
+            ) from err
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (
+            spec["in_features"],
+            spec["out_features"],
+        ):
+            raise CheckpointError(
+                f"{path}: packed linear {name} is {spec['out_features']}×{spec['in_features']} but the model's "
+                f"config gives {getattr(old, 'out_features', '?')}×{getattr(old, 'in_features', '?')}"
+            )
+        parent, _, attr = name.rpartition(".")
+        try:
+            module = TernaryLinear(**spec)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: invalid settings for {name}: {err}") from err
+        setattr(model.get_submodule(parent), attr, module)
+    try:
+        tensors = load_file(file)
+    except SafetensorError as err:
+        raise CheckpointError(f"{file} is corrupt: {err}") from err
+    for alias, source in meta["aliases"].items():
+        if source not in tensors:
+            raise CheckpointError(f"{path}: {alias} shares {source}, which the file does not hold")
+        tensors[alias] = tensors[source]
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its model: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
+        )
+    for key, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(t.shape)} in the file but {tuple(expected[key].shape)} in the model"
+            )
+    model.load_state_dict(tensors)
+    for module in model.modules():
+        if isinstance(module, TernaryLinear):
+            module.refresh()
+    model.eval()
+    if device is not None:
+        model.to(device)
+    has_tokenizer = any(f.startswith(("tokenizer", "vocab", "merges")) for f in os.listdir(path))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    return model, tokenizer, meta

@@ -1,0 +1,146 @@
+"""The deployed linear layer: 2-bit packed ternary codes, run by the kernels of ``twla.kernels``.
+
+    y = Q_a(x R)_π Ŵ_πᵀ + b,   Ŵ_π[n, k] = α_{g(k) n} t_{k n} + μ_{g(k) n},  t ∈ {−1, 0, 1},
+
+where R = R₁ ⊗ R₂ is the online input rotation (DESIGN §4.1), π the column order of the
+weight's blocks (SSR reordering; groups g are contiguous in π), and Q_a the per-token
+activation quantizer with this layer's bits and clipping ratio (DESIGN §5.1). It computes
+what :class:`twla.modules.QuantLinear` computes with the weight on its ternary grid, from
+the packed codes (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from twla.kernels.dispatch import ternary_linear
+from twla.kernels.reference import PAD_BYTE, PackedTernary, dequantize, pack_ternary, weight_sums
+from twla.solvers.kronecker import kron_apply
+
+if TYPE_CHECKING:
+    from twla.modules import QuantLinear
+    from twla.weights import TernaryWeight
+
+
+class TernaryLinear(nn.Module):
+    """A linear layer on packed ternary codes with an optional online rotation and
+    per-token activation quantization. Buffers ``packed``, ``alpha``, ``mu`` (and ``perm``,
+    ``rot1``, ``rot2`` when present) are what a packed checkpoint stores; μ only with offsets."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        bias: bool = False,
+        rotation: tuple[int, int] | None = None,
+        reordered: bool = False,
+        offset: bool = True,
+        act_bits: int = 16,
+        act_clip: float = 1.0,
+        act_symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        if group_size < 4 or group_size % 4:
+            raise ValueError(f"group size must be a positive multiple of 4, got {group_size}")
+        if rotation is not None and rotation[0] * rotation[1] != in_features:
+            raise ValueError(f"rotation factors {rotation[0]}×{rotation[1]} do not match {in_features} inputs")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.act_bits, self.act_clip, self.act_symmetric = act_bits, act_clip, act_symmetric
+        groups = -(-in_features // group_size)
+        self.register_buffer("packed", torch.full((-(-in_features // 4), out_features), PAD_BYTE, dtype=torch.uint8))
+        self.register_buffer("alpha", torch.zeros(groups, out_features))
+        self.register_buffer("mu", torch.zeros(groups, out_features), persistent=offset)  # μ = 0 without offsets
+        self.register_buffer("perm", torch.arange(in_features) if reordered else None)
+        self.register_buffer("rot1", torch.eye(rotation[0]) if rotation else None)
+        self.register_buffer("rot2", torch.eye(rotation[1]) if rotation else None)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("inverse_perm", None, persistent=False)
+        self.register_buffer("wsum", None, persistent=False)
+        self.refresh()
+
+    @classmethod
+    def from_quantized(cls, linear: QuantLinear | nn.Linear, weight: TernaryWeight) -> TernaryLinear:
+        """Pack a quantized layer (a :class:`QuantLinear`, or a plain linear for weight-only
+        methods): its ternary record (codes in the rotated basis), rotation, bias and
+        activation settings. The packed weight must reproduce ``linear.weight`` exactly."""
+        if not weight.has_offset and weight.mu.any():
+            raise ValueError("a ternary record without offsets has non-zero μ")
+        perm = weight.perm
+        reordered = weight.is_reordered()
+        rot1, rot2 = getattr(linear, "rot1", None), getattr(linear, "rot2", None)
+        rotation = (rot1.shape[-1], rot2.shape[-1]) if rot1 is not None else None
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            weight.block_size,
+            linear.bias is not None,
+            rotation,
+            reordered,
+            weight.has_offset,
+            getattr(linear, "act_bits", 16),
+            getattr(linear, "act_clip", 1.0),
+            getattr(linear, "act_symmetric", False),
+        )
+        w = pack_ternary(weight.codes[:, perm], weight.alpha, weight.mu, weight.block_size)
+        with torch.no_grad():
+            module.packed.copy_(w.packed)
+            module.alpha.copy_(w.alpha)
+            module.mu.copy_(w.mu)
+            if reordered:
+                module.perm.copy_(perm)
+            if rotation:
+                module.rot1.copy_(rot1)
+                module.rot2.copy_(rot2)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+        module.refresh()
+        if not torch.equal(module.dequantize(), linear.weight.detach().float().cpu()):
+            raise ValueError("the ternary record does not reproduce the layer's weight; was it quantized since?")
+        return module.to(linear.weight.device)
+
+    @property
+    def has_offset(self) -> bool:
+        return "mu" not in self._non_persistent_buffers_set
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the derived buffers (inverse permutation, weight sums) after the stored ones change."""
+        self.inverse_perm = None if self.perm is None else torch.argsort(self.perm)
+        self.wsum = weight_sums(self.packed_weight())
+
+    def packed_weight(self) -> PackedTernary:
+        return PackedTernary(self.packed, self.alpha, self.mu, self.in_features, self.group_size)
+
+    def dequantize(self) -> Tensor:
+        """Ŵ (N, K) in float32, in the layer's (rotated) input order."""
+        W = dequantize(self.packed_weight())
+        return W if self.inverse_perm is None else W[:, self.inverse_perm]
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        if self.rot1 is not None:
+            x = kron_apply(x, self.rot1.to(x.dtype), self.rot2.to(x.dtype))
+        y = ternary_linear(
+            x.reshape(-1, self.in_features),
+            self.packed_weight(),
+            self.act_bits,
+            self.act_clip,
+            self.act_symmetric,
+            self.perm,
+            self.inverse_perm,
+            self.wsum,
+            self.bias,
+        )
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        rot = f"{self.rot1.shape[-1]}⊗{self.rot2.shape[-1]}" if self.rot1 is not None else "none"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+            f"reordered={self.perm is not None}, rotation={rot}, act_bits={self.act_bits}, "
+            f"act_clip={self.act_clip:.2f}{', symmetric' if self.act_symmetric else ''}"
+        )

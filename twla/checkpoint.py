@@ -161,7 +161,7 @@ def save_packed(
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for site_linear in adapter.linear_names():
             if not isinstance(layer.get_submodule(site_linear), TernaryLinear):
-                raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; call pack_model on every layer")
+                raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; pack every layer")
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}

@@ -31,11 +31,21 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _load_row(row_ptr, perm_ptr, rk, mask, HAS_PERM: tl.constexpr):
+    """x[rk] of one token, or x[perm[rk]], in float32."""
+    if HAS_PERM:
+        src = tl.load(perm_ptr + rk, mask=mask, other=0)
+    else:
+        src = rk
+    return tl.load(row_ptr + src, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, perm_ptr, q_ptr, s_ptr, z_ptr, r_ptr,
     K, G, stride_xm, stride_qm, stride_rm, clip,
-    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_PERM: tl.constexpr, GROUP: tl.constexpr,
-    CHUNK: tl.constexpr,
+    SYMMETRIC: tl.constexpr, LEVELS: tl.constexpr, QLO: tl.constexpr, QHI: tl.constexpr, SHIFT: tl.constexpr,
+    HAS_PERM: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0)
     rc = tl.arange(0, CHUNK)
@@ -44,44 +54,34 @@ def _quantize_kernel(
     for k0 in range(0, K, CHUNK):
         rk = k0 + rc
         mask = rk < K
-        src = tl.load(perm_ptr + rk, mask=mask, other=0) if HAS_PERM else rk
-        x = tl.load(x_ptr + m * stride_xm + src, mask=mask, other=0.0).to(tl.float32)
+        x = _load_row(x_ptr + m * stride_xm, perm_ptr, rk, mask, HAS_PERM)
         if SYMMETRIC:
             hi = tl.maximum(hi, tl.max(tl.abs(x), 0))
         else:
             hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), 0))
             lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), 0))
-    if SYMMETRIC:
-        qmax: tl.constexpr = 2 ** (BITS - 1) - 1
-        scale = tl.math.div_rn(clip * hi, qmax * 1.0)
+    if SYMMETRIC:  # LEVELS = 2^{b−1} − 1
+        scale = tl.math.div_rn(clip * hi, LEVELS * 1.0)
         scale = tl.where(scale > 0, scale, 1.0)
         zero = 0.0
-        shift: tl.constexpr = 0
-        qlo: tl.constexpr = -qmax
-        qhi: tl.constexpr = qmax
-    else:
-        levels: tl.constexpr = 2**BITS - 1
+    else:  # LEVELS = 2^b − 1
         lo = clip * lo
-        scale = tl.math.div_rn(clip * hi - lo, levels * 1.0)
+        scale = tl.math.div_rn(clip * hi - lo, LEVELS * 1.0)
         scale = tl.where(scale > 0, scale, 1.0)
         zero = _round_half_even(tl.math.div_rn(-lo, scale))
-        shift: tl.constexpr = 2 ** (BITS - 1)
-        qlo: tl.constexpr = 0
-        qhi: tl.constexpr = levels
     for g in range(0, G):
         total = tl.zeros((), dtype=tl.int32)
         for i in range(0, GROUP, CHUNK):
             rk = g * GROUP + i + rc
             mask = rk < K
-            src = tl.load(perm_ptr + rk, mask=mask, other=0) if HAS_PERM else rk
-            x = tl.load(x_ptr + m * stride_xm + src, mask=mask, other=0.0).to(tl.float32)
-            code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)) + zero, qlo), qhi)
-            q = (code - shift).to(tl.int32)
+            x = _load_row(x_ptr + m * stride_xm, perm_ptr, rk, mask, HAS_PERM)
+            code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(x, scale)) + zero, QLO), QHI)
+            q = (code - SHIFT).to(tl.int32)
             tl.store(q_ptr + m * stride_qm + rk, q.to(tl.int8), mask=mask)
             total += tl.sum(tl.where(mask, q, 0), 0)
         tl.store(r_ptr + m * stride_rm + g, total)
     tl.store(s_ptr + m, scale)
-    tl.store(z_ptr + m, zero - shift)
+    tl.store(z_ptr + m, zero - SHIFT)
 
 
 def quantize_activations_triton(
@@ -103,6 +103,8 @@ def quantize_activations_triton(
         x = x.contiguous()
     M, K = x.shape
     G = -(-K // group_size)
+    levels = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    shift = 0 if symmetric else 2 ** (bits - 1)
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     zero = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -110,6 +112,7 @@ def quantize_activations_triton(
     _quantize_kernel[(M,)](
         x, perm if perm is not None else q, q, scale, zero, rowsum,
         K, G, x.stride(0), q.stride(0), rowsum.stride(0), float(clip),
-        BITS=bits, SYMMETRIC=symmetric, HAS_PERM=perm is not None, GROUP=group_size, CHUNK=CHUNK,
+        SYMMETRIC=symmetric, LEVELS=levels, QLO=-levels if symmetric else 0, QHI=levels, SHIFT=shift,
+        HAS_PERM=perm is not None, GROUP=group_size, CHUNK=CHUNK,
     )  # fmt: skip
     return QuantizedActivations(q, scale, zero, rowsum, symmetric)

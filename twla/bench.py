@@ -6,7 +6,6 @@ calibration windows and is evaluated on the same tokens, so the rows of the tabl
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -16,10 +15,11 @@ import torch
 
 from twla.accounting import ACCOUNTING_RULES, count_bits
 from twla.adapters import get_adapter
+from twla.checkpoint import load_packed, pack_model, save_packed
 from twla.config import QuantConfig, TernaryConfig
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text, tokenize
 from twla.evaluate import perplexity
-from twla.models import DEFAULT_MODEL, load_model, save_checkpoint
+from twla.models import DEFAULT_MODEL, load_model
 from twla.quantize import LayerRecord, quantize
 from twla.report import (
     plot_allocations,
@@ -39,6 +39,8 @@ DEFAULT_METHODS = (
     "e2m+gptq+ssr+kotms+a4",  # KOTMS: learned on the Stiefel manifold
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
+
+DEFAULT_SAVE = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+amp-site")  # packed, reloaded and evaluated when benched
 
 
 def scheme(config: QuantConfig) -> str:
@@ -96,13 +98,20 @@ class BenchConfig:
         if unknown:
             raise ValueError(f"--save names methods that are not benched: {', '.join(sorted(unknown))}")
         for spec in self.save:
-            qcfg = QuantConfig.from_method(spec)
-            if qcfg.rotation.online or qcfg.activations.quantized:
+            if not isinstance(QuantConfig.from_method(spec).weights, TernaryConfig):
                 raise ValueError(
-                    f"--save {spec}: models with online rotations or quantized activations need the packed "
-                    "checkpoint format, which this version does not write; save a W1.58A16 method without "
-                    "site rotations (e.g. e2m+gptq+ssr)"
+                    f"--save {spec}: the packed checkpoint format stores ternary weights; {spec} quantizes "
+                    "weights to uniform integers (a reference method)"
                 )
+
+
+def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, evaluate) -> dict:
+    """Pack the quantized model, save it, load it back from disk and evaluate the loaded model."""
+    path = os.path.join(cfg.out, "models", spec.replace("+", "_"))
+    files = save_packed(pack_model(model, report.weights), tokenizer, path, spec, asdict(qcfg))
+    loaded, _, _ = load_packed(path)
+    result, seconds = evaluate(f"{spec} (packed, loaded from {path})", loaded)
+    return {"path": path, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files)}
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -190,13 +199,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             }
         )
         if spec in cfg.save:
-            meta = {"method": spec, "config": asdict(qcfg), "bits": asdict(bits), "format": "fake-quantized"}
-            save_checkpoint(
-                model,
-                tokenizer,
-                os.path.join(cfg.out, "models", spec.replace("+", "_")),
-                {"twla_quant.json": json.dumps(meta, indent=2)},
-            )
+            rows[-1]["packed"] = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, evaluate)
+        del model
 
     result = {
         "setup": {

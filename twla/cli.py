@@ -1,16 +1,16 @@
-"""Command line: ``twla bench`` (the main job), ``twla quantize`` and ``twla solvers``."""
+"""Command line: ``twla bench`` (the main job), ``twla quantize``, ``twla eval``, ``twla kernels``, ``twla solvers``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
 
-from twla.bench import DEFAULT_METHODS, BenchConfig, run_bench
+from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, BenchConfig, run_bench
 from twla.config import BASE_METHODS, MODIFIERS
 from twla.data import CORPORA, HUB_DATASETS
+from twla.kernels import bench as kernel_bench
 from twla.models import BUILTIN, DEFAULT_MODEL
 from twla.solvers.bits import bench as solver_bench
 
@@ -95,20 +95,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/latest", help="report directory (default runs/latest)")
     bench.add_argument(
         "--save",
-        default="e2m+gptq+ssr",
-        help="comma-separated methods whose fake-quantized checkpoint is written to OUT/models/ "
-        "(default e2m+gptq+ssr when benched; '' for none)",
+        default=",".join(DEFAULT_SAVE),
+        help="comma-separated ternary methods whose packed checkpoint is written to OUT/models/, loaded back and "
+        f"evaluated (default {','.join(DEFAULT_SAVE)} when benched; '' for none)",
     )
 
     quant = sub.add_parser(
         "quantize",
-        help="quantize a model with one method and save the checkpoint",
-        description="Quantize MODEL with one method and save a fake-quantized checkpoint (weights on the ternary "
-        "grid, stored densely) with twla_quant.json and report.json. " + METHOD_HELP,
+        help="quantize a model with one method and save the packed checkpoint",
+        description="Quantize MODEL with one ternary method and save a packed checkpoint (2-bit codes, α, μ, "
+        "rotations, activation settings; twla_quant.json, which also holds the quantization report). Load it with "
+        "twla.load_packed or evaluate it with `twla eval`. " + METHOD_HELP,
     )
     _common(quant)
-    quant.add_argument("--method", default="e2m+gptq+ssr", help="method (default e2m+gptq+ssr)")
+    quant.add_argument("--method", default="e2m+gptq+ssr+had+a4", help="method (default e2m+gptq+ssr+had+a4)")
     quant.add_argument("--out", required=True, help="output checkpoint directory")
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate a packed checkpoint: perplexity and sizes from its files",
+        description="Load a packed checkpoint written by `twla quantize` or `twla bench --save`, report its bits "
+        "per weight and size from the files, and its perplexity.",
+    )
+    evaluate.add_argument("checkpoint", help="packed checkpoint directory")
+    _eval_args(evaluate)
+    evaluate.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    evaluate.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    evaluate.add_argument(
+        "--kernels", default="auto", choices=("auto", "triton", "torch"), help="kernel backend (default auto)"
+    )
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    kernels = sub.add_parser(
+        "kernels",
+        help="benchmark the ternary kernels and packed decoding against fp16 (GPU; reference path on CPU)",
+        description=kernel_bench.DESCRIPTION,
+    )
+    kernel_bench.add_arguments(kernels)
 
     solvers = sub.add_parser(
         "solvers", help="benchmark the activation bit-allocation solvers", description=solver_bench.DESCRIPTION
@@ -140,36 +164,44 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from twla.accounting import count_bits
-    from twla.adapters import get_adapter
-    from twla.config import QuantConfig
+    from twla.checkpoint import pack_model, save_packed
+    from twla.config import QuantConfig, TernaryConfig
     from twla.data import calibration_windows, load_text, tokenize
-    from twla.models import load_model, save_checkpoint
+    from twla.models import load_model
     from twla.quantize import quantize
 
     config = QuantConfig.from_method(args.method, _amp(args), batch_size=args.batch_size)
-    if config.rotation.online or config.activations.quantized:
-        raise ValueError(
-            f"{args.method}: models with online rotations or quantized activations need the packed checkpoint "
-            "format, which this version does not write; use `twla bench --methods ...` to evaluate them, or "
-            "quantize a W1.58A16 method without site rotations (e.g. e2m+gptq+ssr, optionally +r1)"
-        )
+    if not isinstance(config.weights, TernaryConfig):
+        raise ValueError(f"{args.method}: the packed checkpoint format stores ternary weights, not uniform integers")
     model, tokenizer = load_model(args.model)
     calib = calibration_windows(
         tokenize(tokenizer, load_text(args.calibration, "calibration")), args.nsamples, args.seqlen, args.seed
     )
     model, report = quantize(model, config, calib, args.device, progress=not args.quiet)
-    bits = count_bits(model, get_adapter(model), report.weights)
-    meta = {"method": args.method, "config": asdict(config), "bits": asdict(bits), "format": "fake-quantized"}
-    save_checkpoint(
-        model,
-        tokenizer,
-        args.out,
-        {"twla_quant.json": json.dumps(meta, indent=2), "report.json": json.dumps(report.to_dict(), indent=2)},
-    )
-    print(
-        f"{args.method}: {bits.describe()}; quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}"
-    )
+    packed = pack_model(model, report.weights)
+    files = save_packed(packed, tokenizer, args.out, args.method, asdict(config), {"report": report.to_dict()})
+    print(f"{args.method}: quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}")
+    print(files.describe())
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from twla.checkpoint import load_packed, packed_bits
+    from twla.data import evaluation_windows, load_text, tokenize
+    from twla.evaluate import perplexity
+    from twla.kernels.dispatch import kernel_backend
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, meta = load_packed(args.checkpoint, dtype=getattr(torch, args.dtype))
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} holds no tokenizer; it is needed to tokenize the evaluation text")
+    text = load_text(args.evaluation, "evaluation")
+    windows = evaluation_windows(tokenize(tokenizer, text), args.eval_seqlen, args.eval_tokens or None)
+    with kernel_backend(args.kernels):
+        result = perplexity(model, windows, text.name, args.batch_size, device, not args.quiet)
+    print(f"{meta['method'] or args.checkpoint}: perplexity {result.ppl:.4f} on {result.describe()}")
+    print(packed_bits(args.checkpoint).describe())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +211,14 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        {"bench": _bench, "quantize": _quantize, "solvers": solver_bench.run}[args.command](args)
+        commands = {
+            "bench": _bench,
+            "quantize": _quantize,
+            "eval": _eval,
+            "kernels": kernel_bench.run,
+            "solvers": solver_bench.run,
+        }
+        commands[args.command](args)
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as err:
         print(f"twla: error: {err}", file=sys.stderr)
         return 2

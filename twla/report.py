@@ -108,6 +108,24 @@ def allocation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def packed_table(rows: list[dict]) -> str:
+    """Saved packed checkpoints, reloaded from disk: sizes from the files; perplexity next to the fake-quantized one."""
+    lines = [
+        "| method | checkpoint | bits/w (file) | model.safetensors MiB | fp16 MiB | ratio | perplexity (fake-quant) "
+        "| perplexity (packed, reloaded) | eval s (packed) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        pk = row.get("packed")
+        if pk:
+            lines.append(
+                f"| {row['method']} | {pk['path']} | {pk['bits_per_weight']:.3f} | {pk['file_bytes'] / 2**20:.1f} "
+                f"| {pk['fp16_bytes'] / 2**20:.1f} | {pk['fp16_bytes'] / pk['file_bytes']:.2f}× | {row['ppl']:.4f} "
+                f"| {pk['ppl']:.4f} | {pk['eval_seconds']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def _avg(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -138,6 +156,8 @@ def markdown_report(result: dict) -> str:
             "on calibration tokens",
             allocation_table(rows),
         ]
+    if any(row.get("packed") for row in rows):
+        parts += ["## Packed checkpoints (2-bit codes; saved, loaded back and evaluated)", packed_table(rows)]
     return "\n\n".join(parts)
 
 

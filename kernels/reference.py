@@ -62,6 +62,11 @@ class QuantizedActivations:
     rowsum: Tensor  # int32 (M, G): Σ_{k∈g} q_mk
     symmetric: bool
 
+    def to(self, device: torch.device | str) -> QuantizedActivations:
+        return QuantizedActivations(
+            self.q.to(device), self.scale.to(device), self.zero.to(device), self.rowsum.to(device), self.symmetric
+        )
+
     def dequantize(self) -> Tensor:
         """x̂ in float32, with exactly the rounding of :func:`twla.solvers.uniform.fake_quantize`."""
         return self.scale[:, None] * (self.q.float() - self.zero[:, None])

@@ -1,10 +1,12 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import tiny_llama
+from twla.checkpoint import load_packed
 from twla.cli import main
-from twla.models import load_model, save_checkpoint
+from twla.models import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +59,24 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     for plot in ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     saved = out / "models" / "e2m_gptq"
-    assert json.loads((saved / "twla_quant.json").read_text())["method"] == "e2m+gptq"
-    model, _ = load_model(str(saved))
-    w = model.model.layers[0].self_attn.q_proj.weight
+    packed = report["rows"][2]["packed"]
+    assert packed["path"] == str(saved) and packed["ppl"] == pytest.approx(report["rows"][2]["ppl"], rel=1e-6)
+    assert packed["bits_per_weight"] == pytest.approx(report["rows"][2]["bits_storage"], rel=1e-9)
+    assert "## Packed checkpoints" in text and "| e2m+gptq | " + str(saved) in text
+    model, _, meta = load_packed(str(saved))
+    assert meta["method"] == "e2m+gptq" and meta["format"] == "twla-packed"
+    w = model.model.layers[0].self_attn.q_proj.dequantize()
     assert max(row.unique().numel() for row in w) <= 3  # one 64-column block per row
 
 
-def test_quantize_command(tiny_checkpoint, tmp_path, capsys):
+def test_quantize_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "q"
     args = [
         "quantize",
         "--model",
         tiny_checkpoint,
         "--method",
-        "pt2+gptq+ssr",
+        "pt2+gptq+ssr+had+a4",
         "--nsamples",
         "4",
         "--seqlen",
@@ -80,8 +86,15 @@ def test_quantize_command(tiny_checkpoint, tmp_path, capsys):
         "--quiet",
     ]
     assert main(args) == 0
-    assert "bits/weight stored" in capsys.readouterr().out
-    assert len(json.loads((out / "report.json").read_text())["layers"]) == 14
+    assert "bits per packed weight" in capsys.readouterr().out
+    meta = json.loads((out / "twla_quant.json").read_text())
+    assert len(meta["report"]["layers"]) == 14 and meta["linears"]["model.layers.1.mlp.up_proj"]["act_bits"] == 4
+    evaluation = ["eval", str(out), "--eval-seqlen", "64", "--eval-tokens", "512", "--quiet"]
+    assert main(evaluation) == 0
+    printed = capsys.readouterr().out
+    assert "pt2+gptq+ssr+had+a4: perplexity" in printed and "bits per packed weight" in printed
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a packed twla checkpoint" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -95,14 +108,23 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "unknown bit solver" in capsys.readouterr().err
 
 
-def test_rotated_or_a4_models_are_not_saved_silently(tiny_checkpoint, tmp_path, capsys):
-    args = ["quantize", "--model", tiny_checkpoint, "--method", "e2m+gptq+had+a4", "--out", str(tmp_path / "q")]
+def test_uniform_weight_methods_are_not_packed(tiny_checkpoint, tmp_path, capsys):
+    args = ["quantize", "--model", tiny_checkpoint, "--method", "rtn4+had+a4", "--out", str(tmp_path / "q")]
     assert main([*args, "--quiet"]) == 2
-    assert "packed checkpoint format" in capsys.readouterr().err
+    assert "stores ternary weights" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
-    bench = ["bench", "--model", tiny_checkpoint, "--methods", "e2m+a4", "--save", "e2m+a4", "--quiet"]
+    bench = ["bench", "--model", tiny_checkpoint, "--methods", "rtn4", "--save", "rtn4", "--quiet"]
     assert main(bench) == 2
-    assert "packed checkpoint format" in capsys.readouterr().err
+    assert "stores ternary weights" in capsys.readouterr().err
+
+
+def test_kernel_benchmark_command(tmp_path, capsys):
+    assert main(["kernels", "--quick", "--models", "", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert ("GPU rows" in printed) != torch.cuda.is_available()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["kernels"] and all(v > 0 for row in report["kernels"] for k, v in row.items() if k.endswith("ms"))
+    assert main(["kernels", "--models", "gpt5"]) == 2
 
 
 def test_bench_refuses_shared_text(tiny_checkpoint, tmp_path, capsys):

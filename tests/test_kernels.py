@@ -1,20 +1,25 @@
-"""Packed ternary layout, torch reference kernels, and the Triton kernel (interpreter on CPU)."""
+"""Packed ternary layout, torch reference kernels, and the Triton kernels (interpreter on CPU)."""
 
 import pytest
 import torch
 
 from twla.kernels.bench import random_packed
 from twla.kernels.reference import (
+    QuantizedActivations,
     dequantize,
     group_accumulators,
+    group_sums,
     matmul_a16,
     matmul_int,
     pack_codes,
     pack_ternary,
     quantize_activations,
     unpack_codes,
+    weight_sums,
 )
+from twla.kernels.triton_quant import quantize_activations_triton
 from twla.kernels.triton_ternary import ternary_matmul
+from twla.solvers.uniform import fake_quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,6 +28,17 @@ def random_weight(N, K, group_size, seed=0):
     """The benchmark's random packed weight, with its codes T and α, μ as (N, G)."""
     w = random_packed(N, K, group_size, seed=seed)
     return unpack_codes(w.packed, K), w.alpha.T, w.mu.T, w
+
+
+def activations(M, K, seed=0):
+    """Per-token activations with an outlier column, like LLM inputs."""
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed))
+    x[:, K // 3] *= 20
+    return x
+
+
+def same(a, b):
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("q", "scale", "zero", "rowsum"))
 
 
 @pytest.mark.parametrize("K", [1, 4, 13, 128, 130])
@@ -41,51 +57,87 @@ def test_dequantize_matches_dense_grid():
     assert torch.allclose(dequantize(w), alpha[:, group] * T + mu[:, group])
     x = torch.randn(3, 200)
     assert torch.allclose(matmul_a16(x, w), x @ dequantize(w).T, atol=1e-5)
+    assert torch.allclose(weight_sums(w), dequantize(w).sum(1), atol=1e-4)
 
 
 def test_reference_int_path_is_exact_integer_matmul():
     T, _, _, w = random_weight(11, 256, 128)
     q = torch.randint(-7, 8, (5, 256), dtype=torch.int8)
-    A, R = group_accumulators(q, w)
+    A = group_accumulators(q, w)
     c = (T.to(torch.int32) + 1).T
     assert torch.equal(A.sum(0), q.to(torch.int32) @ c)
-    assert torch.equal(R.sum(0), q.to(torch.int32).sum(1))
+    assert torch.equal(group_sums(q, 128).sum(1), q.to(torch.int32).sum(1))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantized_activations_equal_fake_quantization(bits, symmetric):
+    """x̂ = s(q − z) with int8-held q is exactly the fake-quantized activation, and the
+    integer path equals x̂ Ŵᵀ."""
+    x = activations(6, 300, seed=bits)
+    a = quantize_activations(x, bits, 0.9, symmetric, group_size=128)
+    assert a.q.dtype == torch.int8 and a.rowsum.shape == (6, 3)
+    assert torch.equal(a.dequantize(), fake_quantize(x, bits, 0.9, symmetric))
+    _, _, _, w = random_weight(40, 300, 128, seed=bits)
+    y = matmul_int(a, w)
+    exact = a.dequantize().double() @ dequantize(w).double().T
+    assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-4 * exact.abs().max())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_triton_quantization_kernel_is_bit_exact(bits, symmetric):
+    x = activations(5, 300, seed=bits)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
+    for p in (None, perm):
+        want = quantize_activations(x, bits, 0.85, symmetric, 128, p)
+        got = quantize_activations_triton(x.to(DEVICE), bits, 0.85, symmetric, 128, None if p is None else p.to(DEVICE))
+        assert same(want, got.to("cpu"))
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 64, 128), (5, 40, 300), (17, 70, 256), (33, 16, 130)])
-def test_triton_a16_matches_reference(M, N, K):
+@pytest.mark.parametrize("gemv", [True, False])
+def test_triton_a16_matches_reference(M, N, K, gemv):
     _, _, _, w = random_weight(N, K, 128, seed=M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
-    y = ternary_matmul(x.to(DEVICE), w.to(DEVICE)).cpu()
+    y = ternary_matmul(x.to(DEVICE), w.to(DEVICE), gemv=gemv).cpu()
     assert torch.allclose(y, matmul_a16(x, w), atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 64, 128), (5, 40, 300), (17, 70, 384)])
-def test_triton_int8_accumulators_are_bit_exact(M, N, K):
-    """With α = μ = 1 and s = 1 the output is exactly Σ_k q_mk c_kn (integers below 2^24)."""
+@pytest.mark.parametrize("gemv", [True, False])
+def test_triton_int8_accumulators_are_bit_exact(M, N, K, gemv):
+    """With α = μ = 1, s = 1 and z = 0 the output is exactly Σ_k q_mk c_kn (integers below 2^24)."""
     T, alpha, _, _ = random_weight(N, K, 128, seed=M)
     w = pack_ternary(T, torch.ones_like(alpha), torch.ones_like(alpha), 128)
     q = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
-    y = ternary_matmul(q.to(DEVICE), w.to(DEVICE), torch.ones(M, device=DEVICE)).cpu()
+    a = QuantizedActivations(q, torch.ones(M), torch.zeros(M), group_sums(q, 128), symmetric=True)
+    y = ternary_matmul(a.to(DEVICE), w.to(DEVICE), gemv=gemv).cpu()
     exact = q.to(torch.int32) @ (T.to(torch.int32) + 1).T
     assert torch.equal(y, exact.float())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_triton_int_path_matches_reference(bits):
-    _, _, _, w = random_weight(48, 300, 128, seed=bits)
-    q, s = quantize_activations(torch.randn(6, 300, generator=torch.Generator().manual_seed(3)), bits)
-    y = ternary_matmul(q.to(DEVICE), w.to(DEVICE), s.to(DEVICE)).cpu()
-    assert torch.allclose(y, matmul_int(q, s, w), atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("M", [1, 6])
+def test_triton_int_path_matches_reference(bits, symmetric, M):
+    """Odd N and K with a short last group (300 = 2·128 + 44); GEMV for M = 1, GEMM for M = 6."""
+    _, _, _, w = random_weight(45, 300, 128, seed=bits)
+    a = quantize_activations(activations(M, 300, seed=3), bits, 1.0, symmetric)
+    y = ternary_matmul(a.to(DEVICE), w.to(DEVICE), weight_sums(w).to(DEVICE)).cpu()
+    ref = matmul_int(a, w)
+    assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max(), rtol=1e-5)
 
 
-def test_split_k_is_deterministic_and_equal():
+@pytest.mark.parametrize("gemv", [True, False])
+def test_split_k_is_deterministic_and_equal(gemv):
     _, _, _, w = random_weight(32, 512, 128)
-    q, s = quantize_activations(torch.randn(1, 512), 4)
-    q, s, w = q.to(DEVICE), s.to(DEVICE), w.to(DEVICE)
-    one = ternary_matmul(q, w, s, split=1)
-    split = ternary_matmul(q, w, s, split=4)
-    assert torch.allclose(one, split, atol=1e-4) and torch.equal(split, ternary_matmul(q, w, s, split=4))
+    a = quantize_activations(torch.randn(2, 512), 4).to(DEVICE)
+    w, wsum = w.to(DEVICE), weight_sums(w).to(DEVICE)
+    one = ternary_matmul(a, w, wsum, split=1, gemv=gemv)
+    split = ternary_matmul(a, w, wsum, split=4, gemv=gemv)
+    assert torch.allclose(one, split, atol=1e-4 * one.abs().max())
+    assert torch.equal(split, ternary_matmul(a, w, wsum, split=4, gemv=gemv))
 
 
 def test_kernel_input_errors():
@@ -95,16 +147,28 @@ def test_kernel_input_errors():
     _, _, _, w = random_weight(8, 128, 128)
     with pytest.raises(ValueError, match="features"):
         ternary_matmul(torch.randn(2, 100), w)
-    with pytest.raises(ValueError, match="per-token scale"):
-        ternary_matmul(torch.zeros(2, 128, dtype=torch.int8), w)
+    with pytest.raises(ValueError, match="weight sums"):
+        ternary_matmul(quantize_activations(torch.randn(2, 128), 4), w)
     with pytest.raises(ValueError, match="2..8 bits"):
         quantize_activations(torch.randn(2, 8), 16)
+    with pytest.raises(ValueError, match="2..8 bits"):
+        quantize_activations_triton(torch.randn(2, 8), 1)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_activations_triton(torch.randn(2, 8), 4, group_size=64)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_ternary(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1), torch.ones(2, 1), 6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_fp16_at_7b_shape():
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_gpu_fp16_and_int8_at_7b_shape(M):
     _, _, _, w = random_weight(4096, 4096, 128)
-    x = torch.randn(16, 4096, dtype=torch.float16)
+    x = torch.randn(M, 4096, dtype=torch.float16)
     y = ternary_matmul(x.cuda(), w.to("cuda"))
     assert y.dtype == torch.float16
     assert torch.allclose(y.float().cpu(), matmul_a16(x.float(), w), atol=5e-2, rtol=1e-2)
+    a = quantize_activations_triton(x.cuda(), 4)
+    assert same(quantize_activations(x, 4), a.to("cpu"))
+    y = ternary_matmul(a, w.to("cuda"), weight_sums(w).cuda()).cpu()
+    ref = matmul_int(quantize_activations(x, 4), w)
+    assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)

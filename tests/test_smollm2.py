@@ -3,6 +3,7 @@
 import math
 from dataclasses import replace
 
+import pytest
 import torch
 
 from twla import (
@@ -10,9 +11,12 @@ from twla import (
     calibration_windows,
     evaluation_windows,
     load_model,
+    load_packed,
     load_text,
+    pack_model,
     perplexity,
     quantize,
+    save_packed,
     tokenize,
 )
 
@@ -53,7 +57,7 @@ def test_rotations_rescue_4_bit_activations_on_real_model(smollm2):
         assert sum(shaping.fit_error_after) < sum(shaping.fit_error_before)
 
 
-def test_mixed_precision_activations_on_real_model(smollm2):
+def test_mixed_precision_activations_on_real_model(smollm2, tmp_path):
     _, tokenizer = smollm2
     calib = calibration_windows(tokenize(tokenizer, load_text("emma")), 8, 256, seed=0)
     windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=2048)
@@ -70,3 +74,9 @@ def test_mixed_precision_activations_on_real_model(smollm2):
     assert al.measured <= 1.1 * al.uniform["measured"]  # no worse than uniform 4 bits on calibration
     ppl = perplexity(model, windows, device="cpu").ppl
     assert math.isfinite(ppl) and ppl < 1000
+    # the packed checkpoint (mixed per-layer bits, rotations) evaluates to the same perplexity
+    save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "amp"), "e2m+gptq+had+amp")
+    loaded, _, meta = load_packed(str(tmp_path / "amp"))
+    assert {spec["act_bits"] for spec in meta["linears"].values()} == set(al.allocation.bits)
+    assert perplexity(loaded, windows, device="cpu").ppl == pytest.approx(ppl, rel=1e-6)
+    assert meta["bits"]["bits_per_weight"] < 2.3 and meta["bits"]["file_bytes"] < meta["bits"]["fp16_bytes"] / 2

@@ -70,7 +70,6 @@ class PackedBits:
     embedding_bytes: int  # embeddings and lm_head
     other_bytes: int  # norms, biases and everything else
     file_bytes: int  # model.safetensors on disk (with its header)
-    directory_bytes: int  # the whole checkpoint directory (configs, tokenizer)
     fp16_bytes: int  # the same model with every weight in 16 bits
 
     def describe(self) -> str:
@@ -85,7 +84,9 @@ class PackedBits:
 
 def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.Module:
     """Replace each quantized linear named in ``weights`` (``QuantReport.weights``) by a
-    :class:`TernaryLinear` on its packed codes, in place; returns the model."""
+    :class:`TernaryLinear` on its packed codes, in place; returns the model. Rotation factors
+    shared by a site's linears stay shared."""
+    shared: dict[int, Tensor] = {}
     for name, weight in weights.items():
         module = model.get_submodule(name)
         if not hasattr(weight, "alpha"):
@@ -95,9 +96,21 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
             )
         if not isinstance(module, nn.Linear | QuantLinear):
             raise ValueError(f"{name} is a {type(module).__name__}, not a quantized linear; was it packed already?")
+        packed = TernaryLinear.from_quantized(module, weight)
+        for factor in ROTATION_TENSORS:
+            source = getattr(module, factor, None)
+            if source is not None:
+                setattr(packed, factor, shared.setdefault(id(source), getattr(packed, factor)))
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, TernaryLinear.from_quantized(module, weight))
+        setattr(model.get_submodule(parent), attr, packed)
     return model
+
+
+def _share(model: nn.Module, alias: str, source: str) -> None:
+    """Make the parameter or buffer ``alias`` the same tensor as ``source`` (as when saved)."""
+    owner, _, leaf = alias.rpartition(".")
+    source_owner, _, source_leaf = source.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(source_owner), source_leaf))
 
 
 def _sha256(path: str) -> str:
@@ -239,7 +252,6 @@ def _count_bits(path: str, meta: Mapping) -> PackedBits:
                 groups["embedding" if key in meta["embeddings"] else "other"] += nbytes
                 fp16_params += numel
     count = sum(s["in_features"] * s["out_features"] for s in linears.values())
-    directory = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     return PackedBits(
         quantized_weights=count,
         bits_per_weight=8 * groups["linear"] / count,
@@ -248,7 +260,6 @@ def _count_bits(path: str, meta: Mapping) -> PackedBits:
         embedding_bytes=groups["embedding"],
         other_bytes=groups["other"],
         file_bytes=os.path.getsize(file),
-        directory_bytes=directory,
         fp16_bytes=2 * (count + fp16_params),
     )
 
@@ -321,6 +332,8 @@ def load_packed(
                 f"{path}: {key} has shape {tuple(t.shape)} in the file but {tuple(expected[key].shape)} in the model"
             )
     model.load_state_dict(tensors)
+    for alias, source in meta["aliases"].items():
+        _share(model, alias, source)
     for module in model.modules():
         if isinstance(module, TernaryLinear):
             module.refresh()

@@ -1,0 +1,224 @@
+"""Packed ternary modules and checkpoints: equal to the fake-quantized model, round trips, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import tiny_llama
+from twla import QuantConfig, count_bits, get_adapter, quantize
+from twla.checkpoint import CheckpointError, load_packed, pack_model, packed_bits, read_meta, save_packed
+from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
+from twla.ternary_linear import TernaryLinear
+
+SPECS = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "pt2+gptq+r1+had+a8+sym", "absmean+kotms+a6")
+
+
+def quantized(spec, calib_ids, seed=0):
+    return quantize(tiny_llama(seed), QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+@torch.no_grad()
+def logits(model, tokens):
+    return model(tokens).logits
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_packed_model_equals_fake_quantized_and_round_trips(spec, calib_ids, tokens, tmp_path):
+    model, report = quantized(spec, calib_ids)
+    fake = logits(model, tokens)
+    bits = count_bits(model, get_adapter(model), report.weights)
+    pack_model(model, report.weights)
+    linears = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    assert len(linears) == 14 and all(m.packed.dtype == torch.uint8 for m in linears)
+    packed = logits(model, tokens)
+    assert torch.equal(packed, fake)  # the torch path computes the same x̂ and Ŵ
+    files = save_packed(model, None, str(tmp_path / "ckpt"), spec, {"note": "test"})
+    loaded, tokenizer, meta = load_packed(str(tmp_path / "ckpt"))
+    assert tokenizer is None and meta["method"] == spec and meta["config"] == {"note": "test"}
+    assert torch.equal(logits(loaded, tokens), packed)  # bit-identical after save → load
+    assert files == packed_bits(str(tmp_path / "ckpt"))
+    # the file holds exactly what the accounting counts: 2-bit codes, fp16 α/μ, int16 column orders
+    assert files.bits_per_weight == pytest.approx(bits.storage_bits_per_weight, rel=1e-12)
+    assert files.quantized_weights == bits.quantized_weights
+    assert files.file_bytes < files.fp16_bytes
+    for name, module in loaded.named_modules():
+        if isinstance(module, TernaryLinear):
+            assert meta["linears"][name]["act_bits"] == module.act_bits
+            assert (module.rot1 is not None) == ("had" in spec or "kotms" in spec)
+
+
+def test_mixed_activation_bits_and_shared_rotations(calib_ids, tokens, tmp_path):
+    model, report = quantized("e2m+gptq+had+a4", calib_ids)
+    q = model.model.layers[0].self_attn.q_proj
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.down_proj.act_clips = {6: 0.9}
+        layer.mlp.down_proj.set_act_bits(6 + 2 * index)
+    fake = logits(model, tokens)
+    assert q.rot1 is model.model.layers[0].self_attn.k_proj.rot1  # one factor per site
+    save_packed(pack_model(model, report.weights), None, str(tmp_path / "m"))
+    loaded, _, meta = load_packed(str(tmp_path / "m"))
+    assert torch.equal(logits(loaded, tokens), fake)
+    downs = [meta["linears"][f"model.layers.{i}.mlp.down_proj"] for i in range(2)]
+    assert [(d["act_bits"], d["act_clip"]) for d in downs] == [(6, 0.9), (8, 1.0)]
+    assert "model.layers.0.self_attn.k_proj.rot1" in meta["aliases"]  # stored once
+    with torch.no_grad():
+        loaded.model.layers[0].self_attn.q_proj.rot1.mul_(2)  # shared after loading too
+    assert loaded.model.layers[0].self_attn.k_proj.rot1[0, 0] == loaded.model.layers[0].self_attn.q_proj.rot1[0, 0]
+
+
+@pytest.mark.parametrize("spec", ["e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+had+a8+sym"])
+def test_triton_backend_matches_torch_on_packed_model(spec, calib_ids, tokens):
+    model, report = quantized(spec, calib_ids)
+    pack_model(model, report.weights)
+    for x in (tokens, tokens[:1, :3]):  # GEMM (48 tokens) and decode GEMV (3 tokens)
+        with kernel_backend("torch"):
+            ref = logits(model, x)
+        with kernel_backend("triton"):
+            got = logits(model, x)
+        assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)
+
+
+def test_packing_is_deterministic(calib_ids, tmp_path):
+    for name in ("a", "b"):
+        model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
+        save_packed(pack_model(model, report.weights), None, str(tmp_path / name))
+    assert read_meta(str(tmp_path / "a"))["sha256"] == read_meta(str(tmp_path / "b"))["sha256"]
+
+
+def test_kernel_backend_switch(monkeypatch):
+    cpu = torch.device("cpu")
+    with kernel_backend("torch"):
+        assert resolve(cpu) == "torch"
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        set_kernel_backend("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with kernel_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        resolve(cpu)
+    assert resolve(cpu) == "torch"  # auto
+
+
+@pytest.fixture
+def saved(calib_ids, tmp_path):
+    model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
+    path = str(tmp_path / "ckpt")
+    save_packed(pack_model(model, report.weights), None, path, "e2m+gptq+ssr+had+a4")
+    return path
+
+
+def _rewrite_tensors(path, change):
+    """Change the tensor file and re-sign it, so only the consistency checks can catch it."""
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file)
+    meta = read_meta(path)
+    from twla.checkpoint import _sha256
+
+    meta["sha256"] = _sha256(file)
+    with open(os.path.join(path, "twla_quant.json"), "w") as fh:
+        json.dump(meta, fh)
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(saved, tmp_path):
+    file = os.path.join(saved, "model.safetensors")
+    data = bytearray(open(file, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(file, "wb").write(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 does not match"):
+        load_packed(saved)
+    open(file, "wb").write(bytes(data[: len(data) // 3]))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_packed(saved)
+    with pytest.raises(CheckpointError, match="not a packed twla checkpoint"):
+        load_packed(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_packed(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda t: t.pop("model.layers.0.mlp.up_proj.alpha"), "missing"),
+        (lambda t: t.update(extra=torch.zeros(1)), "unexpected"),
+        (lambda t: t.update({"model.layers.1.mlp.up_proj.packed": torch.zeros(3, 9, dtype=torch.uint8)}), "shape"),
+    ],
+)
+def test_checkpoint_tensors_must_match_the_model(saved, change, message):
+    _rewrite_tensors(saved, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_packed(saved)
+
+
+def test_checkpoint_config_must_match(saved):
+    config_file = os.path.join(saved, "config.json")
+    config = json.load(open(config_file))
+    json.dump({**config, "intermediate_size": 128}, open(config_file, "w"))
+    with pytest.raises(CheckpointError, match="mlp.gate_proj is 160×64 but the model's config gives 128×64"):
+        load_packed(saved)
+    meta_file = os.path.join(saved, "twla_quant.json")
+    meta = json.load(open(meta_file))
+    json.dump({**meta, "model_type": "qwen2"}, open(meta_file, "w"))
+    with pytest.raises(CheckpointError, match="'llama' model but the packed weights are for 'qwen2'"):
+        load_packed(saved)
+    json.dump({**meta, "version": 99}, open(meta_file, "w"))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_packed(saved)
+    open(meta_file, "w").write("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_packed(saved)
+
+
+def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
+    before = read_meta(saved)["sha256"]
+    model, report = quantized("e2m+gptq+ssr", calib_ids, seed=1)
+    with pytest.raises(ValueError, match="pack_model"):
+        save_packed(model, None, saved)
+    pack_model(model, report.weights)
+    with pytest.raises(ValueError, match="was it packed already"):
+        pack_model(model, report.weights)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("twla.checkpoint.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_packed(model, None, saved)
+    assert read_meta(saved)["sha256"] == before  # the old checkpoint is untouched
+    assert not [f for f in os.listdir(os.path.dirname(saved)) if f.startswith(".tmp-")]
+
+
+def test_uniform_weights_are_not_packed(calib_ids):
+    model, report = quantized("rtn4", calib_ids)
+    with pytest.raises(NotImplementedError, match="stores ternary weights"):
+        pack_model(model, report.weights)
+
+
+def test_deployment_imports_without_solver_packages(saved):
+    """Kernels, packed modules, checkpoints and the benchmark need only torch, triton,
+    transformers, numpy and safetensors."""
+    code = f"""
+import sys
+for name in ("scipy", "geoopt", "ortools", "cvxpy", "highspy", "matplotlib", "gguf", "accelerate"):
+    sys.modules[name] = None
+import torch
+from twla.checkpoint import load_packed
+from twla.kernels import bench
+model, _, _ = load_packed({saved!r})
+print(model(torch.tensor([[1, 2, 3]])).logits.shape)
+bench.main(["--quick", "--models", "", "--out", ""])
+blocked = [m for m in ("twla.solvers.bits", "twla.quantize", "twla.config") if m in sys.modules]
+assert not blocked, blocked
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 3, 256])" in result.stdout and "GPU rows" in result.stdout

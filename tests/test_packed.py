@@ -88,6 +88,19 @@ def test_triton_backend_matches_torch_on_packed_model(spec, calib_ids, tokens):
         assert torch.allclose(got, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)
 
 
+def test_unquantized_tensors_can_be_stored_in_16_bits(calib_ids, tokens, tmp_path):
+    model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
+    pack_model(model, report.weights)
+    full = save_packed(model, None, str(tmp_path / "fp32"))
+    half = save_packed(model, None, str(tmp_path / "fp16"), dtype=torch.float16)
+    assert half.linear_bytes == full.linear_bytes and 2 * half.embedding_bytes == full.embedding_bytes
+    assert 2 * half.rotation_bytes == full.rotation_bytes
+    loaded, _, _ = load_packed(str(tmp_path / "fp16"))
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32  # loaded in the requested dtype
+    ref = logits(model, tokens)
+    assert torch.allclose(logits(loaded, tokens), ref, atol=2e-2 * ref.abs().max())
+
+
 def test_packing_is_deterministic(calib_ids, tmp_path):
     for name in ("a", "b"):
         model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)

@@ -136,8 +136,9 @@ def _linear_spec(module: TernaryLinear) -> dict:
     }
 
 
-def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear]) -> Tensor:
-    """The tensor as stored: α, μ in fp16 (they are fp16-rounded, checked), column orders in int16."""
+def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], dtype: torch.dtype | None) -> Tensor:
+    """The tensor as stored: α, μ in fp16 (they are fp16-rounded, checked), column orders in
+    int16, other floating tensors in ``dtype`` (None: as they are)."""
     owner, _, leaf = key.rpartition(".")
     t = t.detach().cpu()
     if owner in linears and leaf in ("alpha", "mu"):
@@ -147,6 +148,8 @@ def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear]) -
         return half
     if owner in linears and leaf == "perm":
         return t.to(torch.int16 if linears[owner].in_features <= torch.iinfo(torch.int16).max else torch.int32)
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
     return t.contiguous()
 
 
@@ -157,11 +160,14 @@ def save_packed(
     method: str = "",
     config: Mapping | None = None,
     extra: Mapping | None = None,
+    dtype: torch.dtype | None = None,
 ) -> PackedBits:
     """Write the packed checkpoint of ``model`` (after :func:`pack_model`) to ``path``, atomically.
 
     ``method`` and ``config`` (e.g. ``asdict(QuantConfig)``) and ``extra`` are recorded in
-    ``twla_quant.json``. Returns the sizes counted from the written file.
+    ``twla_quant.json``. ``dtype`` (e.g. ``torch.float16``) stores the unquantized floating
+    tensors (embeddings, norms, biases, rotation factors) in that type; None keeps them as
+    they are, so the loaded model is bit-identical. Returns the sizes counted from the file.
     """
     linears = {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
     if not linears:
@@ -184,7 +190,7 @@ def save_packed(
             aliases[key] = first[signature]
             continue
         first[signature] = key
-        tensors[key] = _storage_tensor(key, t, linears)
+        tensors[key] = _storage_tensor(key, t, linears, dtype)
     meta = {
         "format": FORMAT,
         "version": VERSION,

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(quant)
     quant.add_argument("--method", default="e2m+gptq+ssr+had+a4", help="method (default e2m+gptq+ssr+had+a4)")
     quant.add_argument("--out", required=True, help="output checkpoint directory")
+    quant.add_argument(
+        "--dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "keep"),
+        help="storage type of the unquantized tensors (embeddings, norms, rotation factors; default float16; "
+        "keep = as loaded, bit-identical)",
+    )
 
     evaluate = sub.add_parser(
         "eval",
@@ -164,6 +171,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    import torch
+
     from twla.checkpoint import pack_model, save_packed
     from twla.config import QuantConfig, TernaryConfig
     from twla.data import calibration_windows, load_text, tokenize
@@ -179,7 +188,8 @@ def _quantize(args: argparse.Namespace) -> None:
     )
     model, report = quantize(model, config, calib, args.device, progress=not args.quiet)
     packed = pack_model(model, report.weights)
-    files = save_packed(packed, tokenizer, args.out, args.method, asdict(config), {"report": report.to_dict()})
+    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    files = save_packed(packed, tokenizer, args.out, args.method, asdict(config), {"report": report.to_dict()}, dtype)
     print(f"{args.method}: quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}")
     print(files.describe())
 

@@ -109,17 +109,21 @@ def dequantize(w: PackedTernary) -> Tensor:
     return w.alpha.T[:, group] * t + w.mu.T[:, group]
 
 
-def weight_sums(w: PackedTernary) -> Tensor:
-    """Σ_k Ŵ_nk over the real inputs (N,), float32: the coefficient of the zero-point term."""
-    return dequantize(w).double().sum(1).float()
-
-
 def group_sums(q: Tensor, group_size: int) -> Tensor:
     """R_gm = Σ_{k∈g} q_mk as int32 (M, G); the last group may be short."""
     M, K = q.shape
     G = -(-K // group_size)
     padded = F.pad(q.to(torch.int32), (0, G * group_size - K))
     return padded.view(M, G, group_size).sum(-1, dtype=torch.int32)
+
+
+def weight_sums(w: PackedTernary) -> Tensor:
+    """Σ_k Ŵ_nk = Σ_g (α_gn Σ_{k∈g} t_kn + μ_gn |g|) over the real inputs (N,), float32:
+    the coefficient of the zero-point term."""
+    t = group_sums(unpack_codes(w.packed, w.in_features), w.group_size).T.double()  # (G, N)
+    size = torch.full((w.groups,), float(w.group_size), dtype=torch.float64, device=t.device)
+    size[-1] = w.in_features - w.group_size * (w.groups - 1)
+    return (w.alpha.double() * t + w.mu.double() * size[:, None]).sum(0).float()
 
 
 def quantize_activations(
@@ -150,18 +154,19 @@ def matmul_a16(x: Tensor, w: PackedTernary) -> Tensor:
     return (x.float() @ dequantize(w).T).to(x.dtype)
 
 
-def group_accumulators(q: Tensor, w: PackedTernary) -> Tensor:
-    """Exact integer parts per group: A_gmn = Σ_{k∈g} q_mk c_kn, int32 (G, M, N), c = t + 1."""
-    c = (unpack_codes(w.packed, w.in_features).to(torch.int32) + 1).T  # (K, N)
-    qi = q.to(torch.int32)
-    gs = w.group_size
-    return torch.stack([qi[:, g * gs : (g + 1) * gs] @ c[g * gs : (g + 1) * gs] for g in range(w.groups)])
+def group_accumulator(q: Tensor, w: PackedTernary, g: int) -> Tensor:
+    """The exact integer part of group g: A_gmn = Σ_{k∈g} q_mk c_kn (int32 (M, N), c = t + 1),
+    computed in float64 (exact: |A| < 2^53), so it runs on any device."""
+    cols = slice(g * w.group_size, (g + 1) * w.group_size)
+    c = unpack_codes(w.packed, w.in_features)[:, cols].double() + 1  # (N, group)
+    return (q[:, cols].double() @ c.T).to(torch.int32)
 
 
 def matmul_int(a: QuantizedActivations, w: PackedTernary) -> Tensor:
     """Reference integer-activation path, float32:
     y_mn = s_m [Σ_g (α_gn A_gmn + (μ_gn − α_gn) R_gm) − z_m Σ_k Ŵ_nk]."""
-    A = group_accumulators(a.q, w).float()
-    R = a.rowsum.T.float()  # (G, M)
-    y = (w.alpha[:, None, :] * A + (w.mu - w.alpha)[:, None, :] * R[..., None]).sum(0)
-    return a.scale[:, None] * (y - a.zero[:, None] * weight_sums(w)[None, :])
+    y = torch.zeros(a.q.shape[0], w.out_features, dtype=torch.float64, device=a.q.device)
+    for g in range(w.groups):
+        A, R = group_accumulator(a.q, w, g).double(), a.rowsum[:, g, None].double()
+        y += w.alpha[g].double() * A + (w.mu[g] - w.alpha[g]).double() * R
+    return (a.scale[:, None].double() * (y - a.zero[:, None].double() * weight_sums(w)[None, :].double())).float()

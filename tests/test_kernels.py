@@ -7,7 +7,7 @@ from twla.kernels.bench import random_packed
 from twla.kernels.reference import (
     QuantizedActivations,
     dequantize,
-    group_accumulators,
+    group_accumulator,
     group_sums,
     matmul_a16,
     matmul_int,
@@ -63,9 +63,8 @@ def test_dequantize_matches_dense_grid():
 def test_reference_int_path_is_exact_integer_matmul():
     T, _, _, w = random_weight(11, 256, 128)
     q = torch.randint(-7, 8, (5, 256), dtype=torch.int8)
-    A = group_accumulators(q, w)
-    c = (T.to(torch.int32) + 1).T
-    assert torch.equal(A.sum(0), q.to(torch.int32) @ c)
+    A = sum(group_accumulator(q, w, g) for g in range(w.groups))
+    assert A.dtype == torch.int32 and torch.equal(A, q.to(torch.int32) @ (T.to(torch.int32) + 1).T)
     assert torch.equal(group_sums(q, 128).sum(1), q.to(torch.int32).sum(1))
 
 

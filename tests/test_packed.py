@@ -76,6 +76,27 @@ def test_mixed_activation_bits_and_shared_rotations(calib_ids, tokens, tmp_path)
     assert loaded.model.layers[0].self_attn.k_proj.rot1[0, 0] == loaded.model.layers[0].self_attn.q_proj.rot1[0, 0]
 
 
+def test_biased_architecture_round_trips(calib_ids, tokens, tmp_path):
+    """Qwen2 has biases on q/k/v: they travel with the packed linears."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.conftest import SMALL_CONFIG
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SMALL_CONFIG)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()
+    model, report = quantize(model, QuantConfig.from_method("e2m+gptq+had+a4"), calib_ids, "cpu", progress=False)
+    fake = logits(model, tokens)
+    save_packed(pack_model(model, report.weights), None, str(tmp_path / "qwen"))
+    loaded, _, meta = load_packed(str(tmp_path / "qwen"))
+    assert meta["linears"]["model.layers.0.self_attn.q_proj"]["bias"] and meta["model_type"] == "qwen2"
+    assert torch.equal(logits(loaded, tokens), fake)
+    with kernel_backend("triton"):
+        assert torch.allclose(logits(loaded, tokens), fake, atol=1e-4 * fake.abs().max())
+
+
 @pytest.mark.parametrize("spec", ["e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+had+a8+sym"])
 def test_triton_backend_matches_torch_on_packed_model(spec, calib_ids, tokens):
     model, report = quantized(spec, calib_ids)

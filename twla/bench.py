@@ -40,6 +40,7 @@ DEFAULT_METHODS = (
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
 
+SAVE_DTYPES = ("keep", "float16", "bfloat16")
 DEFAULT_SAVE = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+amp-site")  # packed, reloaded and evaluated when benched
 
 
@@ -88,12 +89,15 @@ class BenchConfig:
     batch_size: int = 8
     out: str = "runs/latest"
     save: tuple[str, ...] = field(default_factory=tuple)
+    save_dtype: str = "keep"  # storage of unquantized tensors in saved checkpoints: keep, float16, bfloat16
     histogram_layer: str | None = None  # default: the middle layer's down_proj
     amp: dict = field(default_factory=dict)  # AllocationConfig overrides for amp / amp-site methods
 
     def __post_init__(self) -> None:
         for spec in (*self.methods, *self.save):
             QuantConfig.from_method(spec, self.amp)  # fail early on a bad spec or budget
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"unknown --save-dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
         unknown = set(self.save) - set(self.methods)
         if unknown:
             raise ValueError(f"--save names methods that are not benched: {', '.join(sorted(unknown))}")
@@ -108,7 +112,8 @@ class BenchConfig:
 def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, evaluate) -> dict:
     """Pack the quantized model, save it, load it back from disk and evaluate the loaded model."""
     path = os.path.join(cfg.out, "models", spec.replace("+", "_"))
-    files = save_packed(pack_model(model, report.weights), tokenizer, path, spec, asdict(qcfg))
+    dtype = None if cfg.save_dtype == "keep" else getattr(torch, cfg.save_dtype)
+    files = save_packed(pack_model(model, report.weights), tokenizer, path, spec, asdict(qcfg), dtype=dtype)
     loaded, _, _ = load_packed(path)
     result, seconds = evaluate(f"{spec} (packed, loaded from {path})", loaded)
     return {"path": path, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files)}

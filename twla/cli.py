@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, BenchConfig, run_bench
+from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, SAVE_DTYPES, BenchConfig, run_bench
 from twla.config import BASE_METHODS, MODIFIERS
 from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels import bench as kernel_bench
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated ternary methods whose packed checkpoint is written to OUT/models/, loaded back and "
         f"evaluated (default {','.join(DEFAULT_SAVE)} when benched; '' for none)",
     )
+    bench.add_argument(
+        "--save-dtype",
+        default="keep",
+        choices=SAVE_DTYPES,
+        help="storage type of the saved checkpoints' unquantized tensors (default keep: as loaded, so the reloaded "
+        "model is bit-identical; float16 halves the embeddings)",
+    )
 
     quant = sub.add_parser(
         "quantize",
@@ -113,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--dtype",
         default="float16",
-        choices=("float16", "bfloat16", "keep"),
+        choices=SAVE_DTYPES,
         help="storage type of the unquantized tensors (embeddings, norms, rotation factors; default float16; "
         "keep = as loaded, bit-identical)",
     )
@@ -165,6 +172,7 @@ def _bench(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         out=args.out,
         save=save,
+        save_dtype=args.save_dtype,
         amp=_amp(args),
     )
     run_bench(cfg, progress=not args.quiet)

@@ -7,8 +7,8 @@ column permutation, so reordered weight blocks see contiguous groups):
    or symmetric  s = p·max|x| / (2^{b−1} − 1), z = 0;
 2. q = clamp(round(x/s) + z) shifted by 2^{b−1} into int8, stored with R_gm = Σ_{k∈g} q_mk.
 
-Divisions are IEEE round-to-nearest and rounding is half-to-even, so q equals
-:func:`twla.kernels.reference.quantize_activations` bit for bit.
+Divisions are IEEE round-to-nearest, rounding is half-to-even and multiply-adds are not
+fused into FMAs, so q equals :func:`twla.kernels.reference.quantize_activations` bit for bit.
 """
 
 from __future__ import annotations
@@ -113,6 +113,6 @@ def quantize_activations_triton(
         x, perm if perm is not None else q, q, scale, zero, rowsum,
         K, G, x.stride(0), q.stride(0), rowsum.stride(0), float(clip),
         SYMMETRIC=symmetric, LEVELS=levels, QLO=-levels if symmetric else 0, QHI=levels, SHIFT=shift,
-        HAS_PERM=perm is not None, GROUP=group_size, CHUNK=CHUNK,
+        HAS_PERM=perm is not None, GROUP=group_size, CHUNK=CHUNK, enable_fp_fusion=False,
     )  # fmt: skip
     return QuantizedActivations(q, scale, zero, rowsum, symmetric)

@@ -201,12 +201,12 @@ def ternary_matmul(
     if gemv:
         _gemv_kernel[(grid_mn[1], split, M)](
             *args, N, K, w.packed.shape[0], G, per_split, *strides,
-            PAD=PAD_BYTE, num_warps=num_warps, num_stages=num_stages, **common,
+            PAD=PAD_BYTE, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True, **common,
         )  # fmt: skip
     else:
         _gemm_kernel[(*grid_mn, split)](
             *args, M, N, K, w.packed.shape[0], G, per_split, *strides,
-            BLOCK_M=block_m, PAD=PAD_BYTE, num_warps=num_warps, num_stages=num_stages, **common,
+            BLOCK_M=block_m, PAD=PAD_BYTE, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True, **common,
         )  # fmt: skip
     y = y.sum(0) if split > 1 else y[0]
     return y if int_act else y.to(xt.dtype)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from twla.kernels.reference import PackedTernary, dequantize, quantize_activations
+from twla.kernels.reference import PackedTernary, dequantize
+from twla.solvers.uniform import fake_quantize
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -75,17 +76,17 @@ def ternary_linear(
     ``bits`` < 16 quantizes x per token with clipping ratio ``clip``; asymmetric activations
     on the Triton path need ``wsum`` = Σ_k Ŵ_k (:func:`~twla.kernels.reference.weight_sums`).
 
-    torch: Ŵ is unpacked to the input order and x̂ dequantized, so the result is that of
-    the fake-quantized layer. Triton: the fused quantization kernel gathers and quantizes x,
-    then the int8 GEMM (or GEMV) runs on the packed codes; 16 bits runs the A16 kernel.
+    torch: Ŵ is unpacked to the input order and x̂ fake-quantized (the same values as the
+    integer path's s(q − z)), so the result is that of the fake-quantized layer. Triton: the
+    fused quantization kernel gathers and quantizes x, then the int8 GEMM (or GEMV) runs on
+    the packed codes; 16 bits runs the A16 kernel.
     """
     if resolve(x.device) == "torch":
         W = dequantize(w)
         if inverse_perm is not None:
             W = W[:, inverse_perm]
-        if bits < 16:
-            x = quantize_activations(x, bits, clip, symmetric, w.group_size).dequantize().to(x.dtype)
-        return F.linear(x, W.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        b = None if bias is None else bias.to(x.dtype)
+        return F.linear(fake_quantize(x, bits, clip, symmetric), W.to(x.dtype), b)
     from twla.kernels.triton_quant import quantize_activations_triton
     from twla.kernels.triton_ternary import ternary_matmul
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import tiny_llama
 from twla import QuantConfig, count_bits, get_adapter, quantize
 from twla.checkpoint import CheckpointError, load_packed, pack_model, packed_bits, read_meta, save_packed
+from twla.checkpoint import _linear_spec as _spec
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
 from twla.ternary_linear import TernaryLinear
 
@@ -95,6 +96,17 @@ def test_biased_architecture_round_trips(calib_ids, tokens, tmp_path):
     assert torch.equal(logits(loaded, tokens), fake)
     with kernel_backend("triton"):
         assert torch.allclose(logits(loaded, tokens), fake, atol=1e-4 * fake.abs().max())
+
+
+def test_loading_a_state_dict_refreshes_the_derived_buffers(calib_ids, tokens):
+    """A TernaryLinear filled by load_state_dict recomputes its inverse order and weight sums."""
+    model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
+    pack_model(model, report.weights)
+    up = next(m for m in model.modules() if isinstance(m, TernaryLinear) and m.perm is not None)  # order matters
+    fresh = TernaryLinear(**_spec(up))
+    fresh.load_state_dict(up.state_dict())
+    assert torch.equal(fresh.inverse_perm, up.inverse_perm) and torch.equal(fresh.wsum, up.wsum)
+    assert torch.equal(fresh.dequantize(), up.dequantize())
 
 
 @pytest.mark.parametrize("spec", ["e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+had+a8+sym"])

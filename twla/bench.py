@@ -15,7 +15,7 @@ import torch
 
 from twla.accounting import ACCOUNTING_RULES, count_bits
 from twla.adapters import get_adapter
-from twla.checkpoint import load_packed, pack_model, save_packed
+from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
 from twla.config import QuantConfig, TernaryConfig
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text, tokenize
 from twla.evaluate import perplexity
@@ -40,7 +40,6 @@ DEFAULT_METHODS = (
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
 
-SAVE_DTYPES = ("keep", "float16", "bfloat16")
 DEFAULT_SAVE = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+amp-site")  # packed, reloaded and evaluated when benched
 
 
@@ -96,8 +95,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for spec in (*self.methods, *self.save):
             QuantConfig.from_method(spec, self.amp)  # fail early on a bad spec or budget
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"unknown --save-dtype {self.save_dtype!r}; choose from {', '.join(SAVE_DTYPES)}")
+        storage_dtype(self.save_dtype)  # fail early on an unknown storage type
         unknown = set(self.save) - set(self.methods)
         if unknown:
             raise ValueError(f"--save names methods that are not benched: {', '.join(sorted(unknown))}")
@@ -112,7 +110,7 @@ class BenchConfig:
 def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, evaluate) -> dict:
     """Pack the quantized model, save it, load it back from disk and evaluate the loaded model."""
     path = os.path.join(cfg.out, "models", spec.replace("+", "_"))
-    dtype = None if cfg.save_dtype == "keep" else getattr(torch, cfg.save_dtype)
+    dtype = storage_dtype(cfg.save_dtype)
     files = save_packed(pack_model(model, report.weights), tokenizer, path, spec, asdict(qcfg), dtype=dtype)
     loaded, _, _ = load_packed(path)
     result, seconds = evaluate(f"{spec} (packed, loaded from {path})", loaded)

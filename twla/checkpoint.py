@@ -55,6 +55,16 @@ ROTATION_TENSORS = ("rot1", "rot2")
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
+STORAGE_DTYPES = ("keep", "float16", "bfloat16")  # for the unquantized tensors of a checkpoint
+
+
+def storage_dtype(name: str) -> torch.dtype | None:
+    """The ``dtype`` argument of :func:`save_packed` for a name in :data:`STORAGE_DTYPES` (keep → None)."""
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"unknown storage type {name!r}; choose from {', '.join(STORAGE_DTYPES)}")
+    return None if name == "keep" else getattr(torch, name)
+
+
 class CheckpointError(ValueError):
     """A packed checkpoint that is missing, corrupt, or does not match its model."""
 
@@ -337,12 +347,9 @@ def load_packed(
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(t.shape)} in the file but {tuple(expected[key].shape)} in the model"
             )
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors)  # TernaryLinear.refresh runs as a load hook
     for alias, source in meta["aliases"].items():
         _share(model, alias, source)
-    for module in model.modules():
-        if isinstance(module, TernaryLinear):
-            module.refresh()
     model.eval()
     if device is not None:
         model.to(device)

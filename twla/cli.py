@@ -7,10 +7,12 @@ import os
 import sys
 from dataclasses import asdict
 
-from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, SAVE_DTYPES, BenchConfig, run_bench
+from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, BenchConfig, run_bench
+from twla.checkpoint import STORAGE_DTYPES
 from twla.config import BASE_METHODS, MODIFIERS
 from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels import bench as kernel_bench
+from twla.kernels.dispatch import BACKENDS
 from twla.models import BUILTIN, DEFAULT_MODEL
 from twla.solvers.bits import bench as solver_bench
 
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--save-dtype",
         default="keep",
-        choices=SAVE_DTYPES,
+        choices=STORAGE_DTYPES,
         help="storage type of the saved checkpoints' unquantized tensors (default keep: as loaded, so the reloaded "
         "model is bit-identical; float16 halves the embeddings)",
     )
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument(
         "--dtype",
         default="float16",
-        choices=SAVE_DTYPES,
+        choices=STORAGE_DTYPES,
         help="storage type of the unquantized tensors (embeddings, norms, rotation factors; default float16; "
         "keep = as loaded, bit-identical)",
     )
@@ -136,9 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    evaluate.add_argument(
-        "--kernels", default="auto", choices=("auto", "triton", "torch"), help="kernel backend (default auto)"
-    )
+    evaluate.add_argument("--kernels", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
     kernels = sub.add_parser(
@@ -179,9 +179,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    import torch
-
-    from twla.checkpoint import pack_model, save_packed
+    from twla.checkpoint import pack_model, save_packed, storage_dtype
     from twla.config import QuantConfig, TernaryConfig
     from twla.data import calibration_windows, load_text, tokenize
     from twla.models import load_model
@@ -196,7 +194,7 @@ def _quantize(args: argparse.Namespace) -> None:
     )
     model, report = quantize(model, config, calib, args.device, progress=not args.quiet)
     packed = pack_model(model, report.weights)
-    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    dtype = storage_dtype(args.dtype)
     files = save_packed(packed, tokenizer, args.out, args.method, asdict(config), {"report": report.to_dict()}, dtype)
     print(f"{args.method}: quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}")
     print(files.describe())

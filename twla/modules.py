@@ -19,6 +19,13 @@ from twla.solvers.uniform import fake_quantize
 ROTATION_BUFFERS = ("rot1", "rot2")
 
 
+def online_rotation(x: Tensor, R1: Tensor | None, R2: Tensor | None) -> Tensor:
+    """x (R₁ ⊗ R₂) in x's dtype, or x itself without a rotation."""
+    if R1 is None:
+        return x
+    return kron_apply(x, R1.to(x.dtype), R2.to(x.dtype))
+
+
 class QuantLinear(nn.Module):
     """A linear layer with an optional online Kronecker input rotation and activation quantization."""
 
@@ -46,9 +53,7 @@ class QuantLinear(nn.Module):
 
     def rotate_input(self, x: Tensor) -> Tensor:
         """x R (identity without a rotation)."""
-        if self.rot1 is None:
-            return x
-        return kron_apply(x, self.rot1.to(x.dtype), self.rot2.to(x.dtype))
+        return online_rotation(x, self.rot1, self.rot2)
 
     def original_weight(self) -> Tensor:
         """The weight in the layer's input basis, W = W_stored Rᵀ (float64)."""

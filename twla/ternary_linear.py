@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from twla.kernels.dispatch import ternary_linear
 from twla.kernels.reference import PAD_BYTE, PackedTernary, dequantize, pack_ternary, weight_sums
-from twla.solvers.kronecker import kron_apply
+from twla.modules import online_rotation
 
 if TYPE_CHECKING:
     from twla.modules import QuantLinear
@@ -58,9 +58,11 @@ class TernaryLinear(nn.Module):
         self.register_buffer("rot1", torch.eye(rotation[0]) if rotation else None)
         self.register_buffer("rot2", torch.eye(rotation[1]) if rotation else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_buffer("inverse_perm", None, persistent=False)
-        self.register_buffer("wsum", None, persistent=False)
-        self.refresh()
+        # derived from the stored buffers (exact for the placeholders: identity order, Ŵ = 0);
+        # recomputed by refresh(), which loading a state dict calls
+        self.register_buffer("inverse_perm", torch.arange(in_features) if reordered else None, persistent=False)
+        self.register_buffer("wsum", torch.zeros(out_features), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh())
 
     @classmethod
     def from_quantized(cls, linear: QuantLinear | nn.Linear, weight: TernaryWeight) -> TernaryLinear:
@@ -108,7 +110,8 @@ class TernaryLinear(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the derived buffers (inverse permutation, weight sums) after the stored ones change."""
+        """Recompute the derived buffers (inverse permutation, weight sums) after the stored ones
+        change; ``load_state_dict`` calls it."""
         self.inverse_perm = None if self.perm is None else torch.argsort(self.perm)
         self.wsum = weight_sums(self.packed_weight())
 
@@ -122,8 +125,7 @@ class TernaryLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        if self.rot1 is not None:
-            x = kron_apply(x, self.rot1.to(x.dtype), self.rot2.to(x.dtype))
+        x = online_rotation(x, self.rot1, self.rot2)
         y = ternary_linear(
             x.reshape(-1, self.in_features),
             self.packed_weight(),

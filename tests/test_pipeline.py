@@ -15,7 +15,7 @@ from tests.conftest import SMALL_CONFIG, tiny_llama
 from twla import QuantConfig, count_bits, get_adapter, quantize
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text
 from twla.evaluate import perplexity
-from twla.models import load_model
+from twla.models import keep_layers, load_model
 
 
 def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):
@@ -116,6 +116,19 @@ def test_unknown_text_source():
 def test_missing_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         load_model(str(tmp_path / "missing"))
+
+
+def test_keeping_the_first_decoder_blocks():
+    model = tiny_llama(num_hidden_layers=3)
+    first = list(model.model.layers[:2])
+    keep_layers(model, 2)
+    assert list(model.model.layers) == first and model.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(8)[None]).logits).all()
+    with pytest.raises(ValueError, match="cannot keep 3 decoder blocks: the model has 2"):
+        keep_layers(model, 3)
+    with pytest.raises(ValueError, match="layers must be ≥ 1"):
+        load_model("smollm2-135m", layers=0)  # refused before anything is loaded
 
 
 def test_calibration_windows_follow_the_seed():

@@ -1,15 +1,23 @@
-"""Integration on the real default model, SmolLM2-135M (short calibration and evaluation)."""
+"""Integration on the real default model, SmolLM2-135M.
+
+Quantizing all 30 decoder blocks takes minutes on 2 CPU cores (the main job does that), so these
+tests quantize the model's first blocks with its real weights and calibration text and leave the
+later blocks in full precision: the perplexity of the whole model stays meaningful and shows what
+the quantized blocks lose.
+"""
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
-import torch
 
 from twla import (
     QuantConfig,
     calibration_windows,
     evaluation_windows,
+    get_adapter,
     load_model,
     load_packed,
     load_text,
@@ -20,51 +28,89 @@ from twla import (
     tokenize,
 )
 
+pytestmark = pytest.mark.slow
+BLOCKS = 4  # decoder blocks quantized
 
-def test_error_compensated_ternary_beats_absmean_on_real_model(smollm2):
-    model, tokenizer = smollm2
-    calib = calibration_windows(tokenize(tokenizer, load_text("emma")), 8, 256, seed=0)
-    windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=2048)
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    ppl = {"fp": perplexity(model, windows, device="cpu").ppl}
+
+@contextmanager
+def first_blocks(model, count: int = BLOCKS) -> Iterator[None]:
+    """Inside: ``model`` seen as its first ``count`` decoder blocks (what ``quantize`` works on);
+    afterwards the full model again, its first blocks changed in place."""
+    adapter = get_adapter(model)
+    parent, _, attr = adapter.layers.rpartition(".")
+    blocks = adapter.decoder_layers(model)
+    setattr(model.get_submodule(parent), attr, blocks[:count])
+    model.config.num_hidden_layers = count
     try:
-        for spec in ("absmean", "pt2+gptq", "e2m+gptq"):
-            model.load_state_dict(original)
-            quantize(model, QuantConfig.from_method(spec), calib, "cpu", progress=False)
-            ppl[spec] = perplexity(model, windows, device="cpu").ppl
+        yield
     finally:
-        model.load_state_dict(original)
-    print(ppl)
-    assert ppl["fp"] < ppl["e2m+gptq"] < ppl["absmean"]
-    assert ppl["fp"] < ppl["pt2+gptq"] < ppl["absmean"]
-    assert torch.isfinite(torch.tensor(list(ppl.values()))).all()
+        setattr(model.get_submodule(parent), attr, blocks)
+        model.config.num_hidden_layers = len(blocks)
 
 
-def test_rotations_rescue_4_bit_activations_on_real_model(smollm2):
+@pytest.fixture(scope="module")
+def data(smollm2):
     _, tokenizer = smollm2
     calib = calibration_windows(tokenize(tokenizer, load_text("emma")), 8, 256, seed=0)
-    windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=2048)
-    ppl, reports = {}, {}
-    for spec in ("e2m+gptq+a4", "e2m+gptq+had+a4", "e2m+gptq+kotms+a4"):
-        model, _ = load_model("smollm2-135m")
-        _, reports[spec] = quantize(model, QuantConfig.from_method(spec), calib, "cpu", progress=False)
-        ppl[spec] = perplexity(model, windows, device="cpu").ppl
-    print(ppl)
-    assert ppl["e2m+gptq+had+a4"] < ppl["e2m+gptq+a4"] / 3
-    assert ppl["e2m+gptq+kotms+a4"] < ppl["e2m+gptq+a4"] / 3
-    for shaping in reports["e2m+gptq+kotms+a4"].rotation.sites.values():
-        assert shaping.losses[-1] < shaping.losses[0]
-        assert sum(shaping.fit_error_after) < sum(shaping.fit_error_before)
+    windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=1024)
+    return calib, windows
 
 
-def test_mixed_precision_activations_on_real_model(smollm2, tmp_path):
-    _, tokenizer = smollm2
-    calib = calibration_windows(tokenize(tokenizer, load_text("emma")), 8, 256, seed=0)
-    windows = evaluation_windows(tokenize(tokenizer, load_text("prideprejudice")), 256, max_tokens=2048)
-    cfg = QuantConfig.from_method("e2m+gptq+had+amp")
-    cfg = replace(cfg, allocation=replace(cfg.allocation, samples=1, seqlen=128))
+def quantized(config: QuantConfig, calib):
+    """A fresh SmolLM2 with its first blocks quantized by ``config``, and the report."""
     model, _ = load_model("smollm2-135m")
-    _, report = quantize(model, cfg, calib, "cpu", progress=False)
+    with first_blocks(model):
+        _, report = quantize(model, config, calib, "cpu", progress=False)
+    return model, report
+
+
+@pytest.fixture(scope="module")
+def reference_ppl(smollm2, data) -> dict[str, float]:
+    """Perplexity of the full-precision model and of absmean (BitNet b1.58) ternary blocks."""
+    model, _ = smollm2
+    calib, windows = data
+    absmean, _ = quantized(QuantConfig.from_method("absmean"), calib)
+    return {
+        "fp": perplexity(model, windows, device="cpu").ppl,
+        "absmean": perplexity(absmean, windows, device="cpu").ppl,
+    }
+
+
+@pytest.mark.parametrize("spec", ["pt2+gptq", "e2m+gptq"])
+def test_error_compensated_ternary_beats_absmean_on_real_model(spec, data, reference_ppl):
+    calib, windows = data
+    model, _ = quantized(QuantConfig.from_method(spec), calib)
+    ppl = perplexity(model, windows, device="cpu").ppl
+    print(f"{spec}: {ppl:.1f}, {reference_ppl}")
+    assert math.isfinite(ppl) and reference_ppl["fp"] < ppl < reference_ppl["absmean"] / 10
+
+
+@pytest.fixture(scope="module")
+def unrotated_a4_ppl(data) -> float:
+    calib, windows = data
+    model, _ = quantized(QuantConfig.from_method("e2m+gptq+a4"), calib)
+    return perplexity(model, windows, device="cpu").ppl
+
+
+@pytest.mark.parametrize("rotation", ["had", "kotms"])
+def test_rotations_rescue_4_bit_activations_on_real_model(rotation, data, unrotated_a4_ppl):
+    calib, windows = data
+    model, report = quantized(QuantConfig.from_method(f"e2m+gptq+{rotation}+a4"), calib)
+    ppl = perplexity(model, windows, device="cpu").ppl
+    print(f"{rotation}: {ppl:.1f}, unrotated: {unrotated_a4_ppl:.1f}")
+    assert ppl < unrotated_a4_ppl / 3
+    if rotation == "kotms":
+        for shaping in report.rotation.sites.values():
+            assert shaping.losses[-1] < shaping.losses[0]
+            assert sum(shaping.fit_error_after) < sum(shaping.fit_error_before)
+
+
+def test_mixed_precision_activations_on_real_model(smollm2, data, tmp_path):
+    _, tokenizer = smollm2
+    calib, windows = data
+    cfg = QuantConfig.from_method("e2m+had+amp")
+    cfg = replace(cfg, allocation=replace(cfg.allocation, samples=1, seqlen=128))
+    model, report = quantized(cfg, calib)
     al = report.allocation
     print(al.allocation.bits, al.measured, al.uniform, al.agreement)
     assert al.allocation.status == "optimal" and al.allocation.mean_bits <= 4 + 1e-9
@@ -74,9 +120,12 @@ def test_mixed_precision_activations_on_real_model(smollm2, tmp_path):
     assert al.measured <= 1.1 * al.uniform["measured"]  # no worse than uniform 4 bits on calibration
     ppl = perplexity(model, windows, device="cpu").ppl
     assert math.isfinite(ppl) and ppl < 1000
-    # the packed checkpoint (mixed per-layer bits, rotations) evaluates to the same perplexity
-    save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "amp"), "e2m+gptq+had+amp")
+    # the quantized blocks as a model of their own, packed (mixed per-layer bits, rotations), saved
+    # and loaded back, give the same outputs
+    with first_blocks(model):
+        blocks_ppl = perplexity(model, windows, device="cpu").ppl
+        save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "amp"), "e2m+had+amp")
     loaded, _, meta = load_packed(str(tmp_path / "amp"))
     assert {spec["act_bits"] for spec in meta["linears"].values()} == set(al.allocation.bits)
-    assert perplexity(loaded, windows, device="cpu").ppl == pytest.approx(ppl, rel=1e-6)
-    assert meta["bits"]["bits_per_weight"] < 2.3 and meta["bits"]["linear_bytes"] < 0.15 * meta["bits"]["fp16_bytes"]
+    assert perplexity(loaded, windows, device="cpu").ppl == pytest.approx(blocks_ppl, rel=1e-6)
+    assert meta["bits"]["bits_per_weight"] < 2.3

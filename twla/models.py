@@ -6,8 +6,10 @@ import importlib.util
 import os
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from twla.adapters import get_adapter
 from twla.io import atomic_directory
 
 BUILTIN = {
@@ -43,8 +45,14 @@ def _builtin_checkpoint(name: str) -> str:
     return target
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a built-in name, a local directory or a hub id."""
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, layers: int | None = None):
+    """Load ``(model, tokenizer)`` from a built-in name, a local directory or a hub id.
+
+    layers: keep only the first ``layers`` decoder blocks (their real weights, the real
+    embedding, final norm and head): a smaller real model for quick experiments and tests.
+    """
+    if layers is not None and layers < 1:
+        raise ValueError(f"layers must be ≥ 1, got {layers}")
     if name_or_path in BUILTIN:
         path = _builtin_checkpoint(name_or_path)
     elif os.path.isdir(name_or_path):
@@ -62,7 +70,22 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
             f"not a local directory, and not loadable from the hub ({err})"
         ) from err
     model.eval()
+    if layers is not None:
+        keep_layers(model, layers)
     return model, tokenizer
+
+
+def keep_layers(model: PreTrainedModel, count: int) -> None:
+    """Cut ``model`` in place to its first ``count`` decoder blocks (config updated to match)."""
+    adapter = get_adapter(model)
+    blocks = adapter.decoder_layers(model)
+    if not 1 <= count <= len(blocks):
+        raise ValueError(f"cannot keep {count} decoder blocks: the model has {len(blocks)}")
+    parent, _, attr = adapter.layers.rpartition(".")
+    setattr(model.get_submodule(parent), attr, nn.ModuleList(blocks[:count]))
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:count]
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, path: str, extra_files: dict[str, str] | None = None) -> None:

@@ -308,6 +308,9 @@ def cpu_rows(repeat: int = 5) -> list[dict]:
     return rows
 
 
+REPORT_FORMAT = "kernel benchmark"  # marks report.json as written by this benchmark
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-gbs", type=float, default=3350.0, help="peak memory bandwidth, GB/s (H100 SXM 3350)")
     parser.add_argument("--decode-tokens", type=int, default=128, help="decode steps timed per model (default 128)")
@@ -316,6 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer shapes and steps (a smoke test)")
     parser.add_argument("--out", default="runs/kernels", help="directory for report.json ('' for none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report.json an earlier run wrote")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -323,6 +327,10 @@ def run(args: argparse.Namespace) -> dict:
     unknown = set(models) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown decode model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    if args.out:
+        from twla.io import check_output_file
+
+        check_output_file(os.path.join(args.out, "report.json"), REPORT_FORMAT, args.overwrite)
     if not torch.cuda.is_available():
         print("No CUDA GPU: the GPU rows (Triton kernels, fp16, CUDA graphs) were not measured.")
         print("Torch reference path on CPU (the path a packed model takes without a GPU):")
@@ -352,7 +360,9 @@ def _write(args: argparse.Namespace, report: dict) -> dict:
     if args.out:
         from twla.io import write_json
 
-        write_json(os.path.join(args.out, "report.json"), {"peak_gbs": args.peak_gbs, **report})
+        write_json(
+            os.path.join(args.out, "report.json"), {"format": REPORT_FORMAT, "peak_gbs": args.peak_gbs, **report}
+        )
         print(f"\nReport written to {os.path.join(args.out, 'report.json')}")
     return report
 

@@ -53,3 +53,14 @@ def smollm2():
     from twla.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(smollm2, tmp_path_factory) -> str:
+    """A tiny random Llama with the real tokenizer, saved as a local checkpoint."""
+    from twla.models import save_checkpoint
+
+    _, tokenizer = smollm2
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, str(path))
+    return str(path)

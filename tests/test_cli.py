@@ -3,19 +3,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
 from twla.checkpoint import load_packed
 from twla.cli import main
-from twla.models import save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(smollm2, tmp_path_factory):
-    """A tiny random Llama with the real tokenizer, saved as a local checkpoint."""
-    _, tokenizer = smollm2
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, str(path))
-    return str(path)
 
 
 def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
@@ -88,7 +77,9 @@ def test_quantize_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
     assert main(args) == 0
     assert "bits per packed weight" in capsys.readouterr().out
     meta = json.loads((out / "twla_quant.json").read_text())
-    assert len(meta["report"]["layers"]) == 14 and meta["linears"]["model.layers.1.mlp.up_proj"]["act_bits"] == 4
+    report = json.loads((out / "twla_report.json").read_text())
+    assert len(report["layers"]) == 14 and meta["linears"]["model.layers.1.mlp.up_proj"]["act_bits"] == 4
+    assert meta["provenance"]["calibration"]["windows"] == 4 and meta["provenance"]["calibration"]["seed"] == 0
     evaluation = ["eval", str(out), "--eval-seqlen", "64", "--eval-tokens", "512", "--quiet"]
     assert main(evaluation) == 0
     printed = capsys.readouterr().out
@@ -129,7 +120,7 @@ def test_kernel_benchmark_command(tmp_path, capsys):
 
 def test_bench_refuses_shared_text(tiny_checkpoint, tmp_path, capsys):
     args = ["bench", "--model", tiny_checkpoint, "--calibration", "emma", "--evaluation", "emma", "--quiet"]
-    assert main(args) == 2
+    assert main([*args, "--seqlen", "64", "--eval-seqlen", "64", "--out", str(tmp_path / "r")]) == 2
     assert "share text" in capsys.readouterr().err
 
 

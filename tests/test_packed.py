@@ -138,7 +138,8 @@ def test_packing_is_deterministic(calib_ids, tmp_path):
     for name in ("a", "b"):
         model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
         save_packed(pack_model(model, report.weights), None, str(tmp_path / name))
-    assert read_meta(str(tmp_path / "a"))["sha256"] == read_meta(str(tmp_path / "b"))["sha256"]
+    for name in sorted(os.listdir(tmp_path / "a")):  # byte-identical files
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 def test_kernel_backend_switch(monkeypatch):
@@ -161,26 +162,33 @@ def saved(calib_ids, tmp_path):
     return path
 
 
-def _rewrite_tensors(path, change):
-    """Change the tensor file and re-sign it, so only the consistency checks can catch it."""
-    file = os.path.join(path, "model.safetensors")
-    tensors = load_file(file)
-    change(tensors)
-    save_file(tensors, file)
-    meta = read_meta(path)
-    from twla.checkpoint import _sha256
+def resign(path, edit_meta=lambda meta: None):
+    """Record the files' current digests (after an edit), so only the consistency checks can catch it."""
+    from twla.checkpoint import _meta_digest, _sha256
 
-    meta["sha256"] = _sha256(file)
+    meta = json.load(open(os.path.join(path, "twla_quant.json")))
+    edit_meta(meta)
+    meta["files"] = {name: _sha256(os.path.join(path, name)) for name in meta["files"]}
+    meta["digest"] = _meta_digest(meta)
     with open(os.path.join(path, "twla_quant.json"), "w") as fh:
         json.dump(meta, fh)
 
 
+def _rewrite_tensors(path, change):
+    """Change the tensor file and re-sign it."""
+    file = os.path.join(path, "twla_model.safetensors")
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file)
+    resign(path)
+
+
 def test_corrupt_and_mismatched_checkpoints_are_refused(saved, tmp_path):
-    file = os.path.join(saved, "model.safetensors")
+    file = os.path.join(saved, "twla_model.safetensors")
     data = bytearray(open(file, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(file, "wb").write(bytes(data))
-    with pytest.raises(CheckpointError, match="SHA-256 does not match"):
+    with pytest.raises(CheckpointError, match="twla_model.safetensors does not match the SHA-256"):
         load_packed(saved)
     open(file, "wb").write(bytes(data[: len(data) // 3]))
     with pytest.raises(CheckpointError, match="SHA-256"):
@@ -209,13 +217,14 @@ def test_checkpoint_config_must_match(saved):
     config_file = os.path.join(saved, "config.json")
     config = json.load(open(config_file))
     json.dump({**config, "intermediate_size": 128}, open(config_file, "w"))
+    resign(saved)
     with pytest.raises(CheckpointError, match="mlp.gate_proj is 160×64 but the model's config gives 128×64"):
         load_packed(saved)
     meta_file = os.path.join(saved, "twla_quant.json")
-    meta = json.load(open(meta_file))
-    json.dump({**meta, "model_type": "qwen2"}, open(meta_file, "w"))
+    resign(saved, lambda meta: meta.update(model_type="qwen2"))
     with pytest.raises(CheckpointError, match="'llama' model but the packed weights are for 'qwen2'"):
         load_packed(saved)
+    meta = json.load(open(meta_file))
     json.dump({**meta, "version": 99}, open(meta_file, "w"))
     with pytest.raises(CheckpointError, match="version 99"):
         load_packed(saved)
@@ -225,10 +234,10 @@ def test_checkpoint_config_must_match(saved):
 
 
 def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
-    before = read_meta(saved)["sha256"]
+    before = read_meta(saved)["digest"]
     model, report = quantized("e2m+gptq+ssr", calib_ids, seed=1)
     with pytest.raises(ValueError, match="pack_model"):
-        save_packed(model, None, saved)
+        save_packed(model, None, saved, overwrite=True)
     pack_model(model, report.weights)
     with pytest.raises(ValueError, match="was it packed already"):
         pack_model(model, report.weights)
@@ -238,9 +247,9 @@ def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
 
     monkeypatch.setattr("twla.checkpoint.save_file", fail)
     with pytest.raises(OSError, match="disk full"):
-        save_packed(model, None, saved)
-    assert read_meta(saved)["sha256"] == before  # the old checkpoint is untouched
-    assert not [f for f in os.listdir(os.path.dirname(saved)) if f.startswith(".tmp-")]
+        save_packed(model, None, saved, overwrite=True)
+    assert read_meta(saved)["digest"] == before  # the old checkpoint is untouched
+    assert not [f for f in os.listdir(os.path.dirname(saved)) if f.startswith(".twla-")]
 
 
 def test_uniform_weights_are_not_packed(calib_ids):

@@ -36,7 +36,7 @@ _EXPORTS = {
     "twla.adapters": ("ADAPTERS", "Adapter", "Site", "get_adapter"),
     "twla.allocation": ("AllocationReport", "allocate"),
     "twla.bench": ("BenchConfig", "run_bench"),
-    "twla.checkpoint": ("PackedBits", "load_packed", "pack_model", "packed_bits", "save_packed"),
+    "twla.checkpoint": ("CheckpointError", "PackedBits", "load_packed", "pack_model", "packed_bits", "save_packed"),
     "twla.config": (
         "ActivationConfig",
         "AllocationConfig",
@@ -53,7 +53,14 @@ _EXPORTS = {
     "twla.modules": ("QuantLinear",),
     "twla.quantize": ("LayerRecord", "QuantReport", "quantize"),
     "twla.rotation": ("RotationReport",),
-    "twla.solvers.bits": ("Allocation", "BitCosts", "InfeasibleBudgetError", "Resource", "solve_bits"),
+    "twla.solvers.bits": (
+        "Allocation",
+        "BitCosts",
+        "InfeasibleBudgetError",
+        "Resource",
+        "SolverTimeLimit",
+        "solve_bits",
+    ),
     "twla.ternary_linear": ("TernaryLinear",),
     "twla.weights": ("TernaryWeight", "UniformWeight", "quantize_weight"),
 }

@@ -71,12 +71,16 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model.config.model_type``, or a clear error naming the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def check_architecture(model_type: str | None, label: str = "") -> Adapter:
+    """The adapter for ``model_type``, or a clear error naming the supported ones."""
     if model_type not in ADAPTERS:
         raise NotImplementedError(
-            f"unsupported architecture {model_type!r} ({type(model).__name__}); "
+            f"unsupported architecture {model_type!r}{label}; "
             f"twla supports model_type in: {', '.join(sorted(ADAPTERS))}"
         )
     return ADAPTERS[model_type]
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model.config.model_type``, or a clear error naming the supported ones."""
+    return check_architecture(getattr(getattr(model, "config", None), "model_type", None), f" ({type(model).__name__})")

@@ -6,6 +6,7 @@ calibration windows and is evaluated on the same tokens, so the rows of the tabl
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -17,9 +18,19 @@ from twla.accounting import ACCOUNTING_RULES, count_bits
 from twla.adapters import get_adapter
 from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
 from twla.config import QuantConfig, TernaryConfig
-from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text, tokenize
+from twla.data import (
+    Text,
+    calibration_windows,
+    check_disjoint,
+    check_no_overlap,
+    evaluation_windows,
+    load_text,
+    provenance,
+    tokenize,
+)
 from twla.evaluate import perplexity
-from twla.models import DEFAULT_MODEL, load_model
+from twla.io import atomic_directory, check_output_dir
+from twla.models import DEFAULT_MODEL, ModelSource, check_window_length, load_model, model_source, resolve_device
 from twla.quantize import LayerRecord, quantize
 from twla.report import (
     plot_allocations,
@@ -40,6 +51,7 @@ DEFAULT_METHODS = (
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
 
+REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
 DEFAULT_SAVE = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+amp-site")  # packed, reloaded and evaluated when benched
 
 
@@ -91,10 +103,28 @@ class BenchConfig:
     save_dtype: str = "keep"  # storage of unquantized tensors in saved checkpoints: keep, float16, bfloat16
     histogram_layer: str | None = None  # default: the middle layer's down_proj
     amp: dict = field(default_factory=dict)  # AllocationConfig overrides for amp / amp-site methods
+    overwrite: bool = False  # replace a bench report written earlier at ``out``
 
     def __post_init__(self) -> None:
-        for spec in (*self.methods, *self.save):
-            QuantConfig.from_method(spec, self.amp)  # fail early on a bad spec or budget
+        if not self.methods:
+            raise ValueError("no methods to bench; name at least one with --methods")
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:
+            raise ValueError(f"--methods names {', '.join(repeated)} more than once")
+        checks = {
+            "nsamples": (self.nsamples, 1),
+            "seqlen": (self.seqlen, 2),
+            "eval_seqlen": (self.eval_seqlen, 2),
+            "eval_tokens": (self.eval_tokens if self.eval_tokens is not None else 1, 1),
+            "batch_size": (self.batch_size, 1),
+            "seed": (self.seed, 0),
+        }
+        for name, (value, low) in checks.items():
+            if value < low:
+                raise ValueError(f"{name} must be ≥ {low}, got {value}")
+        configs = [QuantConfig.from_method(spec, self.amp) for spec in self.methods]  # fail early on a bad spec
+        if self.amp and not any(c.allocation for c in configs):
+            raise ValueError(f"amp options {sorted(self.amp)} apply to amp / amp-site methods; none is benched")
         storage_dtype(self.save_dtype)  # fail early on an unknown storage type
         unknown = set(self.save) - set(self.methods)
         if unknown:
@@ -107,26 +137,71 @@ class BenchConfig:
                 )
 
 
-def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, evaluate) -> dict:
-    """Pack the quantized model, save it, load it back from disk and evaluate the loaded model."""
-    path = os.path.join(cfg.out, "models", spec.replace("+", "_"))
+def is_bench_report(path: str) -> bool:
+    """Whether ``path`` is a directory holding a report written by :func:`run_bench`."""
+    try:
+        with open(os.path.join(path, "report.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, run, evaluate):
+    """Pack the quantized model, save it into the report being written (``run.staging``), load it
+    back from disk and evaluate the loaded model; the report names its final path."""
+    relative = os.path.join("models", spec.replace("+", "_"))
+    staged, final = os.path.join(run.staging, relative), os.path.join(cfg.out, relative)
     dtype = storage_dtype(cfg.save_dtype)
-    files = save_packed(pack_model(model, report.weights), tokenizer, path, spec, asdict(qcfg), dtype=dtype)
-    loaded, _, _ = load_packed(path)
-    result, seconds = evaluate(f"{spec} (packed, loaded from {path})", loaded)
-    return {"path": path, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files)}
+    files = save_packed(
+        pack_model(model, report.weights), tokenizer, staged, spec, asdict(qcfg), run.provenance, dtype=dtype
+    )
+    loaded, _, _ = load_packed(staged)
+    result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
+    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files)}
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Run the bench and write its report; returns the report as a dict."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(cfg.model)
-    adapter = get_adapter(model)
+    """Run the bench and write its report directory (atomically: all of it, or nothing);
+    returns the report as a dict. Everything that can be refused is checked before the
+    model's weights are read."""
+    device = resolve_device(cfg.device)
+    source = model_source(cfg.model)
+    check_output_dir(cfg.out, "bench report", is_bench_report, cfg.overwrite, [source.path] if source.local else [])
+    check_window_length(source, cfg.seqlen, "seqlen")
+    check_window_length(source, cfg.eval_seqlen, "eval_seqlen")
     cal_text = load_text(cfg.calibration, role="calibration")
     eval_text = load_text(cfg.evaluation, role="evaluation")
     check_disjoint(cal_text, eval_text)
-    calib = calibration_windows(tokenize(tokenizer, cal_text), cfg.nsamples, cfg.seqlen, cfg.seed)
-    windows = evaluation_windows(tokenize(tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens)
+    cal_ids = tokenize(source.tokenizer, cal_text)
+    calib = calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = evaluation_windows(tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens)
+    check_no_overlap(cal_ids, windows)
+    with atomic_directory(cfg.out) as staging:
+        run = _Run(source, calib, windows, cal_text, eval_text, device, staging, provenance(cal_text, calib, cfg.seed))
+        result = _bench(cfg, run, progress)
+    if progress:
+        print(f"\nReport written to {cfg.out}/ ({', '.join(sorted(os.listdir(cfg.out)))})")
+    return result
+
+
+@dataclass
+class _Run:
+    """What a bench run has resolved before its first model is loaded."""
+
+    source: ModelSource
+    calib: torch.Tensor
+    windows: torch.Tensor
+    cal_text: Text
+    eval_text: Text
+    device: torch.device
+    staging: str  # the report directory being written
+    provenance: dict
+
+
+def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
+    """Quantize, evaluate and report every method, writing into ``run.staging``."""
+    model, tokenizer = load_model(run.source)
+    adapter = get_adapter(model)
 
     layers = adapter.decoder_layers(model)
     hist_name = cfg.histogram_layer or f"{adapter.layers}.{len(layers) // 2}.{adapter.sites[-1].linears[-1]}"
@@ -134,7 +209,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
 
     def evaluate(label: str, model):
         start = time.perf_counter()
-        result = perplexity(model, windows, eval_text.name, cfg.batch_size, device, progress)
+        result = perplexity(model, run.windows, run.eval_text.name, cfg.batch_size, run.device, progress)
         if progress:
             print(f"{label}: perplexity {result.ppl:.3f} on {result.describe()}", flush=True)
         return result, time.perf_counter() - start
@@ -157,9 +232,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     histograms, rotation_weights = {}, {}
     for i, spec in enumerate(cfg.methods):
         if i:
-            model, _ = load_model(cfg.model)
+            model, _ = load_model(run.source)
         qcfg = QuantConfig.from_method(spec, cfg.amp, batch_size=cfg.batch_size)
-        model, report = quantize(model, qcfg, calib, device, progress)
+        model, report = quantize(model, qcfg, run.calib, run.device, progress)
         result, eval_seconds = evaluate(spec, model)
         bits = count_bits(model, adapter, report.weights)
         histograms[spec] = report.weights[hist_name].dequantize()
@@ -202,15 +277,16 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             }
         )
         if spec in cfg.save:
-            rows[-1]["packed"] = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, evaluate)
+            rows[-1]["packed"] = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
         del model
 
     result = {
+        "format": REPORT_FORMAT,
         "setup": {
             **asdict(cfg),
-            "device": device,
+            "device": str(run.device),
             "evaluation": fp.describe(),
-            "calibration": f"{cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, seed {cfg.seed}",
+            "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, seed {cfg.seed}",
             "accounting": ACCOUNTING_RULES,
             "host": platform.node(),
             "torch": torch.__version__,
@@ -218,17 +294,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         },
         "rows": rows,
     }
-    text = write_report(cfg.out, result)
-    plot_layer_errors(rows, os.path.join(cfg.out, "layer_errors.png"))
-    plot_weight_histograms(hist_name, original, histograms, os.path.join(cfg.out, "weight_hist.png"))
-    plots = "layer_errors.png, weight_hist.png"
+    text = write_report(run.staging, result)
+    plot_layer_errors(rows, os.path.join(run.staging, "layer_errors.png"))
+    plot_weight_histograms(hist_name, original, histograms, os.path.join(run.staging, "weight_hist.png"))
     if rotation_weights:
-        plot_rotation_histograms(rotation_weights, os.path.join(cfg.out, "rotation_hist.png"))
-        plots += ", rotation_hist.png"
+        plot_rotation_histograms(rotation_weights, os.path.join(run.staging, "rotation_hist.png"))
     if any(row.get("allocation") for row in rows):
-        plot_allocations(rows, os.path.join(cfg.out, "allocation.png"))
-        plot_cost_predictions(rows, os.path.join(cfg.out, "cost_prediction.png"))
-        plots += ", allocation.png, cost_prediction.png"
+        plot_allocations(rows, os.path.join(run.staging, "allocation.png"))
+        plot_cost_predictions(rows, os.path.join(run.staging, "cost_prediction.png"))
     if progress:
-        print("\n" + text + f"\n\nReport written to {cfg.out}/ (report.md, report.json, {plots})")
+        print("\n" + text)
     return result

@@ -2,23 +2,30 @@
 
 A checkpoint is a directory written atomically:
 
-- ``config.json`` (and ``generation_config.json``): the model's own config;
+- ``config.json`` (and ``generation_config.json``): the model's own config, with a
+  ``quantization_config`` naming the twla method and format version;
 - the tokenizer's files;
-- ``model.safetensors``: every tensor once. Each :class:`~twla.ternary_linear.TernaryLinear`
-  stores ``packed`` (uint8 codes c = t + 1, four per byte along the input, DESIGN §7),
+- ``twla_model.safetensors``: every tensor once (not named ``model.safetensors``, so stock
+  transformers refuses the directory instead of loading random weights for the packed
+  linears). Each :class:`~twla.ternary_linear.TernaryLinear` stores ``packed`` (uint8 codes
+  c = t + 1, four per byte along the input, DESIGN §7),
   ``alpha`` and ``mu`` (fp16, per (group, row)), ``perm`` (int16 column order, when the
   blocks were reordered), ``rot1``/``rot2`` (the online rotation factors, once per site)
   and its bias; the unquantized parameters keep their names;
 - ``twla_quant.json``: format and version, the method and its config, each packed
   linear's shape, group size and activation settings, tensors that share storage, the
-  SHA-256 of ``model.safetensors``, and the bits counted from that file (DESIGN §6).
+  calibration's provenance, the bits counted from the tensor file (DESIGN §6), the SHA-256 of
+  every file that determines the model's outputs, and a digest of its own content;
+- ``twla_report.json`` (optional): run metadata such as timings, outside the digests, so that
+  the same seed gives a byte-identical checkpoint.
 
 Loading rebuilds the transformers model from its config with ternary modules in place of
-the packed linears; a changed, truncated or mismatched file is refused with the reason.
+the packed linears; a changed, truncated, edited or mismatched file is refused, naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -34,7 +41,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from twla.adapters import get_adapter
-from twla.io import atomic_directory
+from twla.io import atomic_directory, check_output_dir
+from twla.models import QUANT_FILE
 from twla.modules import QuantLinear
 from twla.ternary_linear import TernaryLinear
 
@@ -47,9 +55,10 @@ if TYPE_CHECKING:
     from twla.weights import QuantizedWeight
 
 FORMAT = "twla-packed"
-VERSION = 1
-QUANT_FILE = "twla_quant.json"
-TENSOR_FILE = "model.safetensors"
+VERSION = 2
+TENSOR_FILE = "twla_model.safetensors"
+REPORT_FILE = "twla_report.json"
+CONFIG_FILES = ("config.json", "generation_config.json")  # digested with the tensors
 CODE_TENSORS = ("packed", "alpha", "mu", "perm")  # what a packed linear's weight costs
 ROTATION_TENSORS = ("rot1", "rot2")
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
@@ -79,13 +88,13 @@ class PackedBits:
     rotation_bytes: int  # online rotation factors
     embedding_bytes: int  # embeddings and lm_head
     other_bytes: int  # norms, biases and everything else
-    file_bytes: int  # model.safetensors on disk (with its header)
+    file_bytes: int  # the tensor file on disk (with its header)
     fp16_bytes: int  # the same model with every weight in 16 bits
 
     def describe(self) -> str:
         return (
             f"{self.bits_per_weight:.3f} bits per packed weight (from the file: codes, α, μ, column orders); "
-            f"model.safetensors {self.file_bytes / 2**20:.1f} MiB vs {self.fp16_bytes / 2**20:.1f} MiB in fp16 "
+            f"{TENSOR_FILE} {self.file_bytes / 2**20:.1f} MiB vs {self.fp16_bytes / 2**20:.1f} MiB in fp16 "
             f"({self.fp16_bytes / self.file_bytes:.2f}×): linears {self.linear_bytes / 2**20:.1f}, embeddings "
             f"{self.embedding_bytes / 2**20:.1f}, rotations {self.rotation_bytes / 2**20:.2f}, "
             f"other {self.other_bytes / 2**20:.2f} MiB"
@@ -169,16 +178,22 @@ def save_packed(
     path: str,
     method: str = "",
     config: Mapping | None = None,
-    extra: Mapping | None = None,
+    provenance: Mapping | None = None,
+    report: Mapping | None = None,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> PackedBits:
     """Write the packed checkpoint of ``model`` (after :func:`pack_model`) to ``path``, atomically.
 
-    ``method`` and ``config`` (e.g. ``asdict(QuantConfig)``) and ``extra`` are recorded in
-    ``twla_quant.json``. ``dtype`` (e.g. ``torch.float16``) stores the unquantized floating
-    tensors (embeddings, norms, biases, rotation factors) in that type; None keeps them as
-    they are, so the loaded model is bit-identical. Returns the sizes counted from the file.
+    ``method``, ``config`` (e.g. ``asdict(QuantConfig)``) and ``provenance`` (what it was
+    calibrated on, :func:`twla.data.provenance`) are recorded in ``twla_quant.json``;
+    ``report`` (run metadata, e.g. timings) in ``twla_report.json``. An existing checkpoint at
+    ``path`` is replaced only with ``overwrite``; anything else there is never touched.
+    ``dtype`` (e.g. ``torch.float16``) stores the unquantized floating tensors (embeddings,
+    norms, biases, rotation factors) in that type; None keeps them as they are, so the loaded
+    model is bit-identical. Returns the sizes counted from the file.
     """
+    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
     if not linears:
         raise ValueError("the model has no packed ternary linears; call pack_model(model, report.weights) first")
@@ -210,21 +225,51 @@ def save_packed(
         "linears": {name: _linear_spec(m) for name, m in linears.items()},
         "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
         "aliases": aliases,
-        **dict(extra or {}),
+        "provenance": dict(provenance or {}),
     }
     with atomic_directory(path) as tmp:
-        model.config.save_pretrained(tmp)
+        saved_config = copy.deepcopy(model.config)
+        saved_config.quantization_config = {
+            "quant_method": "twla",
+            "format": FORMAT,
+            "version": VERSION,
+            "method": method,
+        }
+        saved_config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file(tensors, os.path.join(tmp, TENSOR_FILE), metadata={"format": "pt"})
-        meta["sha256"] = _sha256(os.path.join(tmp, TENSOR_FILE))
+        meta["files"] = {
+            name: _sha256(os.path.join(tmp, name))
+            for name in (TENSOR_FILE, *CONFIG_FILES)
+            if os.path.isfile(os.path.join(tmp, name))
+        }
         bits = _count_bits(tmp, meta)
         meta["bits"] = asdict(bits)
+        meta["digest"] = _meta_digest(meta)
         with open(os.path.join(tmp, QUANT_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=2, default=str)
+        if report is not None:
+            with open(os.path.join(tmp, REPORT_FILE), "w", encoding="utf-8") as fh:
+                json.dump(dict(report), fh, indent=2, default=str)
     return bits
+
+
+def _meta_digest(meta: Mapping) -> str:
+    """SHA-256 of ``twla_quant.json``'s content (all but the digest itself), canonically serialized."""
+    content = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_packed_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a directory holding a twla packed checkpoint (by its ``twla_quant.json``)."""
+    try:
+        with open(os.path.join(path, QUANT_FILE), encoding="utf-8") as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_meta(path: str) -> dict:
@@ -242,10 +287,15 @@ def read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file} does not describe a packed checkpoint (format {FORMAT!r} expected)")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{file}: format version {meta.get('version')} is not supported (this is {VERSION})")
-    missing = {"linears", "aliases", "sha256", "model_type", "embeddings"} - set(meta)
+        raise CheckpointError(
+            f"{file}: format version {meta.get('version')} is not supported (this is {VERSION}); "
+            "quantize the model again with this version"
+        )
+    missing = {"linears", "aliases", "files", "digest", "model_type", "embeddings"} - set(meta)
     if missing:
         raise CheckpointError(f"{file} is incomplete: no {', '.join(sorted(missing))}")
+    if _meta_digest(meta) != meta["digest"]:
+        raise CheckpointError(f"{file} was edited: its content does not match its digest")
     return meta
 
 
@@ -292,13 +342,20 @@ def load_packed(
     unquantized parameters and activations (α, μ and codes keep their own)."""
     meta = read_meta(path)
     file = os.path.join(path, TENSOR_FILE)
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path!r} has no {TENSOR_FILE}")
-    if _sha256(file) != meta["sha256"]:
-        raise CheckpointError(
-            f"{file} is corrupt: its SHA-256 does not match {QUANT_FILE} (the file was changed or truncated)"
-        )
+    for name, digest in meta["files"].items():
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{path!r} has no {name}")
+        if _sha256(os.path.join(path, name)) != digest:
+            raise CheckpointError(
+                f"{os.path.join(path, name)} does not match the SHA-256 recorded in {QUANT_FILE} "
+                "(the file was changed or truncated)"
+            )
+    if TENSOR_FILE not in meta["files"]:
+        raise CheckpointError(f"{path}: {QUANT_FILE} records no digest of {TENSOR_FILE}")
     config = AutoConfig.from_pretrained(path)
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "twla":
+        del config.quantization_config  # describes the packed files; the model is rebuilt dense, then packed
     if config.model_type != meta["model_type"]:
         raise CheckpointError(
             f"{path}: config.json describes a {config.model_type!r} model but the packed weights are for "

@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, BenchConfig, run_bench
 from twla.checkpoint import STORAGE_DTYPES
-from twla.config import BASE_METHODS, MODIFIERS
+from twla.config import ALLOCATION_MODIFIERS, BASE_METHODS, MODIFIERS
 from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels import bench as kernel_bench
 from twla.kernels.dispatch import BACKENDS
@@ -34,6 +34,21 @@ DATA_HELP = (
 )
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer ≥ ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be ≥ {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -42,22 +57,40 @@ def _common(p: argparse.ArgumentParser) -> None:
         f"(default: {DEFAULT_MODEL})",
     )
     p.add_argument("--calibration", default="emma+mansfieldpark", help="calibration text: " + DATA_HELP)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    p.add_argument("--nsamples", type=_int_at_least(1), default=32, help="calibration windows (default 32)")
+    p.add_argument(
+        "--seqlen", type=_int_at_least(2), default=512, help="calibration window length in tokens (default 512)"
+    )
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output that twla wrote earlier")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods)")
-    amp.add_argument("--amp-budget", type=float, default=4.0, help="mean activation bits (default 4)")
-    amp.add_argument("--amp-beta", type=float, default=0.5, help="interaction weight β (default 0.5)")
-    amp.add_argument("--amp-options", default="2,4,6,8", help="comma-separated bit-widths (default 2,4,6,8)")
-    amp.add_argument("--amp-solver", default="dp", help="bit-allocation solver (default dp; see `twla solvers`)")
+    amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods only)")
+    amp.add_argument("--amp-budget", type=float, help="mean activation bits (default 4)")
+    amp.add_argument("--amp-beta", type=float, help="interaction weight β (default 0.5)")
+    amp.add_argument("--amp-options", help="comma-separated bit-widths (default 2,4,6,8)")
+    amp.add_argument("--amp-solver", help="bit-allocation solver (default dp; see `twla solvers`)")
 
 
-def _amp(args: argparse.Namespace) -> dict:
-    options = tuple(int(b) for b in args.amp_options.split(",") if b)
-    return {"budget": args.amp_budget, "beta": args.amp_beta, "options": options, "solver": args.amp_solver}
+def _amp(args: argparse.Namespace, methods: tuple[str, ...]) -> dict:
+    """The AllocationConfig overrides given on the command line; an error when no method uses them."""
+    given = {
+        "budget": args.amp_budget,
+        "beta": args.amp_beta,
+        "options": args.amp_options,
+        "solver": args.amp_solver,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not any(m in ALLOCATION_MODIFIERS for spec in methods for m in spec.lower().split("+")[1:]):
+        flags = ", ".join(f"--amp-{k}" for k in given)
+        raise ValueError(f"{flags} applies to amp / amp-site methods, and none of {', '.join(methods)} is one")
+    if "options" in given:
+        try:
+            given["options"] = tuple(int(b) for b in given["options"].split(",") if b)
+        except ValueError:
+            raise ValueError(f"--amp-options must be comma-separated integers, got {args.amp_options!r}") from None
+    return given
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -65,10 +98,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         "--evaluation", default="prideprejudice", help="evaluation text (never the calibration text): " + DATA_HELP
     )
     p.add_argument(
-        "--eval-seqlen", type=int, default=512, help="evaluation window length (default 512; 2048 for papers)"
+        "--eval-seqlen",
+        type=_int_at_least(2),
+        default=512,
+        help="evaluation window length (default 512; 2048 for papers)",
     )
     p.add_argument(
-        "--eval-tokens", type=int, default=20480, help="evaluate on the first N tokens (default 20480; 0 = all)"
+        "--eval-tokens",
+        type=_int_at_least(0),
+        default=20480,
+        help="evaluate on the first N tokens (default 20480; 0 = all)",
     )
 
 
@@ -97,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/latest", help="report directory (default runs/latest)")
     bench.add_argument(
         "--save",
-        default=",".join(DEFAULT_SAVE),
-        help="comma-separated ternary methods whose packed checkpoint is written to OUT/models/, loaded back and "
-        f"evaluated (default {','.join(DEFAULT_SAVE)} when benched; '' for none)",
+        default=None,
+        help="comma-separated ternary methods, each among --methods, whose packed checkpoint is written to "
+        f"OUT/models/, loaded back and evaluated (default: those of {','.join(DEFAULT_SAVE)} that are benched; "
+        "'' for none)",
     )
     bench.add_argument(
         "--save-dtype",
@@ -137,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(evaluate)
     evaluate.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     evaluate.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    evaluate.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="sequences per forward pass (default 8)"
+    )
     evaluate.add_argument("--kernels", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -156,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    methods = tuple(m for m in args.methods.split(",") if m)
-    save = tuple(m for m in args.save.split(",") if m and m in methods)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.save is None:
+        save = tuple(m for m in DEFAULT_SAVE if m in methods)
+    else:
+        save = tuple(m.strip() for m in args.save.split(",") if m.strip())
     cfg = BenchConfig(
         model=args.model,
         methods=methods,
@@ -173,29 +218,45 @@ def _bench(args: argparse.Namespace) -> None:
         out=args.out,
         save=save,
         save_dtype=args.save_dtype,
-        amp=_amp(args),
+        amp=_amp(args, methods),
+        overwrite=args.overwrite,
     )
     run_bench(cfg, progress=not args.quiet)
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from twla.checkpoint import pack_model, save_packed, storage_dtype
+    from twla.checkpoint import is_packed_checkpoint, pack_model, save_packed, storage_dtype
     from twla.config import QuantConfig, TernaryConfig
-    from twla.data import calibration_windows, load_text, tokenize
-    from twla.models import load_model
+    from twla.data import calibration_windows, load_text, provenance, tokenize
+    from twla.io import check_output_dir
+    from twla.models import check_window_length, load_model, model_source, resolve_device
     from twla.quantize import quantize
 
-    config = QuantConfig.from_method(args.method, _amp(args), batch_size=args.batch_size)
+    # everything that can be refused is checked before the model's weights are read
+    config = QuantConfig.from_method(args.method, _amp(args, (args.method,)), batch_size=args.batch_size)
     if not isinstance(config.weights, TernaryConfig):
         raise ValueError(f"{args.method}: the packed checkpoint format stores ternary weights, not uniform integers")
-    model, tokenizer = load_model(args.model)
-    calib = calibration_windows(
-        tokenize(tokenizer, load_text(args.calibration, "calibration")), args.nsamples, args.seqlen, args.seed
-    )
-    model, report = quantize(model, config, calib, args.device, progress=not args.quiet)
-    packed = pack_model(model, report.weights)
     dtype = storage_dtype(args.dtype)
-    files = save_packed(packed, tokenizer, args.out, args.method, asdict(config), {"report": report.to_dict()}, dtype)
+    device = resolve_device(args.device)
+    source = model_source(args.model)
+    protect = [source.path] if source.local else []
+    check_output_dir(args.out, "packed checkpoint", is_packed_checkpoint, args.overwrite, protect)
+    check_window_length(source, args.seqlen, "--seqlen")
+    text = load_text(args.calibration, "calibration")
+    calib = calibration_windows(tokenize(source.tokenizer, text), args.nsamples, args.seqlen, args.seed)
+    model, tokenizer = load_model(source)
+    model, report = quantize(model, config, calib, device, progress=not args.quiet)
+    files = save_packed(
+        pack_model(model, report.weights),
+        tokenizer,
+        args.out,
+        args.method,
+        asdict(config),
+        provenance=provenance(text, calib, args.seed),
+        report=report.to_dict(),
+        dtype=dtype,
+        overwrite=args.overwrite,
+    )
     print(f"{args.method}: quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}")
     print(files.describe())
 
@@ -204,16 +265,25 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from twla.checkpoint import load_packed, packed_bits
-    from twla.data import evaluation_windows, load_text, tokenize
+    from twla.data import OVERLAP_LIMIT, calibration_overlap, evaluation_windows, load_text, tokenize
     from twla.evaluate import perplexity
     from twla.kernels.dispatch import kernel_backend
+    from twla.models import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    text = load_text(args.evaluation, "evaluation")
     model, tokenizer, meta = load_packed(args.checkpoint, dtype=getattr(torch, args.dtype))
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} holds no tokenizer; it is needed to tokenize the evaluation text")
-    text = load_text(args.evaluation, "evaluation")
-    windows = evaluation_windows(tokenize(tokenizer, text), args.eval_seqlen, args.eval_tokens or None)
+    ids = tokenize(tokenizer, text)
+    windows = evaluation_windows(ids, args.eval_seqlen, args.eval_tokens or None)
+    shared = calibration_overlap(meta.get("provenance", {}), ids)
+    if shared is not None and shared >= OVERLAP_LIMIT:
+        print(
+            f"twla: WARNING: {100 * shared:.0f}% of the sampled calibration text of {args.checkpoint} occurs in "
+            f"the evaluation text {text.name}: this perplexity is measured on text the model was calibrated on",
+            file=sys.stderr,
+        )
     with kernel_backend(args.kernels):
         result = perplexity(model, windows, text.name, args.batch_size, device, not args.quiet)
     print(f"{meta['method'] or args.checkpoint}: perplexity {result.ppl:.4f} on {result.describe()}")

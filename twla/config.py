@@ -251,6 +251,14 @@ def _parse(spec: str) -> tuple[str, list[str]]:
     for mod in mods:
         if mod not in MODIFIERS:
             raise ValueError(f"unknown modifier {mod!r} in {spec!r}: choose from {', '.join(MODIFIERS)}")
+    repeated = sorted({m for m in mods if mods.count(m) > 1})
+    if repeated:
+        raise ValueError(f"{spec!r} names {', '.join(repeated)} more than once")
+    widths = [m for m in mods if m in ACTIVATION_MODIFIERS and m != "sym"]
+    if len(widths) > 1:
+        raise ValueError(f"{spec!r} names several activation bit-widths ({', '.join(widths)}); choose one")
+    if "sym" in mods and not widths and not any(m in ALLOCATION_MODIFIERS for m in mods):
+        raise ValueError(f"{spec!r}: sym has no effect without quantized activations (+a2 … +a8, or +amp)")
     sites = sorted({"kotms" if m == "act" else m for m in mods if m in ("had", "rand", "kotms", "act")})
     if len(sites) > 1:
         raise ValueError(f"{spec!r} names several site rotations ({', '.join(sites)}); choose one")

@@ -8,10 +8,12 @@ A source is a built-in public-domain corpus (``emma``, ``mansfieldpark``,
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from importlib import resources
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,10 +96,74 @@ def load_text(source: str, role: str = "evaluation") -> Text:
 
 
 def check_disjoint(calibration: Text, evaluation: Text) -> None:
-    """Calibration and evaluation must never share text."""
+    """Calibration and evaluation must never share a source (the quick check by name, before
+    tokenizing; :func:`check_no_overlap` compares the content)."""
     shared = {p.split(":")[0] for p in calibration.parts} & {p.split(":")[0] for p in evaluation.parts}
     if shared:
         raise ValueError(f"calibration and evaluation share text ({', '.join(sorted(shared))}); pick disjoint sources")
+
+
+NGRAM = 12  # tokens; distinct English books share no 12-token n-gram in practice
+OVERLAP_LIMIT = 0.01  # fraction of shared n-grams from which two texts overlap
+
+
+def ngram_hashes(ids: Tensor, n: int = NGRAM) -> np.ndarray:
+    """64-bit polynomial hashes of every n-gram of consecutive tokens within each row of ``ids``
+    (1-D: one text; 2-D: windows, no n-gram across windows)."""
+    rows = ids.reshape(1, -1) if ids.ndim == 1 else ids
+    out = [np.zeros(0, dtype=np.uint64)]
+    for row in rows.cpu().numpy().astype(np.uint64):
+        m = row.size - n + 1
+        if m > 0:
+            h = np.zeros(m, dtype=np.uint64)
+            for j in range(n):
+                h = h * np.uint64(1_000_003) + row[j : j + m]
+            out.append(h)
+    return np.concatenate(out)
+
+
+def shared_fraction(probe: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of the n-gram hashes ``probe`` that also occur in ``reference``."""
+    return float(np.isin(probe, reference).mean()) if probe.size else 0.0
+
+
+def check_no_overlap(calibration_ids: Tensor, evaluation: Tensor) -> None:
+    """Refuse evaluation windows that share text with the calibration tokens, by content: a
+    fraction ≥ :data:`OVERLAP_LIMIT` of their token n-grams occurs in the calibration text."""
+    shared = shared_fraction(ngram_hashes(evaluation), ngram_hashes(calibration_ids))
+    if shared >= OVERLAP_LIMIT:
+        raise ValueError(
+            f"calibration and evaluation share text: {100 * shared:.1f}% of the evaluated {NGRAM}-token "
+            "sequences occur in the calibration text; pick disjoint sources"
+        )
+
+
+def provenance(text: Text, windows: Tensor, seed: int, sample: int = 256) -> dict:
+    """What a quantized model was calibrated on: sources, window count and length, seed, the
+    SHA-256 of the token windows, and ``sample`` of their n-gram hashes (evenly spaced), by which
+    a later evaluation can detect overlap with its own text."""
+    hashes = ngram_hashes(windows)
+    picks = hashes[np.linspace(0, hashes.size - 1, min(sample, hashes.size)).astype(int)] if hashes.size else hashes
+    return {
+        "calibration": {
+            "sources": list(text.parts),
+            "windows": int(windows.shape[0]),
+            "seqlen": int(windows.shape[1]),
+            "seed": seed,
+            "tokens_sha256": hashlib.sha256(windows.cpu().numpy().astype(np.int64).tobytes()).hexdigest(),
+            "ngram": NGRAM,
+            "ngram_sample": [int(h) for h in picks],
+        }
+    }
+
+
+def calibration_overlap(provenance: dict, evaluation: Tensor) -> float | None:
+    """Fraction of a checkpoint's sampled calibration n-grams found in ``evaluation`` (None when
+    the checkpoint records none)."""
+    cal = provenance.get("calibration") or {}
+    if not cal.get("ngram_sample") or cal.get("ngram") != NGRAM:
+        return None
+    return shared_fraction(np.array(cal["ngram_sample"], dtype=np.uint64), ngram_hashes(evaluation))
 
 
 def tokenize(tokenizer, text: Text) -> Tensor:

@@ -28,6 +28,7 @@ from twla.adapters import Adapter, Site, get_adapter
 from twla.allocation import AllocationReport, allocate, cost_windows
 from twla.capture import SiteInputs, capture_layer_inputs, collect_statistics, layer_output
 from twla.config import QuantConfig
+from twla.models import resolve_device
 from twla.modules import wrap_linears
 from twla.rotation import (
     Factors,
@@ -114,6 +115,11 @@ def _site_inputs(
     return collect_statistics(layer, first, batches, acts.calibration_tokens if sample else 0)
 
 
+def _relative(error: float, energy: float) -> float:
+    """error / energy, 0 for a layer without energy (an all-zero weight is quantized exactly)."""
+    return error / energy if energy > 0 else 0.0
+
+
 def _clip_bits(name: str, config: QuantConfig) -> list[int]:
     """Bit-widths whose clipping ratio the linear ``name`` needs: its own, and every allocation option."""
     extra = config.allocation.clip_bits if config.allocation else ()
@@ -174,8 +180,8 @@ def _quantize_site(
         wnorm = float((W**2).sum())
         stages = {
             name: {
-                "weight_error": res.stage_weight_error[name] / wnorm,
-                "output_error": res.stage_output_error[name] / energy_h,
+                "weight_error": _relative(res.stage_weight_error[name], wnorm),
+                "output_error": _relative(res.stage_output_error[name], energy_h),
             }
             for name in res.stage_weight_error
         }
@@ -200,8 +206,8 @@ def _quantize_site(
                 layer=index,
                 site=site.name,
                 shape=tw.shape,
-                weight_error=float((E**2).sum()) / wnorm,
-                output_error=float(((E @ S) * E).sum()) / max(energy_s, 1e-300),
+                weight_error=_relative(float((E**2).sum()), wnorm),
+                output_error=_relative(float(((E @ S) * E).sum()), energy_s),
                 stages=stages,
                 seconds=time.perf_counter() - start + setup_seconds / len(site.linears),
                 rotation=rot_name,
@@ -250,7 +256,7 @@ def quantize(
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:
         cost_windows(calibration, config.allocation)  # fail before the work, not after it
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     report = QuantReport(config, calibration_tokens=calibration.numel())
     start = time.perf_counter()
     rot = config.rotation

@@ -111,7 +111,7 @@ def allocation_table(rows: list[dict]) -> str:
 def packed_table(rows: list[dict]) -> str:
     """Saved packed checkpoints, reloaded from disk: sizes from the files; perplexity next to the fake-quantized one."""
     lines = [
-        "| method | checkpoint | bits/w (file) | model.safetensors MiB | fp16 MiB | ratio | perplexity (fake-quant) "
+        "| method | checkpoint | bits/w (file) | tensor file MiB | fp16 MiB | ratio | perplexity (fake-quant) "
         "| perplexity (packed, reloaded) | eval s (packed) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

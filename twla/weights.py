@@ -139,6 +139,7 @@ def uniform_block_fitter(cfg: UniformConfig) -> BlockFit:
     def fit(Wb: Tensor, metric: Tensor, Pbb: Tensor | None) -> tuple[Tensor, dict[str, Tensor], UniformFit]:
         scale, zero = uniform_grid(Wb, cfg.bits)
         scale = scale.half().to(Wb.dtype)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # rows below fp16's range: all codes at 0
 
         def dequant(codes: Tensor, s: Tensor, z: Tensor) -> Tensor:
             return s * (codes - z)

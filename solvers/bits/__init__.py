@@ -10,7 +10,16 @@
 - :mod:`.solve`: :func:`solve_bits`, the entry point.
 """
 
-from twla.solvers.bits.problem import Allocation, BitCosts, InfeasibleBudgetError, Resource
+from twla.solvers.bits.problem import Allocation, BitCosts, InfeasibleBudgetError, Resource, SolverTimeLimit
 from twla.solvers.bits.solve import EXACT_SOLVERS, SOLVERS, solve_bits
 
-__all__ = ["EXACT_SOLVERS", "SOLVERS", "Allocation", "BitCosts", "InfeasibleBudgetError", "Resource", "solve_bits"]
+__all__ = [
+    "EXACT_SOLVERS",
+    "SOLVERS",
+    "Allocation",
+    "BitCosts",
+    "InfeasibleBudgetError",
+    "Resource",
+    "SolverTimeLimit",
+    "solve_bits",
+]

@@ -95,24 +95,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="instance seed (default 0)")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per IP solve (default 60)")
     p.add_argument("--out", default="", help="also write the rows as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace a JSON file an earlier run wrote at --out")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Benchmark as the command line asks, print the table, optionally write JSON."""
-    from twla.io import write_json
+    from twla.io import check_output_file, write_json
 
     solvers = args.solvers.split(",")
     unknown = set(solvers) - set(SOLVERS)
     if unknown:
         raise ValueError(f"unknown solvers: {', '.join(sorted(unknown))}; choose from {', '.join(SOLVERS)}")
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.out:
+        check_output_file(args.out, REPORT_FORMAT, args.overwrite)
     rows = benchmark(sizes, solvers, args.budget, args.beta, args.seed, args.time_limit)
     print(markdown(rows))
     if args.out:
-        write_json(args.out, {"setup": vars(args), "rows": rows})
+        write_json(args.out, {"format": REPORT_FORMAT, "setup": vars(args), "rows": rows})
     return rows
 
 
+REPORT_FORMAT = "solver benchmark"
 DESCRIPTION = "Time to optimum and optimality gap of every bit-allocation solver on synthetic chains."
 
 if __name__ == "__main__":

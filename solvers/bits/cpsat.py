@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from twla.solvers.bits.problem import BitCosts, InfeasibleBudgetError, Solution, budget_constraint, integer_constraint
+from twla.solvers.bits.heuristics import greedy_start
+from twla.solvers.bits.problem import (
+    BitCosts,
+    Deadline,
+    InfeasibleBudgetError,
+    Solution,
+    budget_constraint,
+    integer_constraint,
+)
 
 # Largest scaled total |cost| (keeps CP-SAT's integer objective and its float bound exact).
 COST_RESOLUTION = 1e12
 
 
 def solve_cpsat(costs: BitCosts, budget: float, time_limit: float = 60.0, workers: int = 1, seed: int = 0) -> Solution:
-    """CP-SAT; ``workers=1`` with a fixed seed is deterministic."""
+    """CP-SAT, started from the greedy allocation (a hint, without extra resources), within
+    ``time_limit`` seconds of wall time in all; ``workers=1`` with a fixed seed is deterministic."""
     from ortools.sat.python import cp_model
 
     L, K = costs.units, costs.options
+    deadline = Deadline(time_limit, "cp-sat", L)
     unary = costs.unary
     pair = costs.beta * costs.pairwise
     total = np.abs(unary).max(1).sum() + (np.abs(pair).max((1, 2)).sum() if L > 1 else 0.0)
@@ -32,6 +42,8 @@ def solve_cpsat(costs: BitCosts, budget: float, time_limit: float = 60.0, worker
         model.AddExactlyOne(row)
     terms = [(int(round(scale * unary[ell, k])), x[ell][k]) for ell in range(L) for k in range(K)]
     for ell in range(L - 1):
+        if ell % 256 == 0:
+            deadline.remaining("building its model")
         y = [[model.NewBoolVar(f"y{ell}_{k}_{j}") for j in range(K)] for k in range(K)]
         for k in range(K):
             model.Add(sum(y[k]) == x[ell][k])
@@ -42,16 +54,24 @@ def solve_cpsat(costs: BitCosts, budget: float, time_limit: float = 60.0, worker
     for coeffs, limit in constraints:
         model.Add(sum(int(coeffs[ell, k]) * x[ell][k] for ell in range(L) for k in range(K)) <= limit)
     model.Minimize(sum(c * v for c, v in terms if c))
+    hint = greedy_start(costs, budget)
+    for ell in range(L if hint is not None else 0):
+        for k in range(K):
+            model.AddHint(x[ell][k], int(hint[ell] == k))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     solver.parameters.linearization_level = 2  # the tight LP of the marginal-consistency model
-    status = solver.Solve(model)
+
+    def search(left: float) -> int:
+        solver.parameters.max_time_in_seconds = left
+        return solver.Solve(model)
+
+    status = deadline.run(search)
     if status == cp_model.INFEASIBLE:
         raise InfeasibleBudgetError("no allocation satisfies the budget and the extra resource limits")
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        raise RuntimeError(f"CP-SAT found no allocation within {time_limit:g} s ({solver.StatusName(status)})")
+        raise deadline.expired(f"searching ({solver.StatusName(status)})")
     choice = np.array([[solver.BooleanValue(v) for v in row] for row in x]).argmax(1)
     bound = solver.BestObjectiveBound() / scale - (2 * L - 1) / (2 * scale)
-    return Solution(choice, "optimal" if status == cp_model.OPTIMAL else "feasible", bound)
+    return Solution(choice, "optimal" if status == cp_model.OPTIMAL else "time limit", bound)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -56,6 +57,12 @@ def repair(costs: BitCosts, budget: float, choice: np.ndarray) -> np.ndarray:
         spent = use[idx, choice].sum()
 
 
+def greedy_start(costs: BitCosts, budget: float) -> np.ndarray | None:
+    """The greedy allocation as a starting point for an exact solver (None with extra resources,
+    which greedy does not handle)."""
+    return None if costs.resources else solve_greedy(costs, budget).choice
+
+
 def solve_greedy(costs: BitCosts, budget: float) -> Solution:
     """Greedy from the all-highest-bits allocation."""
     start = np.full(costs.units, int(np.argmax(costs.bits)))
@@ -66,7 +73,10 @@ def solve_brute_force(costs: BitCosts, budget: float, max_assignments: int = MAX
     """The optimum by enumeration (K^L ≤ ``max_assignments``); handles extra resources."""
     L, K = costs.units, costs.options
     if K**L > max_assignments:
-        raise ValueError(f"brute force would enumerate {K}^{L} = {K**L:,} allocations (limit {max_assignments:,})")
+        count = f"{K**L:,}" if L * math.log10(K) < 16 else f"about 10^{L * math.log10(K):.0f}"
+        raise ValueError(
+            f"brute force would enumerate {K}^{L} = {count} allocations (limit {max_assignments:,}); use dp"
+        )
     best, best_value = None, np.inf
     chunk = max(1, (1 << 16) // max(1, K ** min(L, 4)))
     head = max(0, L - 4)

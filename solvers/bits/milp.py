@@ -11,13 +11,14 @@ Variables: one-hot x_{ℓ,k} ∈ {0,1} and pair variables y_{ℓ,k,k'} ∈ {0,1}
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
 
-from twla.solvers.bits.heuristics import repair
-from twla.solvers.bits.problem import BitCosts, InfeasibleBudgetError, Solution
+from twla.solvers.bits.heuristics import greedy_start, repair
+from twla.solvers.bits.problem import BitCosts, Deadline, InfeasibleBudgetError, Solution
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,13 @@ class Formulation:
     def choice(self, z: np.ndarray) -> np.ndarray:
         """Option indices from a (possibly fractional) solution: the largest x per unit."""
         return np.asarray(z[: self.units * self.options]).reshape(self.units, self.options).argmax(1)
+
+    def point(self, choice: np.ndarray) -> np.ndarray:
+        """The 0/1 vector z (x, then y = x_ℓ x_{ℓ+1}ᵀ) of option indices ``choice``."""
+        L, K = self.units, self.options
+        x = np.zeros((L, K))
+        x[np.arange(L), choice] = 1.0
+        return np.concatenate([x.ravel(), (x[:-1, :, None] * x[1:, None, :]).ravel()])
 
 
 def formulate(costs: BitCosts, budget: float) -> Formulation:
@@ -74,51 +82,69 @@ def _infeasible() -> InfeasibleBudgetError:
 
 
 def solve_milp(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solution:
-    """SciPy ``milp`` (HiGHS branch and cut)."""
+    """SciPy ``milp`` (HiGHS branch and cut), within ``time_limit`` seconds of wall time in all."""
     from scipy.optimize import LinearConstraint, milp
 
+    deadline = Deadline(time_limit, "milp", costs.units)
     f = formulate(costs, budget)
-    res = milp(
-        f.c,
-        integrality=np.ones_like(f.c),
-        bounds=(0, 1),
-        constraints=[LinearConstraint(f.A_eq, f.b_eq, f.b_eq), LinearConstraint(f.A_ub, -np.inf, f.b_ub)],
-        options={"time_limit": time_limit, "mip_rel_gap": 1e-9},
+    res = deadline.run(
+        lambda left: milp(
+            f.c,
+            integrality=np.ones_like(f.c),
+            bounds=(0, 1),
+            constraints=[LinearConstraint(f.A_eq, f.b_eq, f.b_eq), LinearConstraint(f.A_ub, -np.inf, f.b_ub)],
+            options={"time_limit": left, "mip_rel_gap": 1e-9},
+        )
     )
     if res.x is None:
         if res.status == 2:
             raise _infeasible()
+        if res.status == 1:
+            raise deadline.expired("searching")
         raise RuntimeError(f"scipy milp found no allocation: {res.message}")
-    status = "optimal" if res.status == 0 else "feasible"
+    status = "optimal" if res.status == 0 else "time limit"
     return Solution(f.choice(res.x), status, getattr(res, "mip_dual_bound", None))
 
 
 def solve_scip(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solution:
-    """OR-Tools' MIP wrapper with the SCIP backend."""
+    """OR-Tools' MIP wrapper with the SCIP backend, started from the greedy allocation (a hint,
+    without extra resources),
+    within ``time_limit`` seconds of wall time in all."""
     from ortools.linear_solver import pywraplp
 
+    deadline = Deadline(time_limit, "scip", costs.units)
     f = formulate(costs, budget)
     solver = pywraplp.Solver.CreateSolver("SCIP")
     if solver is None:
         raise RuntimeError("OR-Tools was built without SCIP")
-    solver.SetTimeLimit(int(time_limit * 1000))
     z = [solver.BoolVar(f"z{i}") for i in range(f.c.size)]
     for A, b, equal in ((f.A_eq, f.b_eq, True), (f.A_ub, f.b_ub, False)):
         for i in range(A.shape[0]):
+            if i % 256 == 0:
+                deadline.remaining("building its model")
             lo, hi = A.indptr[i], A.indptr[i + 1]
             expr = solver.Sum([float(v) * z[j] for j, v in zip(A.indices[lo:hi], A.data[lo:hi])])
             solver.Add(expr == float(b[i]) if equal else expr <= float(b[i]))
     solver.Minimize(solver.Sum([float(ci) * zi for ci, zi in zip(f.c, z) if ci != 0]))
+    hint = greedy_start(costs, budget)
+    if hint is not None:
+        solver.SetHint(z, f.point(hint).tolist())
     params = pywraplp.MPSolverParameters()
     params.SetDoubleParam(params.RELATIVE_MIP_GAP, 1e-9)
-    status = solver.Solve(params)
+
+    def search(left: float) -> int:
+        solver.SetTimeLimit(max(1, int(left * 1000)))
+        return solver.Solve(params)
+
+    status = deadline.run(search)
     if status == pywraplp.Solver.INFEASIBLE:
         raise _infeasible()
     if status not in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE):
-        raise RuntimeError(f"SCIP found no allocation (status {status})")
+        raise deadline.expired(f"searching (status {status})")
     values = np.array([zi.solution_value() for zi in z])
-    label = "optimal" if status == pywraplp.Solver.OPTIMAL else "feasible"
-    return Solution(f.choice(values), label, solver.Objective().BestBound())
+    label = "optimal" if status == pywraplp.Solver.OPTIMAL else "time limit"
+    bound = solver.Objective().BestBound()
+    return Solution(f.choice(values), label, bound if abs(bound) < 1e19 else None)
 
 
 def _cvxpy_problem(f: Formulation, boolean: bool):
@@ -132,17 +158,28 @@ def _cvxpy_problem(f: Formulation, boolean: bool):
 
 
 def solve_cvxpy(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solution:
-    """CVXPY boolean MILP (HiGHS backend)."""
+    """CVXPY boolean MILP (HiGHS backend), within ``time_limit`` seconds of wall time in all.
+
+    CVXPY's compilation cannot be interrupted: when it outlasts the limit, the call returns with
+    :class:`SolverTimeLimit` and the abandoned compilation ends with a search of no time."""
     import cvxpy as cp
 
+    deadline = Deadline(time_limit, "cvxpy", costs.units)
     f = formulate(costs, budget)
     problem, z = _cvxpy_problem(f, boolean=True)
-    problem.solve(solver=cp.HIGHS, time_limit=time_limit, mip_rel_gap=1e-9)
+
+    def search(left: float) -> None:
+        data, chain, inverse = problem.get_problem_data(cp.HIGHS)
+        left = max(deadline.limit - (time.perf_counter() - deadline.start), 1e-3)  # after the compilation
+        raw = chain.solve_via_data(problem, data, solver_opts={"time_limit": left, "mip_rel_gap": 1e-9})
+        problem.unpack_results(raw, chain, inverse)
+
+    deadline.run(search, "compiling or searching")
     if problem.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
         raise _infeasible()
     if z.value is None:
-        raise RuntimeError(f"CVXPY found no allocation (status {problem.status})")
-    status = "optimal" if problem.status == cp.OPTIMAL else "feasible"
+        raise deadline.expired(f"searching (status {problem.status})")
+    status = "optimal" if problem.status == cp.OPTIMAL else "time limit"
     return Solution(f.choice(z.value), status, problem.value if status == "optimal" else None)
 
 

@@ -10,12 +10,16 @@ Units ℓ = 1..L in execution order choose one option k_ℓ from the bit-widths 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 # Budgets and resource limits are compared with this relative tolerance.
 TOLERANCE = 1e-9
@@ -232,10 +236,65 @@ def budget_constraint(costs: BitCosts, budget: float) -> tuple[np.ndarray, int]:
     return integer_constraint(np.outer(costs.weights, costs.bits), budget * costs.weights.sum(), "budget weights")
 
 
+class SolverTimeLimit(RuntimeError):
+    """An exact solver's time limit ran out before it had any allocation."""
+
+
+class Deadline:
+    """A solver's wall-clock time limit, counted from construction: model building and search
+    together stay within it (the search gets what building left)."""
+
+    def __init__(self, limit: float, solver: str, units: int) -> None:
+        if not limit > 0:
+            raise ValueError(f"time_limit must be > 0 seconds, got {limit}")
+        self.limit, self.solver, self.units = float(limit), solver, units
+        self.start = time.perf_counter()
+
+    def remaining(self, stage: str) -> float:
+        """Seconds left; :class:`SolverTimeLimit` when none are, naming what ran out of time."""
+        left = self.limit - (time.perf_counter() - self.start)
+        if left <= 0:
+            raise self.expired(stage)
+        return left
+
+    def run(self, search: Callable[[float], T], stage: str = "searching") -> T:
+        """``search(seconds left)`` in a worker thread, waited for until the limit at most: a
+        backend that overruns its own limit (in setup, presolve or compilation) is abandoned to
+        end on its own, and the call raises :class:`SolverTimeLimit`. The search is given what
+        is left less 3 % of the limit, kept for reading its answer."""
+        left = self.remaining("building its model") - 0.03 * self.limit
+        if left <= 0:
+            raise self.expired("building its model")
+        outcome: list[tuple[bool, object]] = []
+
+        def work() -> None:
+            try:
+                outcome.append((True, search(left)))
+            except BaseException as err:  # handed to the calling thread
+                outcome.append((False, err))
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(max(0.0, self.limit - (time.perf_counter() - self.start)))
+        if not outcome:
+            raise self.expired(stage)
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def expired(self, stage: str) -> SolverTimeLimit:
+        return SolverTimeLimit(
+            f"{self.solver} found no allocation for {self.units} units within its time limit of {self.limit:g} s "
+            f"(it ran out while {stage}); raise time_limit, or use dp, exact and fast on chains"
+        )
+
+
 @dataclass
 class Solution:
-    """What a solver found: option indices, status (optimal, feasible, heuristic, rounded) and a
-    proven lower bound on the objective where it has one."""
+    """What a solver found: option indices, status (optimal, time limit: the best feasible one
+    found when the limit ran out, heuristic, rounded) and a proven lower bound on the objective
+    where it has one."""
 
     choice: np.ndarray
     status: str
@@ -247,7 +306,8 @@ class Allocation:
     """The chosen bits per unit and how good they are.
 
     objective: Σ s + β Σ c of the choice (recomputed in float64); bound: a proven lower bound
-    on the optimum where the solver gives one; gap = objective − bound; mean_bits: realized
+    on the optimum where the solver gives one; gap = objective − bound (relative_gap: divided
+    by |objective|); status "time limit": the best allocation found when it ran out; mean_bits: realized
     weighted mean; unary / pairwise: the two parts of the objective (pairwise without β).
     """
 
@@ -266,6 +326,10 @@ class Allocation:
     @property
     def gap(self) -> float | None:
         return None if self.bound is None else max(0.0, self.objective - self.bound)
+
+    @property
+    def relative_gap(self) -> float | None:
+        return None if self.gap is None else self.gap / max(abs(self.objective), 1e-300)
 
     @classmethod
     def from_solution(cls, costs: BitCosts, budget: float, solution: Solution, seconds: float, solver: str):
@@ -286,7 +350,7 @@ class Allocation:
         )
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "gap": self.gap}
+        return {**self.__dict__, "gap": self.gap, "relative_gap": self.relative_gap}
 
 
 def option_index(costs: BitCosts, bits: Sequence[int]) -> np.ndarray:

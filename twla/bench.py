@@ -6,7 +6,6 @@ calibration windows and is evaluated on the same tokens, so the rows of the tabl
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -29,7 +28,7 @@ from twla.data import (
     tokenize,
 )
 from twla.evaluate import perplexity
-from twla.io import atomic_directory, check_output_dir
+from twla.io import atomic_directory, check_output_dir, json_format
 from twla.models import DEFAULT_MODEL, ModelSource, check_window_length, load_model, model_source, resolve_device
 from twla.quantize import LayerRecord, quantize
 from twla.report import (
@@ -139,11 +138,7 @@ class BenchConfig:
 
 def is_bench_report(path: str) -> bool:
     """Whether ``path`` is a directory holding a report written by :func:`run_bench`."""
-    try:
-        with open(os.path.join(path, "report.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("format") == REPORT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_format(os.path.join(path, "report.json")) == REPORT_FORMAT
 
 
 def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, run, evaluate):

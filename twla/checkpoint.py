@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from twla.adapters import get_adapter
-from twla.io import atomic_directory, check_output_dir
+from twla.io import atomic_directory, check_output_dir, json_format
 from twla.models import QUANT_FILE
 from twla.modules import QuantLinear
 from twla.ternary_linear import TernaryLinear
@@ -265,11 +265,7 @@ def _meta_digest(meta: Mapping) -> str:
 
 def is_packed_checkpoint(path: str) -> bool:
     """Whether ``path`` is a directory holding a twla packed checkpoint (by its ``twla_quant.json``)."""
-    try:
-        with open(os.path.join(path, QUANT_FILE), encoding="utf-8") as fh:
-            return json.load(fh).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return json_format(os.path.join(path, QUANT_FILE)) == FORMAT
 
 
 def read_meta(path: str) -> dict:

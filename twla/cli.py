@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, BenchConfig, run_bench
 from twla.checkpoint import STORAGE_DTYPES
-from twla.config import ALLOCATION_MODIFIERS, BASE_METHODS, MODIFIERS
+from twla.config import BASE_METHODS, MODIFIERS, QuantConfig
 from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels import bench as kernel_bench
 from twla.kernels.dispatch import BACKENDS
@@ -82,7 +82,7 @@ def _amp(args: argparse.Namespace, methods: tuple[str, ...]) -> dict:
         "solver": args.amp_solver,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    if given and not any(m in ALLOCATION_MODIFIERS for spec in methods for m in spec.lower().split("+")[1:]):
+    if given and not any(QuantConfig.from_method(spec).allocation for spec in methods):
         flags = ", ".join(f"--amp-{k}" for k in given)
         raise ValueError(f"{flags} applies to amp / amp-site methods, and none of {', '.join(methods)} is one")
     if "options" in given:
@@ -226,7 +226,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from twla.checkpoint import is_packed_checkpoint, pack_model, save_packed, storage_dtype
-    from twla.config import QuantConfig, TernaryConfig
+    from twla.config import TernaryConfig
     from twla.data import calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
     from twla.models import check_window_length, load_model, model_source, resolve_device

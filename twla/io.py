@@ -97,6 +97,17 @@ def check_output_dir(
         raise OutputPathError(f"output {path!r} already holds a {what}; pass --overwrite to replace it")
 
 
+def json_format(path: str) -> str | None:
+    """The ``"format"`` field of the JSON object in ``path`` (how twla marks the files it writes),
+    or None when there is no such readable file or field."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            content = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return content.get("format") if isinstance(content, dict) else None
+
+
 def check_output_file(path: str, fmt: str, overwrite: bool = False) -> None:
     """Refuse, before any work, to replace ``path`` unless it is a JSON file that twla wrote with
     ``"format": fmt`` and ``overwrite`` is given; a missing path is fine."""
@@ -104,12 +115,7 @@ def check_output_file(path: str, fmt: str, overwrite: bool = False) -> None:
         return
     if os.path.isdir(path) or os.path.islink(path):
         raise OutputPathError(f"output {path!r} exists and is not a regular file; name a new file")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            own = json.load(fh).get("format") == fmt
-    except (OSError, ValueError, AttributeError):
-        own = False
-    if not own:
+    if json_format(path) != fmt:
         raise OutputPathError(
             f"output {path!r} exists and was not written by twla; nothing was changed; name a new file"
         )

@@ -4,6 +4,10 @@ Asymmetric min-max with clipping ratio p over the last dimension:
     s = p·(max x − min x)/(2^b − 1), z = round(−p·min x / s), x̂ = s·(clamp(round(x/s) + z, 0, 2^b − 1) − z).
 Symmetric (the integer kernel's variant), levels −q..q with q = 2^{b−1} − 1:
     s = p·max|x| / q, x̂ = s·clamp(round(x/s), −q, q).
+
+When autograd records through x or p, round is differentiated as the identity (the
+straight-through estimator) and clamp as usual, so that p and whatever produced x can be
+tuned through the quantizer; the values are the same either way.
 """
 
 from __future__ import annotations
@@ -12,6 +16,22 @@ import torch
 from torch import Tensor
 
 ACTIVATION_BITS = (2, 3, 4, 6, 8, 16)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """round(x) forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _round(x: Tensor) -> Tensor:
+    return _RoundSTE.apply(x) if x.requires_grad and torch.is_grad_enabled() else torch.round(x)
 
 
 def uniform_grid(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = False) -> tuple[Tensor, Tensor]:
@@ -26,15 +46,15 @@ def uniform_grid(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = Fals
     lo = clip * x.amin(dim=-1, keepdim=True)
     scale = (hi - lo) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, torch.round(-lo / scale)
+    return scale, _round(-lo / scale)
 
 
 def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool) -> Tensor:
     """Integer codes of x on the grid (s, z)."""
     if symmetric:
         q = 2 ** (bits - 1) - 1
-        return torch.clamp(torch.round(x / scale), -q, q)
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1)
+        return torch.clamp(_round(x / scale), -q, q)
+    return torch.clamp(_round(x / scale) + zero, 0, 2**bits - 1)
 
 
 def fake_quantize(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = False) -> Tensor:

@@ -139,3 +139,24 @@ def test_solver_benchmark_command(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 6 and all(r["excess"] >= -1e-12 for r in rows)
     assert main(["solvers", "--solvers", "simplex"]) == 2
+
+
+def test_bench_over_seeds_reports_mean_spread_and_reconstruction(tiny_checkpoint, tmp_path):
+    out = tmp_path / "seeds"
+    common = ["--model", tiny_checkpoint, "--nsamples", "6", "--seqlen", "32", "--eval-seqlen", "32"]
+    common += ["--eval-tokens", "256", "--quiet"]
+    args = ["bench", *common, "--methods", "e2m+gptq,e2m+gptq+recon", "--seeds", "0,1", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    plain, recon = report["rows"][1:]
+    assert sorted(plain["seeds"]) == ["0", "1"]
+    values = [s["ppl"] for s in plain["seeds"].values()]
+    assert plain["ppl"] == pytest.approx(sum(values) / 2) and plain["ppl_spread"]["n"] == 2
+    assert plain["ppl_spread"]["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert values[0] != values[1]  # different calibration windows give different models
+    assert recon["reconstruction"]["after"] <= recon["reconstruction"]["before"]
+    assert len(recon["reconstruction"]["blocks"]) == 2
+    text = (out / "report.md").read_text()
+    assert "## Perplexity per seed" in text and "## Block-wise reconstruction" in text
+    assert f"{plain['ppl_spread']['mean']:.2f} ± {plain['ppl_spread']['std']:.2f}" in text
+    assert main(["bench", *common, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")]) == 2

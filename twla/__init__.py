@@ -41,6 +41,7 @@ _EXPORTS = {
         "ActivationConfig",
         "AllocationConfig",
         "QuantConfig",
+        "ReconstructionConfig",
         "RotationConfig",
         "TernaryConfig",
         "UniformConfig",

@@ -42,16 +42,14 @@ from twla.report import (
 
 DEFAULT_METHODS = (
     "e2m+gptq+ssr",  # W1.58A16
-    "e2m+gptq+ssr+a4",  # W1.58A4, no rotation
-    "e2m+gptq+ssr+had+a4",  # fixed random Kronecker-Hadamard site rotations
-    "e2m+gptq+ssr+had+amp",  # + ILA-AMP: {2,4,6,8}-bit activations per decoder block, mean ≤ 4
-    "e2m+gptq+ssr+had+amp-site",  # + ILA-AMP per input site
-    "e2m+gptq+ssr+kotms+a4",  # KOTMS: learned on the Stiefel manifold
+    "e2m+gptq+ssr+recon",  # + block-wise output reconstruction
+    "e2m+gptq+ssr+had+a4",  # W1.58A4 with fixed random Kronecker-Hadamard site rotations
+    "e2m+gptq+ssr+had+a4+recon",  # + block-wise output reconstruction: the default W1.58A4
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
 
 REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
-DEFAULT_SAVE = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+amp-site")  # packed, reloaded and evaluated when benched
+DEFAULT_SAVE = ("e2m+gptq+ssr+recon", "e2m+gptq+ssr+had+a4+recon")  # packed, reloaded and evaluated when benched
 
 
 def scheme(config: QuantConfig) -> str:
@@ -94,7 +92,7 @@ class BenchConfig:
     seqlen: int = 512
     eval_seqlen: int = 512
     eval_tokens: int | None = 20480
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # each method runs once per seed (calibration windows, rotations, batches)
     device: str | None = None
     batch_size: int = 8
     out: str = "runs/latest"
@@ -107,6 +105,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise ValueError("no methods to bench; name at least one with --methods")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:
             raise ValueError(f"--methods names {', '.join(repeated)} more than once")
@@ -116,12 +116,15 @@ class BenchConfig:
             "eval_seqlen": (self.eval_seqlen, 2),
             "eval_tokens": (self.eval_tokens if self.eval_tokens is not None else 1, 1),
             "batch_size": (self.batch_size, 1),
-            "seed": (self.seed, 0),
+            "seed": (min(self.seeds, default=0), 0),
         }
         for name, (value, low) in checks.items():
             if value < low:
                 raise ValueError(f"{name} must be ≥ {low}, got {value}")
         configs = [QuantConfig.from_method(spec, self.amp) for spec in self.methods]  # fail early on a bad spec
+        for config in configs:
+            if config.reconstruction:
+                config.reconstruction.check_windows(self.nsamples)
         if self.amp and not any(c.allocation for c in configs):
             raise ValueError(f"amp options {sorted(self.amp)} apply to amp / amp-site methods; none is benched")
         storage_dtype(self.save_dtype)  # fail early on an unknown storage type
@@ -147,8 +150,9 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
     relative = os.path.join("models", spec.replace("+", "_"))
     staged, final = os.path.join(run.staging, relative), os.path.join(cfg.out, relative)
     dtype = storage_dtype(cfg.save_dtype)
+    seed = cfg.seeds[0]
     files = save_packed(
-        pack_model(model, report.weights), tokenizer, staged, spec, asdict(qcfg), run.provenance, dtype=dtype
+        pack_model(model, report.weights), tokenizer, staged, spec, asdict(qcfg), run.provenance[seed], dtype=dtype
     )
     loaded, _, _ = load_packed(staged)
     result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
@@ -168,11 +172,12 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     eval_text = load_text(cfg.evaluation, role="evaluation")
     check_disjoint(cal_text, eval_text)
     cal_ids = tokenize(source.tokenizer, cal_text)
-    calib = calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+    calib = {seed: calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, seed) for seed in cfg.seeds}
     windows = evaluation_windows(tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens)
     check_no_overlap(cal_ids, windows)
     with atomic_directory(cfg.out) as staging:
-        run = _Run(source, calib, windows, cal_text, eval_text, device, staging, provenance(cal_text, calib, cfg.seed))
+        origin = {seed: provenance(cal_text, c, seed) for seed, c in calib.items()}
+        run = _Run(source, calib, windows, cal_text, eval_text, device, staging, origin)
         result = _bench(cfg, run, progress)
     if progress:
         print(f"\nReport written to {cfg.out}/ ({', '.join(sorted(os.listdir(cfg.out)))})")
@@ -184,17 +189,74 @@ class _Run:
     """What a bench run has resolved before its first model is loaded."""
 
     source: ModelSource
-    calib: torch.Tensor
+    calib: dict[int, torch.Tensor]  # calibration windows per seed
     windows: torch.Tensor
     cal_text: Text
     eval_text: Text
     device: torch.device
     staging: str  # the report directory being written
-    provenance: dict
+    provenance: dict[int, dict]  # per seed
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), minimum and maximum."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": var**0.5, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_seconds: float) -> dict:
+    """The report row of one quantized model."""
+    adapter = get_adapter(model)
+    bits = count_bits(model, adapter, report.weights)
+    records = report.records
+    relocated = [r.relocation for r in records if r.relocation]
+    acts = [r.act_error for r in records if r.act_error]
+    recon = report.reconstruction
+    return {
+        "method": spec,
+        "scheme": scheme(qcfg),
+        "rotation": rotation_label(qcfg),
+        "ppl": ppl,
+        "act_bits": activation_bits(records),
+        "bits_storage": bits.storage_bits_per_weight,
+        "bits_entropy": bits.entropy_bits_per_weight,
+        "size_mb": bits.size_bytes / 2**20,
+        "output_error": _mean([r.output_error for r in records]),
+        "quant_seconds": report.seconds,
+        "rotation_seconds": report.rotation_seconds,
+        "eval_seconds": eval_seconds,
+        "stages": {
+            s: {k: _mean([r.stages[s][k] for r in records]) for k in ("weight_error", "output_error")}
+            for s in records[0].stages
+        },
+        "relocation": {k: _mean([r[k] for r in relocated]) for k in ("before", "after")} if relocated else None,
+        "activations": {
+            "clip=1": _mean([a["clip=1"] for a in acts]),
+            "calibrated": _mean([a["calibrated"] for a in acts]),
+            "mean_clip": _mean([r.act_clip for r in records if r.act_error]),
+        }
+        if acts
+        else None,
+        "reconstruction": {
+            "before": _mean([b["before"] for b in recon]),
+            "after": _mean([b["after"] for b in recon]),
+            "steps": _mean([b["steps"] for b in recon]),
+            "seconds": sum(b["seconds"] for b in recon),
+            "blocks": [{k: b[k] for k in ("layer", "before", "after", "best_step")} for b in recon],
+        }
+        if recon
+        else None,
+        "shaping": report.rotation.to_dict()["sites"] if report.rotation else None,
+        "allocation": report.allocation.to_dict() if report.allocation else None,
+        "bits": asdict(bits),
+        "config": asdict(qcfg),
+        "layers": report.to_dict()["layers"],
+    }
 
 
 def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
-    """Quantize, evaluate and report every method, writing into ``run.staging``."""
+    """Quantize, evaluate and report every method (once per seed), writing into ``run.staging``."""
     model, tokenizer = load_model(run.source)
     adapter = get_adapter(model)
 
@@ -226,54 +288,27 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
     ]
     histograms, rotation_weights = {}, {}
     for i, spec in enumerate(cfg.methods):
-        if i:
-            model, _ = load_model(run.source)
-        qcfg = QuantConfig.from_method(spec, cfg.amp, batch_size=cfg.batch_size)
-        model, report = quantize(model, qcfg, run.calib, run.device, progress)
-        result, eval_seconds = evaluate(spec, model)
-        bits = count_bits(model, adapter, report.weights)
-        histograms[spec] = report.weights[hist_name].dequantize()
-        if report.rotation:
-            rotation_weights[spec] = report.rotation.weights
-        records = report.records
-        relocated = [r.relocation for r in records if r.relocation]
-        acts = [r.act_error for r in records if r.act_error]
-        rows.append(
-            {
-                "method": spec,
-                "scheme": scheme(qcfg),
-                "rotation": rotation_label(qcfg),
-                "ppl": result.ppl,
-                "act_bits": activation_bits(records),
-                "bits_storage": bits.storage_bits_per_weight,
-                "bits_entropy": bits.entropy_bits_per_weight,
-                "size_mb": bits.size_bytes / 2**20,
-                "output_error": _mean([r.output_error for r in records]),
-                "quant_seconds": report.seconds,
-                "rotation_seconds": report.rotation_seconds,
-                "eval_seconds": eval_seconds,
-                "stages": {
-                    s: {k: _mean([r.stages[s][k] for r in records]) for k in ("weight_error", "output_error")}
-                    for s in records[0].stages
-                },
-                "relocation": {k: _mean([r[k] for r in relocated]) for k in ("before", "after")} if relocated else None,
-                "activations": {
-                    "clip=1": _mean([a["clip=1"] for a in acts]),
-                    "calibrated": _mean([a["calibrated"] for a in acts]),
-                    "mean_clip": _mean([r.act_clip for r in records if r.act_error]),
-                }
-                if acts
-                else None,
-                "shaping": report.rotation.to_dict()["sites"] if report.rotation else None,
-                "allocation": report.allocation.to_dict() if report.allocation else None,
-                "bits": asdict(bits),
-                "config": asdict(qcfg),
-                "layers": report.to_dict()["layers"],
-            }
-        )
-        if spec in cfg.save:
-            rows[-1]["packed"] = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
-        del model
+        row, per_seed = None, {}
+        for j, seed in enumerate(cfg.seeds):
+            if i or j:
+                model, _ = load_model(run.source)
+            qcfg = QuantConfig.from_method(spec, cfg.amp, batch_size=cfg.batch_size).with_seed(seed)
+            model, report = quantize(model, qcfg, run.calib[seed], run.device, progress)
+            result, eval_seconds = evaluate(spec if len(cfg.seeds) == 1 else f"{spec} (seed {seed})", model)
+            per_seed[seed] = {"ppl": result.ppl, "quant_seconds": report.seconds}
+            if row is None:  # the first seed's model is reported in detail, plotted and saved
+                row = _method_row(spec, qcfg, model, report, result.ppl, eval_seconds)
+                histograms[spec] = report.weights[hist_name].dequantize()
+                if report.rotation:
+                    rotation_weights[spec] = report.rotation.weights
+                if spec in cfg.save:
+                    packed = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
+                    row["packed"] = {**packed, "fake_quant_ppl": result.ppl}
+            del model
+        ppl = spread([r["ppl"] for r in per_seed.values()])
+        row.update(ppl=ppl["mean"], ppl_spread=ppl, seeds=per_seed)
+        row["quant_seconds"] = _mean([r["quant_seconds"] for r in per_seed.values()])
+        rows.append(row)
 
     result = {
         "format": REPORT_FORMAT,
@@ -281,7 +316,8 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
             **asdict(cfg),
             "device": str(run.device),
             "evaluation": fp.describe(),
-            "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, seed {cfg.seed}",
+            "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, "
+            f"seeds {', '.join(map(str, cfg.seeds))}",
             "accounting": ACCOUNTING_RULES,
             "host": platform.node(),
             "torch": torch.__version__,

@@ -25,7 +25,9 @@ METHOD_HELP = (
     "Stiefel manifold; act = kotms with its activation-outlier term), reloc = E2M stage-2 Stiefel relocation per "
     "site, r1 = residual-stream rotation with RMSNorm folding; aN = N-bit per-token activations (clipping "
     "calibrated per layer), sym = symmetric activations; amp / amp-site = ILA-AMP mixed {2,4,6,8}-bit activations "
-    "per decoder block / input site, mean ≤ 4 bits, from measured costs and an exact solver. "
+    "per decoder block / input site, mean ≤ 4 bits, from measured costs and an exact solver; recon = block-wise "
+    "output reconstruction (each quantized block's grids, norm gains and clipping ratios tuned against the "
+    "full-precision block). "
     "Example: e2m+gptq+ssr+kotms+reloc+a4"
 )
 DATA_HELP = (
@@ -61,7 +63,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seqlen", type=_int_at_least(2), default=512, help="calibration window length in tokens (default 512)"
     )
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed for the calibration windows (default 0)")
+    p.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=None,
+        help="seed for the calibration windows and every random choice (rotations, reconstruction batches; default 0)",
+    )
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an output that twla wrote earlier")
@@ -133,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})",
     )
+    bench.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds: every method runs once per seed and the report gives mean ± std "
+        "(default: --seed, or 0)",
+    )
     bench.add_argument("--out", default="runs/latest", help="report directory (default runs/latest)")
     bench.add_argument(
         "--save",
@@ -157,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "twla.load_packed or evaluate it with `twla eval`. " + METHOD_HELP,
     )
     _common(quant)
-    quant.add_argument("--method", default="e2m+gptq+ssr+had+a4", help="method (default e2m+gptq+ssr+had+a4)")
+    quant.add_argument(
+        "--method", default="e2m+gptq+ssr+had+a4+recon", help="method (default e2m+gptq+ssr+had+a4+recon)"
+    )
     quant.add_argument("--out", required=True, help="output checkpoint directory")
     quant.add_argument(
         "--dtype",
@@ -197,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    """The bench's seeds from --seeds or --seed (not both)."""
+    if args.seeds is None:
+        return (args.seed or 0,)
+    if args.seed is not None:
+        raise ValueError("give either --seed or --seeds, not both")
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds must name at least one seed, each ≥ 0, got {args.seeds!r}")
+    return seeds
+
+
 def _bench(args: argparse.Namespace) -> None:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.save is None:
@@ -212,7 +242,7 @@ def _bench(args: argparse.Namespace) -> None:
         seqlen=args.seqlen,
         eval_seqlen=args.eval_seqlen,
         eval_tokens=args.eval_tokens or None,
-        seed=args.seed,
+        seeds=_seeds(args),
         device=args.device,
         batch_size=args.batch_size,
         out=args.out,
@@ -233,7 +263,11 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.quantize import quantize
 
     # everything that can be refused is checked before the model's weights are read
+    seed = args.seed or 0
     config = QuantConfig.from_method(args.method, _amp(args, (args.method,)), batch_size=args.batch_size)
+    config = config.with_seed(seed)
+    if config.reconstruction:
+        config.reconstruction.check_windows(args.nsamples)
     if not isinstance(config.weights, TernaryConfig):
         raise ValueError(f"{args.method}: the packed checkpoint format stores ternary weights, not uniform integers")
     dtype = storage_dtype(args.dtype)
@@ -243,7 +277,7 @@ def _quantize(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "packed checkpoint", is_packed_checkpoint, args.overwrite, protect)
     check_window_length(source, args.seqlen, "--seqlen")
     text = load_text(args.calibration, "calibration")
-    calib = calibration_windows(tokenize(source.tokenizer, text), args.nsamples, args.seqlen, args.seed)
+    calib = calibration_windows(tokenize(source.tokenizer, text), args.nsamples, args.seqlen, seed)
     model, tokenizer = load_model(source)
     model, report = quantize(model, config, calib, device, progress=not args.quiet)
     files = save_packed(
@@ -252,7 +286,7 @@ def _quantize(args: argparse.Namespace) -> None:
         args.out,
         args.method,
         asdict(config),
-        provenance=provenance(text, calib, args.seed),
+        provenance=provenance(text, calib, seed),
         report=report.to_dict(),
         dtype=dtype,
         overwrite=args.overwrite,

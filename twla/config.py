@@ -12,7 +12,8 @@ A method is named by a spec string: a base weight quantizer, then modifiers join
   residual-stream rotation with RMSNorm folding);
 - activations: ``a2``/``a3``/``a4``/``a6``/``a8`` (per-token bits), ``sym`` (symmetric);
 - mixed activation bits (ILA-AMP): ``amp`` (one bit-width per decoder block, TWLA) or
-  ``amp-site`` (per input site), options {2, 4, 6, 8}, mean budget 4, β = 0.5.
+  ``amp-site`` (per input site), options {2, 4, 6, 8}, mean budget 4, β = 0.5;
+- ``recon``: block-wise output reconstruction of each quantized decoder block.
 
 E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4),
 ``e2m+gptq+ssr+had+amp`` (W1.58, mixed A2–A8 averaging ≤ 4 bits), ``rtn4+had+a4``.
@@ -178,6 +179,44 @@ class ActivationConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block-wise output reconstruction after each decoder block is quantized (codes frozen).
+
+    Tunes the block's ``grid`` (α, μ per (row, block), or uniform scales), its ``norms``
+    (RMSNorm gains) and its activation ``clips`` (straight-through) to minimize the block's
+    output error against the full-precision block on the same inputs (from the quantized
+    prefix): Adam, ``steps`` steps of ``batch`` windows, learning rate ``lr`` on steps
+    relative to each parameter's magnitude, early stopping on the last ``holdout``
+    calibration windows (checked every ``eval_every`` steps, ``patience`` checks).
+    """
+
+    steps: int = 50
+    lr: float = 5e-3
+    batch: int = 1
+    holdout: int = 4
+    eval_every: int = 10
+    patience: int = 2
+    grid: bool = True
+    norms: bool = True
+    clips: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or min(self.batch, self.eval_every, self.patience) < 1 or self.holdout < 0:
+            raise ValueError("reconstruction needs steps ≥ 0, lr > 0, batch, eval_every, patience ≥ 1, holdout ≥ 0")
+        if not (self.grid or self.norms or self.clips):
+            raise ValueError("reconstruction has nothing to tune: enable grid, norms or clips")
+
+    def check_windows(self, windows: int) -> None:
+        """Refuse a calibration set that leaves no training window beside the held-out ones."""
+        if windows <= self.holdout:
+            raise ValueError(
+                f"block reconstruction holds out {self.holdout} of the {windows} calibration windows and "
+                f"needs at least one more to train on; use more calibration windows or a smaller holdout"
+            )
+
+
+@dataclass(frozen=True)
 class AllocationConfig:
     """ILA-AMP: per-unit activation bits from measured costs and an integer program (DESIGN §5.2).
 
@@ -241,7 +280,14 @@ ROTATION_MODIFIERS = {
 }
 ACTIVATION_MODIFIERS = {f"a{b}": {"bits": b} for b in ACTIVATION_BITS if b < 16} | {"sym": {"symmetric": True}}
 ALLOCATION_MODIFIERS = {"amp": {"granularity": "block"}, "amp-site": {"granularity": "site"}}
-MODIFIERS = {**WEIGHT_MODIFIERS, **ROTATION_MODIFIERS, **ACTIVATION_MODIFIERS, **ALLOCATION_MODIFIERS}
+RECONSTRUCTION_MODIFIERS = {"recon": {}}
+MODIFIERS = {
+    **WEIGHT_MODIFIERS,
+    **ROTATION_MODIFIERS,
+    **ACTIVATION_MODIFIERS,
+    **ALLOCATION_MODIFIERS,
+    **RECONSTRUCTION_MODIFIERS,
+}
 
 
 def _parse(spec: str) -> tuple[str, list[str]]:
@@ -283,6 +329,8 @@ class QuantConfig:
 
     allocation: ILA-AMP mixed activation bits, chosen after the layers are quantized (the
     layer-wise pass itself runs with ``activations.bits``).
+    reconstruction: block-wise output reconstruction of each decoder block once its linears
+    are quantized (``recon``).
     true_sequential: quantize the input sites of a decoder layer one after another,
     each seeing the outputs of the already-quantized ones (GPTQ's true-sequential).
     batch_size: calibration sequences per forward pass.
@@ -292,6 +340,7 @@ class QuantConfig:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     allocation: AllocationConfig | None = None
+    reconstruction: ReconstructionConfig | None = None
     true_sequential: bool = True
     batch_size: int = 8
 
@@ -311,5 +360,11 @@ class QuantConfig:
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
             activations=ActivationConfig(**acts),
             allocation=allocation,
+            reconstruction=ReconstructionConfig() if "recon" in mods else None,
             **kwargs,
         )
+
+    def with_seed(self, seed: int) -> QuantConfig:
+        """The same configuration with every random choice (rotations, reconstruction batches) seeded by ``seed``."""
+        recon = self.reconstruction and replace(self.reconstruction, seed=seed)
+        return replace(self, rotation=replace(self.rotation, seed=seed), reconstruction=recon)

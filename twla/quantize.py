@@ -10,7 +10,9 @@ through the model one decoder layer at a time. For each input site of the layer:
 3. its linears are quantized against S (block fit, GPTQ, refit);
 4. each linear's activation clipping ratio is calibrated (DESIGN §5.1);
 
-and the *quantized* layer's outputs feed the next layer. Only the current decoder
+optionally (``recon``) the whole block's grids, norm gains and clipping ratios are then
+tuned against the full-precision block's outputs (:mod:`twla.reconstruct`), and the
+*quantized* layer's outputs feed the next layer. Only the current decoder
 layer sits on the compute device.
 """
 
@@ -29,7 +31,8 @@ from twla.allocation import AllocationReport, allocate, cost_windows
 from twla.capture import SiteInputs, capture_layer_inputs, collect_statistics, layer_output
 from twla.config import QuantConfig
 from twla.models import resolve_device
-from twla.modules import wrap_linears
+from twla.modules import QuantLinear, wrap_linears
+from twla.reconstruct import block_targets, reconstruct_block, split_windows
 from twla.rotation import (
     Factors,
     RotationReport,
@@ -82,6 +85,7 @@ class QuantReport:
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     rotation: RotationReport | None = None
     allocation: AllocationReport | None = None
+    reconstruction: list[dict] = field(default_factory=list)  # per block: held-out error before/after, traces
     seconds: float = 0.0
     rotation_seconds: float = 0.0
     calibration_tokens: int = 0
@@ -94,6 +98,7 @@ class QuantReport:
             "calibration_tokens": self.calibration_tokens,
             "rotation": self.rotation.to_dict() if self.rotation else None,
             "allocation": self.allocation.to_dict() if self.allocation else None,
+            "reconstruction": self.reconstruction,
             "layers": [asdict(r) for r in self.records],
         }
 
@@ -220,6 +225,16 @@ def _quantize_site(
         )
 
 
+def _refresh_clips(layer: nn.Module, index: int, adapter: Adapter, records: list[LayerRecord]) -> None:
+    """Copy a block's clipping ratios (after reconstruction tuned them) into its records."""
+    for record in records:
+        if record.layer == index:
+            module = layer.get_submodule(record.name.removeprefix(f"{adapter.layers}.{index}."))
+            if isinstance(module, QuantLinear) and module.act_clips:
+                record.act_clips = dict(module.act_clips)
+                record.act_clip = module.act_clips.get(record.act_bits, 1.0)
+
+
 @torch.no_grad()
 def full_precision_samples(
     model: nn.Module, adapter: Adapter, batches: list[tuple[Tensor, dict]], tokens: int, device: torch.device
@@ -256,6 +271,8 @@ def quantize(
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:
         cost_windows(calibration, config.allocation)  # fail before the work, not after it
+    if config.reconstruction:
+        config.reconstruction.check_windows(calibration.shape[0])
     device = resolve_device(device)
     report = QuantReport(config, calibration_tokens=calibration.numel())
     start = time.perf_counter()
@@ -277,7 +294,9 @@ def quantize(
     layers = adapter.decoder_layers(model)
     for index, layer in enumerate(tqdm(layers, desc="quantize layers", disable=not progress)):
         layer.to(device)
-
+        if config.reconstruction:
+            windows = split_windows(batches)
+            targets = block_targets(layer, windows)
         early = (
             {}
             if config.true_sequential
@@ -287,6 +306,11 @@ def quantize(
             inputs = early.get(site.name) or _site_inputs(layer, index, adapter, site, batches, config)
             rotation = rotations.get((index, site.name))
             _quantize_site(layer, index, adapter, site, inputs, rotation, config, report)
+        if config.reconstruction:
+            result = reconstruct_block(layer, index, adapter, windows, targets, report.weights, config.reconstruction)
+            report.reconstruction.append({"layer": index, **result.to_dict()})
+            _refresh_clips(layer, index, adapter, report.records)
+            del windows, targets
         batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         layer.to("cpu")
     if config.allocation:

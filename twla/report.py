@@ -35,11 +35,60 @@ def _cell(value: object, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _ppl_cell(row: dict) -> str:
+    """The perplexity, as mean ± sample standard deviation when the method ran with several seeds."""
+    spread = row.get("ppl_spread")
+    if spread and spread["n"] > 1:
+        return f"{_cell(spread['mean'], '{:.2f}')} ± {_cell(spread['std'], '{:.2f}')}"
+    return _cell(row.get("ppl"), "{:.2f}")
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |" for row in rows]
+    body = [
+        "| "
+        + " | ".join(_ppl_cell(row) if key == "ppl" else _cell(row.get(key), fmt) for key, _, fmt in COLUMNS)
+        + " |"
+        for row in rows
+    ]
     return "\n".join([head, rule, *body])
+
+
+def seed_table(rows: list[dict]) -> str:
+    """Perplexity of every method under every seed, with mean, spread and range."""
+    seeds = sorted({int(s) for row in rows for s in row.get("seeds", {})})
+    lines = [
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | min–max |",
+        "|---|" + "---|" * (len(seeds) + 3),
+    ]
+    for row in rows:
+        if row.get("seeds"):
+            by_seed = {int(k): v["ppl"] for k, v in row["seeds"].items()}
+            sp = row["ppl_spread"]
+            cells = [_cell(by_seed.get(s), "{:.2f}") for s in seeds]
+            lines.append(
+                f"| {row['method']} | {' | '.join(cells)} | {_cell(sp['mean'], '{:.2f}')} | "
+                f"{_cell(sp['std'], '{:.2f}')} | {_cell(sp['min'], '{:.2f}')}–{_cell(sp['max'], '{:.2f}')} |"
+            )
+    return "\n".join(lines)
+
+
+def reconstruction_table(rows: list[dict]) -> str:
+    """Block-wise reconstruction: held-out relative block output error before and after (means over blocks)."""
+    lines = [
+        "| method | block error before | after | change | mean steps | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rc = row.get("reconstruction")
+        if rc:
+            change = 100 * (rc["after"] / rc["before"] - 1) if rc["before"] else 0.0
+            lines.append(
+                f"| {row['method']} | {rc['before']:.4f} | {rc['after']:.4f} | {change:+.1f} % "
+                f"| {rc['steps']:.0f} | {rc['seconds']:.0f} |"
+            )
+    return "\n".join(lines)
 
 
 def stage_table(rows: list[dict]) -> str:
@@ -109,7 +158,8 @@ def allocation_table(rows: list[dict]) -> str:
 
 
 def packed_table(rows: list[dict]) -> str:
-    """Saved packed checkpoints, reloaded from disk: sizes from the files; perplexity next to the fake-quantized one."""
+    """Saved packed checkpoints (the first seed's model), reloaded from disk: sizes from the files;
+    perplexity next to that of the fake-quantized model they were packed from."""
     lines = [
         "| method | checkpoint | bits/w (file) | tensor file MiB | fp16 MiB | ratio | perplexity (fake-quant) "
         "| perplexity (packed, reloaded) | eval s (packed) |",
@@ -120,8 +170,8 @@ def packed_table(rows: list[dict]) -> str:
         if pk:
             lines.append(
                 f"| {row['method']} | {pk['path']} | {pk['bits_per_weight']:.3f} | {pk['file_bytes'] / 2**20:.1f} "
-                f"| {pk['fp16_bytes'] / 2**20:.1f} | {pk['fp16_bytes'] / pk['file_bytes']:.2f}× | {row['ppl']:.4f} "
-                f"| {pk['ppl']:.4f} | {pk['eval_seconds']:.1f} |"
+                f"| {pk['fp16_bytes'] / 2**20:.1f} | {pk['fp16_bytes'] / pk['file_bytes']:.2f}× "
+                f"| {pk['fake_quant_ppl']:.4f} | {pk['ppl']:.4f} | {pk['eval_seconds']:.1f} |"
             )
     return "\n".join(lines)
 
@@ -135,13 +185,25 @@ def markdown_report(result: dict) -> str:
     rows = result["rows"]
     parts = [
         f"# twla bench: {setup['model']}",
-        f"Evaluation: {setup['evaluation']}. Calibration: {setup['calibration']}. "
-        f"Seed {setup['seed']}, device {setup['device']}.",
+        f"Evaluation: {setup['evaluation']}. Calibration: {setup['calibration']}. Device {setup['device']}.",
         f"Bit accounting: {setup['accounting']}",
         markdown_table(rows),
+    ]
+    if len(setup["seeds"]) > 1:
+        parts += [
+            f"## Perplexity per seed (calibration windows and random choices; {len(setup['seeds'])} seeds)",
+            seed_table(rows),
+        ]
+    parts += [
         "## Stages of the block fit (per-layer means, in each block's metric)",
         stage_table(rows),
     ]
+    if any(row.get("reconstruction") for row in rows):
+        parts += [
+            "## Block-wise reconstruction (held-out calibration windows; relative to each block's "
+            "full-precision output change)",
+            reconstruction_table(rows),
+        ]
     if any(row.get("shaping") for row in rows):
         parts += ["## Rotations: tri-modality of the rotated weights (means over layers)", shaping_table(rows)]
     if any(row.get("relocation") or row.get("activations") for row in rows):

@@ -51,9 +51,24 @@ class TernaryWeight(BlockWeight):
     mu: Tensor  # (n, n_blocks)
     has_offset: bool
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+    def grid(self) -> dict[str, Tensor]:
+        """The continuous parameters: α, and μ when the grid has an offset."""
+        return {"alpha": self.alpha, "mu": self.mu} if self.has_offset else {"alpha": self.alpha}
+
+    def with_grid(self, alpha: Tensor, mu: Tensor | None = None) -> Tensor:
+        """Ŵ on the grid (α, μ) with this weight's codes (differentiable in α, μ)."""
         b = self.block_of_column()
-        return (self.alpha[:, b] * self.codes.to(self.alpha.dtype) + self.mu[:, b]).to(dtype)
+        W = alpha[:, b] * self.codes.to(alpha.dtype)
+        return W + mu[:, b] if mu is not None else W + self.mu[:, b].to(W)
+
+    def set_grid(self, alpha: Tensor, mu: Tensor | None = None) -> None:
+        """Store a new grid, rounded to the 16 bits it is stored in."""
+        self.alpha = alpha.detach().half().float().cpu()
+        if mu is not None:
+            self.mu = mu.detach().half().float().cpu()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.with_grid(**self.grid()).to(dtype)
 
     def code_bits(self, entropy: bool = False) -> float:
         """Bits per code: 2 when 2-bit packed, log2 3 in entropy terms."""
@@ -72,9 +87,21 @@ class UniformWeight(BlockWeight):
     zero: Tensor  # (n, n_blocks), integer-valued
     bits: int
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+    def grid(self) -> dict[str, Tensor]:
+        """The continuous parameter: the scale (the zero point is an integer code)."""
+        return {"scale": self.scale}
+
+    def with_grid(self, scale: Tensor) -> Tensor:
+        """Ŵ with this weight's codes and zero points at ``scale`` (differentiable in it)."""
         b = self.block_of_column()
-        return (self.scale[:, b] * (self.codes.to(self.scale.dtype) - self.zero[:, b])).to(dtype)
+        return scale[:, b] * (self.codes.to(scale.dtype) - self.zero[:, b].to(scale))
+
+    def set_grid(self, scale: Tensor) -> None:
+        """Store a new scale, rounded to the 16 bits it is stored in."""
+        self.scale = scale.detach().half().float().cpu()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.with_grid(**self.grid()).to(dtype)
 
     def code_bits(self, entropy: bool = False) -> float:
         return float(self.bits)

@@ -1,0 +1,119 @@
+"""Block-wise output reconstruction: the solver on a problem with a known optimum, the
+straight-through quantizer, and the pipeline on a tiny Llama (codes frozen, the block's
+held-out error lowered, stored grid = model weights, deterministic, bad input refused)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+from twla import QuantConfig, quantize
+from twla.bench import BenchConfig
+from twla.checkpoint import pack_model
+from twla.config import ReconstructionConfig
+from twla.solvers.reconstruct import Scaled, reconstruct
+from twla.solvers.uniform import fake_quantize
+
+
+def _regression(windows: int = 12, seed: int = 0):
+    """y_i = X_i θ* (+ noise); θ learned from θ₀ = θ* + offset."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(6, generator=g)
+    X = [torch.randn(40, 6, generator=g) for _ in range(windows)]
+    Y = [x @ theta + 0.01 * torch.randn(40, generator=g) for x in X]
+    param = Scaled(theta + 0.5, torch.ones(6))
+
+    def error(i):
+        out = X[i] @ param.value()
+        return ((out - Y[i]) ** 2).sum(), (Y[i] ** 2).sum()
+
+    return param, error, theta
+
+
+def test_solver_approaches_the_least_squares_optimum_and_keeps_its_best_iterate():
+    param, error, theta = _regression()
+    result = reconstruct([param], error, list(range(10)), [10, 11], steps=300, lr=0.05, batch=2, eval_every=20)
+    assert result.after < 0.01 * result.before
+    assert result.after == min(result.holdout)  # the returned iterate is the best one judged
+    assert torch.allclose(param.value(), theta, atol=0.05)
+
+
+def test_solver_without_steps_changes_nothing():
+    param, error, _ = _regression()
+    start = param.value().clone()
+    result = reconstruct([param], error, [0, 1], [2], steps=0, lr=0.1)
+    assert torch.equal(param.value(), start) and result.before == result.after and result.steps == 0
+    with pytest.raises(ValueError, match="training window"):
+        reconstruct([param], error, [], [2], steps=5, lr=0.1)
+
+
+def test_straight_through_quantizer_has_the_same_values_and_a_gradient():
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    clip = torch.tensor(0.8, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    out = fake_quantize(xg, 4, clip)
+    assert torch.equal(out.detach(), fake_quantize(x, 4, 0.8))
+    (out - 2 * x).pow(2).sum().backward()
+    assert clip.grad is not None and clip.grad != 0
+    assert xg.grad is not None and xg.grad.abs().sum() > 0  # round passes the gradient through
+
+
+def _recon_config(spec: str, **overrides) -> QuantConfig:
+    config = QuantConfig.from_method(spec)
+    recon = replace(config.reconstruction, steps=30, holdout=2, eval_every=5, **overrides)
+    return replace(config, reconstruction=recon)
+
+
+@pytest.mark.parametrize("spec", ["e2m+gptq+ssr+had+a4+recon", "rtn4+gptq+recon"])
+def test_reconstruction_keeps_codes_and_lowers_the_held_out_block_error(spec):
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    base = spec.removesuffix("+recon")
+    plain_model, plain = quantize(tiny_llama(), QuantConfig.from_method(base), calib, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), _recon_config(spec), calib, "cpu", progress=False)
+    assert [r["layer"] for r in report.reconstruction] == [0, 1]
+    for block in report.reconstruction:
+        assert block["after"] <= block["before"] and block["holdout"][0] == block["before"]
+    if spec.startswith("e2m"):  # W4 leaves the tiny model's blocks little to recover
+        assert any(block["after"] < 0.99 * block["before"] for block in report.reconstruction)
+        tuned = model.model.layers[0].input_layernorm.weight
+        assert not torch.equal(tuned, plain_model.model.layers[0].input_layernorm.weight)
+    # layer 0 sees the same inputs in both runs: its codes are the frozen ones of the plain solve
+    for name, weight in report.weights.items():
+        if ".0." in name:
+            assert torch.equal(weight.codes, plain.weights[name].codes), name
+        for value in weight.grid().values():
+            assert torch.equal(value, value.half().float())  # stored in 16 bits
+        assert torch.equal(model.get_submodule(name).weight.detach(), weight.dequantize())
+
+
+def test_reconstruction_tunes_clipping_and_packs_to_the_same_outputs():
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    model, report = quantize(tiny_llama(), _recon_config("e2m+gptq+had+a4+recon"), calib, "cpu", progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q.act_clip, float) and q.act_clip == q.act_clips[4]
+    record = next(r for r in report.records if r.name == "model.layers.0.self_attn.q_proj")
+    assert record.act_clip == q.act_clip
+    ids = calib[:2]
+    with torch.no_grad():
+        expected = model(ids).logits
+        packed = pack_model(model, report.weights)
+        assert torch.equal(packed(ids).logits, expected)
+
+
+def test_reconstruction_is_deterministic_per_seed():
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    config = _recon_config("e2m+gptq+recon", batch=2)
+    runs = [quantize(tiny_llama(), c, calib, "cpu", progress=False)[1] for c in (config, config, config.with_seed(1))]
+    a, b, c = ({n: w.alpha for n, w in r.weights.items()} for r in runs)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_reconstruction_refuses_too_few_windows_before_any_work():
+    with pytest.raises(ValueError, match="holds out 4 of the 4 calibration windows"):
+        quantize(tiny_llama(), QuantConfig.from_method("e2m+recon"), torch.zeros(4, 16, dtype=torch.long), "cpu")
+    with pytest.raises(ValueError, match="holds out 4 of the 3"):
+        BenchConfig(methods=("e2m+gptq+recon",), nsamples=3)
+    with pytest.raises(ValueError, match="nothing to tune"):
+        ReconstructionConfig(grid=False, norms=False, clips=False)

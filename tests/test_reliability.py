@@ -374,4 +374,5 @@ def test_time_limits_hold_on_large_instances(solver):
         assert np.isfinite(allocation.objective)
         if allocation.status == "optimal":
             assert allocation.gap is not None and allocation.relative_gap < 1e-6
-    assert time.perf_counter() - start <= 1.1 * limit
+    # about 5 % over on an idle machine; the margin absorbs a host loaded by other jobs
+    assert time.perf_counter() - start <= 1.25 * limit

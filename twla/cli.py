@@ -218,13 +218,10 @@ def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
         return (args.seed or 0,)
     if args.seed is not None:
         raise ValueError("give either --seed or --seeds, not both")
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    try:  # BenchConfig checks the values (at least one, distinct, ≥ 0)
+        return tuple(int(s) for s in args.seeds.split(",") if s.strip())
     except ValueError:
         raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise ValueError(f"--seeds must name at least one seed, each ≥ 0, got {args.seeds!r}")
-    return seeds
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -153,7 +153,7 @@ def _format_kernel_row(r: dict) -> str:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """The DESIGN §7 targets, judged on the measured rows."""
+    """The kernel targets, judged on the measured rows."""
     lines = []
     gemv = [r for r in rows if r["shape"] == TARGET_SHAPE and r["M"] == 1]
     for r in gemv:

@@ -1,4 +1,4 @@
-"""Packed ternary weights, quantized activations, and the pure-torch reference kernels (DESIGN §7).
+"""Packed ternary weights, quantized activations, and the pure-torch reference kernels.
 
 Storage: codes c = t + 1 ∈ {0, 1, 2}, 2 bits each, four per byte along the input
 dimension K (k = 4r + j sits in bits 2j..2j+1 of byte r), laid out K-major as

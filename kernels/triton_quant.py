@@ -3,7 +3,7 @@
 One program per token m, two passes over its K inputs (optionally gathered through a
 column permutation, so reordered weight blocks see contiguous groups):
 
-1. the grid (DESIGN §5.1), asymmetric  s = (p·max x − p·min x)/(2^b − 1), z = round(−p·min x / s),
+1. the grid, asymmetric  s = (p·max x − p·min x)/(2^b − 1), z = round(−p·min x / s),
    or symmetric  s = p·max|x| / (2^{b−1} − 1), z = 0;
 2. q = clamp(round(x/s) + z) shifted by 2^{b−1} into int8, stored with R_gm = Σ_{k∈g} q_mk.
 
@@ -20,7 +20,8 @@ from torch import Tensor
 
 from twla.kernels.reference import QuantizedActivations
 
-CHUNK = 128  # inputs per step; group sizes are multiples of it
+CHUNK = 128  # inputs per step (64 for group sizes that are multiples of 64 only)
+MIN_CHUNK = 64
 
 
 @triton.jit
@@ -95,8 +96,9 @@ def quantize_activations_triton(
     """The Triton twin of :func:`twla.kernels.reference.quantize_activations` for x (M, K)."""
     if not 2 <= bits <= 8:
         raise ValueError(f"the integer activation path supports 2..8 bits, got {bits}")
-    if group_size % CHUNK:
-        raise ValueError(f"the Triton quantization kernel needs group_size a multiple of {CHUNK}, got {group_size}")
+    if group_size % MIN_CHUNK:
+        raise ValueError(f"the Triton quantization kernel needs group_size a multiple of {MIN_CHUNK}, got {group_size}")
+    chunk = CHUNK if group_size % CHUNK == 0 else MIN_CHUNK
     if not 0 < clip <= 1:
         raise ValueError(f"clipping ratio must be in (0, 1], got {clip}")
     if x.stride(-1) != 1:
@@ -113,6 +115,6 @@ def quantize_activations_triton(
         x, perm if perm is not None else q, q, scale, zero, rowsum,
         K, G, x.stride(0), q.stride(0), rowsum.stride(0), float(clip),
         SYMMETRIC=symmetric, LEVELS=levels, QLO=-levels if symmetric else 0, QHI=levels, SHIFT=shift,
-        HAS_PERM=perm is not None, GROUP=group_size, CHUNK=CHUNK, enable_fp_fusion=False,
+        HAS_PERM=perm is not None, GROUP=group_size, CHUNK=chunk, enable_fp_fusion=False,
     )  # fmt: skip
     return QuantizedActivations(q, scale, zero, rowsum, symmetric)

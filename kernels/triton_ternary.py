@@ -6,7 +6,7 @@ Both kernels take two activation types (a compile-time switch):
   with fp32 accumulation; y += α_g acc + μ_g Σ_{k∈g} x_k.
 - int8-held activations (≤ 8 bits, :class:`QuantizedActivations`): acc = q_g · c_g exactly in
   int32; y += α_g acc + (μ_g − α_g) R_g with the row sums R from the quantization kernel;
-  the epilogue is y ← s (y − z Σ_k Ŵ_k) (DESIGN §7).
+  the epilogue is y ← s (y − z Σ_k Ŵ_k).
 
 Codes are unpacked in registers: plane j of a packed tile holds k = 4r + j, so each plane
 meets the activation columns of stride 4. The GEMM owns an (M, N) tile and runs `tl.dot`
@@ -26,7 +26,8 @@ from torch import Tensor
 
 from twla.kernels.reference import PAD_BYTE, PackedTernary, QuantizedActivations
 
-BLOCK_P = 32  # packed rows per step: 128 input columns
+BLOCK_P = 32  # packed rows per step: 128 input columns (16 rows, 64 columns, for groups of 64)
+MIN_GROUP = 64  # tl.dot needs ≥ 16 packed rows per step
 GEMV_MAX_M = 4  # tokens up to which the decode GEMV is used
 
 
@@ -162,8 +163,9 @@ def ternary_matmul(
     Small M runs the GEMV unless ``gemv=False``. Tile sizes, split count, warps and stages
     are explicit (no autotuning, so the interpreter runs it); they were not tuned on a GPU.
     """
-    if w.group_size % (4 * BLOCK_P):
-        raise ValueError(f"the Triton kernels need group_size a multiple of {4 * BLOCK_P}, got {w.group_size}")
+    if w.group_size % MIN_GROUP:
+        raise ValueError(f"the Triton kernels need group_size a multiple of {MIN_GROUP}, got {w.group_size}")
+    block_p = BLOCK_P if w.group_size % (4 * BLOCK_P) == 0 else MIN_GROUP // 4
     int_act = isinstance(x, QuantizedActivations)
     xt = x.q if int_act else x
     if xt.dim() != 2:
@@ -195,7 +197,7 @@ def ternary_matmul(
         r = s = z = w.alpha  # unused without int activations
         stride_rm = 0
     wsum = wsum if has_zero else w.alpha
-    common = dict(GROUP_P=w.group_size // 4, BLOCK_N=block_n, BLOCK_P=BLOCK_P, INT_ACT=int_act, HAS_ZERO=has_zero)
+    common = dict(GROUP_P=w.group_size // 4, BLOCK_N=block_n, BLOCK_P=block_p, INT_ACT=int_act, HAS_ZERO=has_zero)
     args = (xt, w.packed, w.alpha, w.mu, r, s, z, wsum, y)
     strides = (xt.stride(0), stride_rm, y.stride(1), y.stride(0))
     if gemv:

@@ -1,4 +1,4 @@
-"""Block-wise GPTQ error compensation for any block quantizer (DESIGN §3.5).
+"""Block-wise GPTQ error compensation for any block quantizer.
 
 Problem: min_Ŵ ‖X Wᵀ − X Ŵᵀ‖²_F = tr(E H Eᵀ), E = W − Ŵ, H = S + λ·mean(diag S)·I,
 where Ŵ is quantized one block of columns at a time.

@@ -1,4 +1,4 @@
-"""KOTMS: Kronecker orthogonal tri-modal shaping of weights (DESIGN §4.3).
+"""KOTMS: Kronecker orthogonal tri-modal shaping of weights.
 
 For a weight W (n×m) and R = R₁ ⊗ R₂, the rotated rows z_i = w_i R, centred per row,
 with c_i = mean_j |z_ij| (held fixed) and σ_i = 0.25·c_i, are scored by the negative
@@ -84,7 +84,7 @@ def learn_kotms(
     activation_bits: int = 4,
 ) -> FactorResult:
     """Learn (R₁, R₂) minimizing the tri-modal loss of W R for a batch of weights, plus
-    optionally γ·activation_noise(X R) on calibration inputs X (DESIGN §4.3's extension).
+    optionally γ·activation_noise(X R) on calibration inputs X (an extension of the tri-modal loss).
 
     W: (L, n, m) — one weight per batch element (e.g. one site in each of L layers,
     its linears' rows stacked); R1: (L, m₁, m₁), R2: (L, m₂, m₂) starting factors;

@@ -1,4 +1,4 @@
-"""Kronecker-structured orthogonal rotations R = R₁ ⊗ R₂ (DESIGN §4.1).
+"""Kronecker-structured orthogonal rotations R = R₁ ⊗ R₂.
 
 A token x ∈ ℝ^m with m = m₁·m₂ is rotated without forming R: reshape x row-major to
 X̃ ∈ ℝ^{m₁×m₂}; then x R = vec(R₁ᵀ X̃ R₂) and x Rᵀ = vec(R₁ X̃ R₂ᵀ), at a cost of

@@ -1,4 +1,4 @@
-"""E2M-ATQ stage 2, part 1: relocation of a site's rotation on the Stiefel manifold (DESIGN §3.4).
+"""E2M-ATQ stage 2, part 1: relocation of a site's rotation on the Stiefel manifold.
 
 For the linears W_k (n_k×m) reading one input with statistics S = XᵀX, and R = R₁ ⊗ R₂,
 

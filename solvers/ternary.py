@@ -1,4 +1,4 @@
-"""Ternary weight fits: Ŵ = diag(α) T + μ 1ᵀ with T ∈ {−1, 0, +1}^{n×m} (DESIGN §3).
+"""Ternary weight fits: Ŵ = diag(α) T + μ 1ᵀ with T ∈ {−1, 0, +1}^{n×m}.
 
 Every function works row-wise on a weight block W ∈ ℝ^{n×m} and is batched over
 rows. Closed forms are solved in float64; callers cast back.
@@ -62,7 +62,7 @@ def twn(W: Tensor) -> TernaryFit:
 
 
 def grid_given_codes(W: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row least squares min_{α,μ} ‖w_i − α t_i − μ 1‖² (DESIGN §3.2).
+    """Per-row least squares min_{α,μ} ‖w_i − α t_i − μ 1‖².
 
     Solved in W's dtype and differentiable in W (the codes are held fixed), so it also
     serves as the closed-form grid inside gradient-based relocation.
@@ -139,7 +139,7 @@ def block_atq(Z: Tensor, block_size: int = 128, iters: int = 10) -> tuple[Tensor
 
 
 def refit_metric(W: Tensor, T: Tensor, M: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact refit of (α, μ) with T frozen in the input metric M (DESIGN §3.3):
+    """Exact refit of (α, μ) with T frozen in the input metric M:
 
     min_{α,μ} tr(E M Eᵀ), E = W − diag(α)T − μ1ᵀ, i.e. per row the 2×2 system
     [t M tᵀ, t M 1; 1ᵀ M tᵀ, 1ᵀ M 1] [α; μ] = [w M tᵀ; w M 1].

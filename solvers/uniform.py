@@ -1,4 +1,4 @@
-"""Uniform integer quantization: per-token activations (DESIGN §5.1) and RTN weights.
+"""Uniform integer quantization: per-token activations and RTN weights.
 
 Asymmetric min-max with clipping ratio p over the last dimension:
     s = p·(max x − min x)/(2^b − 1), z = round(−p·min x / s), x̂ = s·(clamp(round(x/s) + z, 0, 2^b − 1) − z).

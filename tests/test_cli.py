@@ -45,7 +45,8 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert "Mixed-precision activations (ILA-AMP)" in text
     counts = ", ".join(f"{b}: {mixed['allocation']['allocation']['bits'].count(b)}" for b in (2, 4, 6, 8))
     assert f"| {counts} |" in text
-    for plot in ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png"):
+    plots = ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png")
+    for plot in (*plots, "frontier.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     saved = out / "models" / "e2m_gptq"
     packed = report["rows"][2]["packed"]
@@ -159,4 +160,7 @@ def test_bench_over_seeds_reports_mean_spread_and_reconstruction(tiny_checkpoint
     text = (out / "report.md").read_text()
     assert "## Perplexity per seed" in text and "## Block-wise reconstruction" in text
     assert f"{plain['ppl_spread']['mean']:.2f} ± {plain['ppl_spread']['std']:.2f}" in text
+    assert "## Perplexity against stored bits" in text and "## Ablation" in text
+    assert "| +recon | e2m+gptq |" in text  # the one change between the two rows, measured over both seeds
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", *common, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")]) == 2

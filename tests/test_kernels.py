@@ -89,12 +89,15 @@ def test_quantized_activations_equal_fake_quantization(bits, symmetric):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_triton_quantization_kernel_is_bit_exact(bits, symmetric):
+@pytest.mark.parametrize("group", [128, 64])
+def test_triton_quantization_kernel_is_bit_exact(bits, symmetric, group):
     x = activations(5, 300, seed=bits)
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     for p in (None, perm):
-        want = quantize_activations(x, bits, 0.85, symmetric, 128, p)
-        got = quantize_activations_triton(x.to(DEVICE), bits, 0.85, symmetric, 128, None if p is None else p.to(DEVICE))
+        want = quantize_activations(x, bits, 0.85, symmetric, group, p)
+        got = quantize_activations_triton(
+            x.to(DEVICE), bits, 0.85, symmetric, group, None if p is None else p.to(DEVICE)
+        )
         assert same(want, got.to("cpu"))
 
 
@@ -123,10 +126,11 @@ def test_triton_int8_accumulators_are_bit_exact(M, N, K, gemv):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("M", [1, 6])
-def test_triton_int_path_matches_reference(bits, symmetric, M):
-    """Odd N and K with a short last group (300 = 2·128 + 44); GEMV for M = 1, GEMM for M = 6."""
-    _, _, _, w = random_weight(45, 300, 128, seed=bits)
-    a = quantize_activations(activations(M, 300, seed=3), bits, 1.0, symmetric)
+@pytest.mark.parametrize("group", [128, 64])
+def test_triton_int_path_matches_reference(bits, symmetric, M, group):
+    """Odd N and K with a short last group (300 = 2·128 + 44 = 4·64 + 44); GEMV for M = 1, GEMM for M = 6."""
+    _, _, _, w = random_weight(45, 300, group, seed=bits)
+    a = quantize_activations(activations(M, 300, seed=3), bits, 1.0, symmetric, group)
     y = ternary_matmul(a.to(DEVICE), w.to(DEVICE), weight_sums(w).to(DEVICE)).cpu()
     ref = matmul_int(a, w)
     assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max(), rtol=1e-5)
@@ -143,9 +147,17 @@ def test_split_k_is_deterministic_and_equal(gemv):
     assert torch.equal(split, ternary_matmul(a, w, wsum, split=4, gemv=gemv))
 
 
+@pytest.mark.parametrize("gemv", [True, False])
+def test_triton_a16_groups_of_64(gemv):
+    _, _, _, w = random_weight(40, 300, 64, seed=5)
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    y = ternary_matmul(x.to(DEVICE), w.to(DEVICE), gemv=gemv).cpu()
+    assert torch.allclose(y, matmul_a16(x, w), atol=1e-3, rtol=1e-3)
+
+
 def test_kernel_input_errors():
-    _, _, _, w = random_weight(8, 128, 64)
-    with pytest.raises(ValueError, match="multiple of 128"):
+    _, _, _, w = random_weight(8, 128, 32)
+    with pytest.raises(ValueError, match="multiple of 64"):
         ternary_matmul(torch.randn(2, 128), w)
     _, _, _, w = random_weight(8, 128, 128)
     with pytest.raises(ValueError, match="features"):
@@ -156,8 +168,8 @@ def test_kernel_input_errors():
         quantize_activations(torch.randn(2, 8), 16)
     with pytest.raises(ValueError, match="2..8 bits"):
         quantize_activations_triton(torch.randn(2, 8), 1)
-    with pytest.raises(ValueError, match="multiple of 128"):
-        quantize_activations_triton(torch.randn(2, 8), 4, group_size=64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quantize_activations_triton(torch.randn(2, 8), 4, group_size=32)
     with pytest.raises(ValueError, match="multiple of 4"):
         pack_ternary(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1), torch.ones(2, 1), 6)
 

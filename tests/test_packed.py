@@ -16,7 +16,7 @@ from twla.checkpoint import _linear_spec as _spec
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
 from twla.ternary_linear import TernaryLinear
 
-SPECS = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "pt2+gptq+r1+had+a8+sym", "absmean+kotms+a6")
+SPECS = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+ssr+g64+had+a4", "pt2+gptq+r1+had+a8+sym", "absmean+kotms+a6")
 
 
 def quantized(spec, calib_ids, seed=0):
@@ -109,7 +109,7 @@ def test_loading_a_state_dict_refreshes_the_derived_buffers(calib_ids, tokens):
     assert torch.equal(fresh.dequantize(), up.dequantize())
 
 
-@pytest.mark.parametrize("spec", ["e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+had+a8+sym"])
+@pytest.mark.parametrize("spec", ["e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+g64+had+a4", "e2m+gptq+had+a8+sym"])
 def test_triton_backend_matches_torch_on_packed_model(spec, calib_ids, tokens):
     model, report = quantized(spec, calib_ids)
     pack_model(model, report.weights)

@@ -63,6 +63,22 @@ def test_bit_accounting(tiny_model, calib_ids):
     assert bits.embedding_params == 256 * 64  # tied embedding counted once
 
 
+@pytest.mark.parametrize("spec,bits,groups", [("rtn2+gptq+g64", 2, 64), ("rtn3+gptq", 3, 128), ("e2m+gptq+g64", 2, 64)])
+def test_group_size_and_uniform_bits_accounting(spec, bits, groups, calib_ids):
+    """g64 halves the columns per grid; int-b weights store b-bit codes, a 16-bit scale and a
+    b-bit zero point per (row, group); ternary codes 2 bits and 16-bit α, μ per (row, group)."""
+    model, report = quantize(tiny_llama(), QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+    counted = count_bits(model, get_adapter(model), report.weights)
+    side_per_group = 32 if spec.startswith("e2m") else 16 + bits
+    n_groups = sum(w.shape[0] * -(-w.shape[1] // groups) for w in report.weights.values())
+    assert all(w.block_size == groups for w in report.weights.values())
+    assert counted.storage_bits_per_weight == pytest.approx(
+        bits + side_per_group * n_groups / counted.quantized_weights
+    )
+    if not spec.startswith("e2m"):
+        assert max(int(w.codes.max()) for w in report.weights.values()) <= 2**bits - 1
+
+
 @pytest.mark.parametrize(
     "cls,cfg",
     [(MistralForCausalLM, MistralConfig), (Qwen2ForCausalLM, Qwen2Config), (Qwen3ForCausalLM, Qwen3Config)],

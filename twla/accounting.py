@@ -1,4 +1,4 @@
-"""Bit accounting (DESIGN §6): everything stored, per quantized linear weight.
+"""Bit accounting: everything stored, per quantized linear weight.
 
 Ternary codes cost 2 bits each when 2-bit packed (storage) or log2(3) ≈ 1.58 bits in
 entropy terms; every (row, block) stores a 16-bit α and, for asymmetric grids, a 16-bit
@@ -21,9 +21,10 @@ from twla.weights import QuantizedWeight
 FP_BITS = 16
 ACCOUNTING_RULES = (
     "bits per quantized linear weight = packed codes (2 bits per ternary code stored, log2 3 in entropy terms; "
-    "b bits for b-bit integer weights) + 16-bit α and μ per (row, 128-column block) (integer weights: 16-bit scale "
-    "+ b-bit zero point) + 16 bits per column index when blocks are reordered (SSR); embeddings/lm_head, norms "
-    "and online rotation factors are stored in 16 bits and counted in the model size only"
+    "b bits for b-bit integer weights) + 16-bit α and μ per (row, block of 128 columns, or 64 with g64) "
+    "(integer weights: 16-bit scale + b-bit zero point) + 16 bits per column index when blocks are reordered "
+    "(SSR); embeddings/lm_head, norms and online rotation factors are stored in 16 bits and counted in the "
+    "model size only"
 )
 
 

@@ -1,4 +1,4 @@
-"""Clipping calibration of per-token activation quantization (DESIGN §5.1).
+"""Clipping calibration of per-token activation quantization.
 
 For a layer with rotated calibration inputs X_R, full-precision weight W_R (rotated
 basis) and its quantized weight Ŵ, the clipping ratio is chosen on a grid:

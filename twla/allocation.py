@@ -1,7 +1,7 @@
 """ILA-AMP on a quantized model: measured costs, their second-order estimate, and the allocation.
 
 Units ℓ (decoder blocks, or input sites) in execution order choose activation bits b_ℓ
-(DESIGN §5.2). On fixed calibration tokens, with every unit at the reference bits b_ref:
+. On fixed calibration tokens, with every unit at the reference bits b_ref:
 
     s_ℓ(b)     = M(ℓ:b) − M_ref,
     c_ℓ(b, b') = M(ℓ:b, ℓ+1:b') − M_ref − s_ℓ(b) − s_{ℓ+1}(b'),

@@ -34,19 +34,51 @@ from twla.quantize import LayerRecord, quantize
 from twla.report import (
     plot_allocations,
     plot_cost_predictions,
+    plot_frontier,
     plot_layer_errors,
     plot_rotation_histograms,
     plot_weight_histograms,
     write_report,
 )
 
+DEFAULT_METHOD = "e2m+gptq+ssr+had+a4+recon"  # the best measured W1.58A4 method; `twla quantize` uses it
 DEFAULT_METHODS = (
     "e2m+gptq+ssr",  # W1.58A16
     "e2m+gptq+ssr+recon",  # + block-wise output reconstruction
     "e2m+gptq+ssr+had+a4",  # W1.58A4 with fixed random Kronecker-Hadamard site rotations
-    "e2m+gptq+ssr+had+a4+recon",  # + block-wise output reconstruction: the default W1.58A4
+    DEFAULT_METHOD,  # + block-wise output reconstruction
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
+# The default method, and each of its components taken away (GPTQ takes SSR with it; pt2 replaces e2m).
+ABLATION_METHODS = (
+    DEFAULT_METHOD,
+    "pt2+gptq+ssr+had+a4+recon",
+    "e2m+gptq+ssr+had+a4",
+    "e2m+gptq+ssr+a4+recon",
+    "e2m+gptq+had+a4+recon",
+    "e2m+had+a4+recon",
+)
+# Perplexity against stored bits per weight, at A16 and at A4 (with Hadamard rotations): ternary
+# variants, and uniform int2/int3/int4 GPTQ weights with grids per 128 and per 64 columns.
+_FRONTIER_WEIGHTS = (
+    "e2m+gptq+ssr",
+    "e2m+gptq+ssr+recon",
+    "e2m+gptq+ssr+g64+recon",
+    *(f"rtn{b}+gptq{g}" for b in (2, 3, 4) for g in ("", "+g64")),
+    "rtn2+gptq+g64+recon",
+)
+FRONTIER_METHODS = (
+    *_FRONTIER_WEIGHTS,
+    *(spec.removesuffix("+recon") + "+had+a4" + "+recon" * spec.endswith("+recon") for spec in _FRONTIER_WEIGHTS),
+)
+METHOD_SETS = {"default": DEFAULT_METHODS, "ablation": ABLATION_METHODS, "frontier": FRONTIER_METHODS}
+
+
+def resolve_methods(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Expand the preset names of :data:`METHOD_SETS` in a method list, keeping order, each method once."""
+    expanded = [spec for name in names for spec in METHOD_SETS.get(name.strip().lower(), (name,))]
+    return tuple(dict.fromkeys(expanded))
+
 
 REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
 DEFAULT_SAVE = ("e2m+gptq+ssr+recon", "e2m+gptq+ssr+had+a4+recon")  # packed, reloaded and evaluated when benched
@@ -105,11 +137,12 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise ValueError("no methods to bench; name at least one with --methods")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
         if repeated:
             raise ValueError(f"--methods names {', '.join(repeated)} more than once")
+        self.methods = resolve_methods(self.methods)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {list(self.seeds)}")
         checks = {
             "nsamples": (self.nsamples, 1),
             "seqlen": (self.seqlen, 2),
@@ -327,6 +360,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
     }
     text = write_report(run.staging, result)
     plot_layer_errors(rows, os.path.join(run.staging, "layer_errors.png"))
+    plot_frontier(rows, os.path.join(run.staging, "frontier.png"))
     plot_weight_histograms(hist_name, original, histograms, os.path.join(run.staging, "weight_hist.png"))
     if rotation_weights:
         plot_rotation_histograms(rotation_weights, os.path.join(run.staging, "rotation_hist.png"))

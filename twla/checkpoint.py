@@ -8,13 +8,13 @@ A checkpoint is a directory written atomically:
 - ``twla_model.safetensors``: every tensor once (not named ``model.safetensors``, so stock
   transformers refuses the directory instead of loading random weights for the packed
   linears). Each :class:`~twla.ternary_linear.TernaryLinear` stores ``packed`` (uint8 codes
-  c = t + 1, four per byte along the input, DESIGN §7),
+  c = t + 1, four per byte along the input),
   ``alpha`` and ``mu`` (fp16, per (group, row)), ``perm`` (int16 column order, when the
   blocks were reordered), ``rot1``/``rot2`` (the online rotation factors, once per site)
   and its bias; the unquantized parameters keep their names;
 - ``twla_quant.json``: format and version, the method and its config, each packed
   linear's shape, group size and activation settings, tensors that share storage, the
-  calibration's provenance, the bits counted from the tensor file (DESIGN §6), the SHA-256 of
+  calibration's provenance, the bits counted from the tensor file, the SHA-256 of
   every file that determines the model's outputs, and a digest of its own content;
 - ``twla_report.json`` (optional): run metadata such as timings, outside the digests, so that
   the same seed gives a byte-identical checkpoint.

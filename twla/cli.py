@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import asdict
 
-from twla.bench import DEFAULT_METHODS, DEFAULT_SAVE, BenchConfig, run_bench
+from twla.bench import DEFAULT_METHOD, DEFAULT_SAVE, METHOD_SETS, BenchConfig, resolve_methods, run_bench
 from twla.checkpoint import STORAGE_DTYPES
 from twla.config import BASE_METHODS, MODIFIERS, QuantConfig
 from twla.data import CORPORA, HUB_DATASETS
@@ -20,7 +20,8 @@ METHOD_HELP = (
     f"methods are a base weight quantizer ({', '.join(BASE_METHODS)}) plus '+'-joined modifiers "
     f"({', '.join(MODIFIERS)}): absmean = BitNet b1.58, twn = ternary weight networks, pt2 = PT²-LLM "
     "asymmetric ternary (ITF + AGA), e2m = E2M-ATQ (ITF with TWLA's rule + exact S-metric refit), rtnN = N-bit "
-    "round-to-nearest integer weights; gptq = GPTQ error compensation, ssr = structural similarity reordering; "
+    "round-to-nearest integer weights; gptq = GPTQ error compensation, ssr = structural similarity reordering, "
+    "g64 = one grid per 64 input columns instead of 128; "
     "had / rand / kotms = per-site Kronecker rotations (fixed Hadamard, fixed random orthogonal, learned on the "
     "Stiefel manifold; act = kotms with its activation-outlier term), reloc = E2M stage-2 Stiefel relocation per "
     "site, r1 = residual-stream rotation with RMSNorm folding; aN = N-bit per-token activations (clipping "
@@ -137,8 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(bench)
     bench.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)})",
+        default="default",
+        help="comma-separated methods and presets; a preset expands to its methods: "
+        + "; ".join(f"{name} = {','.join(specs)}" for name, specs in METHOD_SETS.items())
+        + " (default: default)",
     )
     bench.add_argument(
         "--seeds",
@@ -170,9 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         "twla.load_packed or evaluate it with `twla eval`. " + METHOD_HELP,
     )
     _common(quant)
-    quant.add_argument(
-        "--method", default="e2m+gptq+ssr+had+a4+recon", help="method (default e2m+gptq+ssr+had+a4+recon)"
-    )
+    quant.add_argument("--method", default=DEFAULT_METHOD, help=f"method (default {DEFAULT_METHOD})")
     quant.add_argument("--out", required=True, help="output checkpoint directory")
     quant.add_argument(
         "--dtype",
@@ -227,7 +228,7 @@ def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
 def _bench(args: argparse.Namespace) -> None:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.save is None:
-        save = tuple(m for m in DEFAULT_SAVE if m in methods)
+        save = tuple(m for m in DEFAULT_SAVE if m in resolve_methods(methods))
     else:
         save = tuple(m.strip() for m in args.save.split(",") if m.strip())
     cfg = BenchConfig(
@@ -245,7 +246,7 @@ def _bench(args: argparse.Namespace) -> None:
         out=args.out,
         save=save,
         save_dtype=args.save_dtype,
-        amp=_amp(args, methods),
+        amp=_amp(args, resolve_methods(methods)),
         overwrite=args.overwrite,
     )
     run_bench(cfg, progress=not args.quiet)

@@ -3,9 +3,10 @@
 A method is named by a spec string: a base weight quantizer, then modifiers joined by ``+``.
 
 - base: ``absmean``, ``twn``, ``pt2`` (PT²-LLM ATQ: ITF + AGA), ``e2m`` (E2M-ATQ: ITF with
-  TWLA's rule + exact S-metric refit), or ``rtn4`` / ``rtn8`` (uniform integer weights, a
-  familiar reference);
-- weights: ``gptq`` (error compensation), ``ssr`` (Structural Similarity Reordering);
+  TWLA's rule + exact S-metric refit), or ``rtn2`` / ``rtn3`` / ``rtn4`` / ``rtn8`` (uniform
+  integer weights, familiar references);
+- weights: ``gptq`` (error compensation), ``ssr`` (Structural Similarity Reordering), ``g64``
+  (grids per 64 input columns instead of 128: more side bits, a finer fit);
 - rotations: ``had`` (fixed random Kronecker-Hadamard), ``rand`` (fixed random orthogonal),
   ``kotms`` (learned on the Stiefel manifold; ``act`` adds the activation term to its
   loss), ``reloc`` (E2M stage-2 Stiefel relocation per site), ``r1`` (offline
@@ -92,7 +93,7 @@ ResidualRotation = Literal["none", "hadamard", "random"]
 
 @dataclass(frozen=True)
 class RotationConfig:
-    """Orthogonal rotations of the linear layers' inputs (DESIGN §4).
+    """Orthogonal rotations of the linear layers' inputs.
 
     site: one online Kronecker rotation R = R₁ ⊗ R₂ per input site (q/k/v, o, gate/up, down),
     ``hadamard`` / ``random`` fixed, ``kotms`` learned (tri-modal loss, §4.3) starting from
@@ -148,7 +149,7 @@ class RotationConfig:
 
 @dataclass(frozen=True)
 class ActivationConfig:
-    """Per-token dynamic fake quantization of every quantized linear layer's input (DESIGN §5.1).
+    """Per-token dynamic fake quantization of every quantized linear layer's input.
 
     bits: the uniform bit-width; layer_bits: per-layer overrides {linear name: bits}, e.g.
     from a mixed-precision allocation. The clipping ratio p of each layer is chosen from
@@ -218,7 +219,7 @@ class ReconstructionConfig:
 
 @dataclass(frozen=True)
 class AllocationConfig:
-    """ILA-AMP: per-unit activation bits from measured costs and an integer program (DESIGN §5.2).
+    """ILA-AMP: per-unit activation bits from measured costs and an integer program.
 
     granularity: a unit is a decoder ``block`` (TWLA) or an input ``site``; options: the bit-widths
     𝔅; budget: the mean bits over activation elements, Σ w·b ≤ budget·Σ w (w = a unit's input
@@ -266,10 +267,9 @@ BASE_METHODS: dict[str, WeightConfig] = {
     "twn": TernaryConfig(quantizer="twn", refit=False, compensate=False),
     "pt2": TernaryConfig(quantizer="atq", itf_rule="lsq", itf_iters=10, refit=True, compensate=False),
     "e2m": TernaryConfig(quantizer="atq", itf_rule="twn", itf_iters=15, refit=True, compensate=False),
-    "rtn4": UniformConfig(bits=4),
-    "rtn8": UniformConfig(bits=8),
+    **{f"rtn{b}": UniformConfig(bits=b) for b in (2, 3, 4, 8)},
 }
-WEIGHT_MODIFIERS = {"gptq": {"compensate": True}, "ssr": {"reorder": True}}
+WEIGHT_MODIFIERS = {"gptq": {"compensate": True}, "ssr": {"reorder": True}, "g64": {"block_size": 64}}
 ROTATION_MODIFIERS = {
     "had": {"site": "hadamard"},
     "rand": {"site": "random"},
@@ -311,6 +311,12 @@ def _parse(spec: str) -> tuple[str, list[str]]:
     if len({m for m in mods if m in ALLOCATION_MODIFIERS}) > 1:
         raise ValueError(f"{spec!r} names both amp and amp-site; choose one granularity")
     return base, mods
+
+
+def method_parts(spec: str) -> tuple[str, frozenset[str]]:
+    """A method spec's base quantizer and its set of modifiers (their order does not matter)."""
+    base, mods = _parse(spec)
+    return base, frozenset(mods)
 
 
 def _flags(mods: list[str], table: dict[str, dict]) -> dict:

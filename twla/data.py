@@ -1,4 +1,4 @@
-"""Text sources and token windows for calibration and evaluation (DESIGN §8).
+"""Text sources and token windows for calibration and evaluation.
 
 A source is a built-in public-domain corpus (``emma``, ``mansfieldpark``,
 ``prideprejudice``, ``persuasion``, ``northangerabbey``, ``sensesensibility``,

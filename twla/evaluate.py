@@ -1,4 +1,4 @@
-"""Perplexity (DESIGN §8): mean next-token NLL over non-overlapping windows, exponentiated."""
+"""Perplexity: mean next-token NLL over non-overlapping windows, exponentiated."""
 
 from __future__ import annotations
 

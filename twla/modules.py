@@ -1,9 +1,9 @@
 """The quantized linear layer of a rotated, activation-quantized model (fake-quantized).
 
-    y = Q_a(x R) Ŵᵀ + b,   R = R₁ ⊗ R₂ (online, DESIGN §4.1),  Ŵ stored in the rotated basis,
+    y = Q_a(x R) Ŵᵀ + b,   R = R₁ ⊗ R₂ (online),  Ŵ stored in the rotated basis,
 
-where Q_a is per-token dynamic quantization with this layer's bits and clipping ratio
-(DESIGN §5.1). Without a rotation and at 16 bits it is exactly the original linear.
+where Q_a is per-token dynamic quantization with this layer's bits and clipping ratio.
+Without a rotation and at 16 bits it is exactly the original linear.
 """
 
 from __future__ import annotations

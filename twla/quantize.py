@@ -1,14 +1,14 @@
-"""Layer-wise sequential post-training quantization (GPTQ's schedule, DESIGN §3.5).
+"""Layer-wise sequential post-training quantization (GPTQ's schedule).
 
 Before the layers: the optional residual rotation (norms folded), and the per-site
-rotations (fixed or learned with KOTMS, DESIGN §4). Then the calibration batch runs
+rotations (fixed or learned with KOTMS). Then the calibration batch runs
 through the model one decoder layer at a time. For each input site of the layer:
 
 1. the statistics S = XᵀX / N of its input are collected (and a token sample X);
 2. optionally the site's rotation is relocated on the Stiefel manifold against the
-   ternarized output error (E2M stage 2, DESIGN §3.4), and installed (W ← W R, S ← RᵀSR);
+   ternarized output error (E2M stage 2), and installed (W ← W R, S ← RᵀSR);
 3. its linears are quantized against S (block fit, GPTQ, refit);
-4. each linear's activation clipping ratio is calibrated (DESIGN §5.1);
+4. each linear's activation clipping ratio is calibrated;
 
 optionally (``recon``) the whole block's grids, norm gains and clipping ratios are then
 tuned against the full-precision block's outputs (:mod:`twla.reconstruct`), and the

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from twla.config import method_parts  # noqa: E402
 from twla.io import atomic_write, write_json, write_text  # noqa: E402
 
 COLUMNS = [
@@ -88,6 +89,79 @@ def reconstruction_table(rows: list[dict]) -> str:
                 f"| {row['method']} | {rc['before']:.4f} | {rc['after']:.4f} | {change:+.1f} % "
                 f"| {rc['steps']:.0f} | {rc['seconds']:.0f} |"
             )
+    return "\n".join(lines)
+
+
+def _std_error(row: dict) -> float | None:
+    """Standard error of the mean perplexity over seeds (None for one seed)."""
+    spread = row.get("ppl_spread")
+    return spread["std"] / spread["n"] ** 0.5 if spread and spread["n"] > 1 else None
+
+
+def ablation_pairs(rows: list[dict]) -> list[tuple[dict, dict, str]]:
+    """(without, with, what changed) for every two benched methods one step apart: the same base
+    and a smallest set of added modifiers (no benched method in between), or the same modifiers
+    on another base (listed once, in row order)."""
+    methods = [row for row in rows if row["method"] != "fp"]
+    parts = [method_parts(row["method"]) for row in methods]
+    pairs = []
+    for i, (a, (base_a, mods_a)) in enumerate(zip(methods, parts)):
+        for j, (b, (base_b, mods_b)) in enumerate(zip(methods, parts)):
+            if base_a == base_b and mods_a < mods_b:
+                if not any(base == base_a and mods_a < mods < mods_b for base, mods in parts):
+                    added = [m for m in b["method"].split("+")[1:] if m not in mods_a]
+                    pairs.append((a, b, "+" + "+".join(added)))
+            elif i < j and base_a != base_b and mods_a == mods_b:
+                pairs.append((a, b, f"{base_b} instead of {base_a}"))
+    return pairs
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """Perplexity with and without each component (means over seeds); Δ in standard errors of
+    the difference when both sides ran with several seeds."""
+    lines = [
+        "| change | from | perplexity without | with | Δ | Δ / s.e. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, b, change in ablation_pairs(rows):
+        delta = b["ppl"] - a["ppl"]
+        errors = (_std_error(a), _std_error(b))
+        z = "–" if None in errors else f"{delta / max((errors[0] ** 2 + errors[1] ** 2) ** 0.5, 1e-12):+.1f}"
+        lines.append(f"| {change} | {a['method']} | {_ppl_cell(a)} | {_ppl_cell(b)} | {delta:+.2f} | {z} |")
+    return "\n".join(lines)
+
+
+def _activation_label(row: dict) -> str:
+    return f"A{row['act_bits']:g}" if row.get("act_bits") is not None else "A?"
+
+
+def frontier_points(rows: list[dict]) -> list[tuple[dict, bool]]:
+    """Every row with whether it is Pareto-optimal among the rows at its activation bits: no
+    other row stores at most as many bits per weight with a lower perplexity."""
+    points = sorted(rows, key=lambda r: (-r["act_bits"], r["bits_storage"], r["ppl"]))
+    return [
+        (
+            row,
+            not any(
+                other is not row
+                and other["act_bits"] == row["act_bits"]
+                and other["bits_storage"] <= row["bits_storage"]
+                and other["ppl"] < row["ppl"]
+                for other in rows
+            ),
+        )
+        for row in points
+    ]
+
+
+def frontier_table(rows: list[dict]) -> str:
+    """Perplexity against stored bits per weight, per activation bit-width; ★ marks the Pareto front."""
+    lines = ["| activations | bits/w (stored) | method | perplexity | front |", "|---|---|---|---|---|"]
+    for row, optimal in frontier_points(rows):
+        lines.append(
+            f"| {_activation_label(row)} | {row['bits_storage']:.3f} | {row['method']} | {_ppl_cell(row)} "
+            f"| {'★' if optimal else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -195,6 +269,15 @@ def markdown_report(result: dict) -> str:
             seed_table(rows),
         ]
     parts += [
+        "## Perplexity against stored bits per weight (★: Pareto front per activation bit-width)",
+        frontier_table(rows),
+    ]
+    if ablation_pairs(rows):
+        parts += [
+            "## Ablation: each change between two benched methods (perplexity means over seeds)",
+            ablation_table(rows),
+        ]
+    parts += [
         "## Stages of the block fit (per-layer means, in each block's metric)",
         stage_table(rows),
     ]
@@ -239,6 +322,42 @@ def plot_layer_errors(rows: list[dict], path: str) -> None:
     ax.set_ylabel("relative output error tr(ESEᵀ)/tr(WSWᵀ)")
     ax.set_title("Per-layer output error on calibration data")
     ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_frontier(rows: list[dict], path: str) -> None:
+    """Perplexity (log) against stored bits per weight: one colour per activation bit-width,
+    filled markers for ternary weights, open ones for integer weights, bars for the seed spread."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    levels = sorted({row["act_bits"] for row in rows if row["method"] != "fp"}, reverse=True)
+    for row in rows:
+        if row["method"] == "fp":
+            ax.axhline(row["ppl"], color="k", ls="--", lw=0.8, label=f"full precision ({row['ppl']:.2f})")
+            continue
+        color = f"C{levels.index(row['act_bits'])}"
+        ternary = row["scheme"].startswith("W1.58")
+        spread = row.get("ppl_spread")
+        ax.errorbar(
+            row["bits_storage"],
+            row["ppl"],
+            yerr=spread["std"] if spread and spread["n"] > 1 else None,
+            fmt="o" if ternary else "s",
+            color=color,
+            mfc=color if ternary else "none",
+            capsize=2,
+        )
+        ax.annotate(
+            row["method"], (row["bits_storage"], row["ppl"]), fontsize=6, xytext=(4, 2), textcoords="offset points"
+        )
+    for level in levels:
+        ax.plot([], [], "o", color=f"C{levels.index(level)}", label=f"A{level:g}")
+    ax.plot([], [], "o", color="0.4", label="ternary (filled)")
+    ax.plot([], [], "s", color="0.4", mfc="none", label="integer (open)")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per quantized weight")
+    ax.set_ylabel("perplexity")
+    ax.set_title("Quality against stored bits (mean over seeds; bars: standard deviation)")
+    ax.legend(fontsize=7)
     _save_figure(fig, path)
 
 

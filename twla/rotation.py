@@ -1,4 +1,4 @@
-"""Rotations of a whole model (DESIGN §4.2).
+"""Rotations of a whole model.
 
 - Residual-stream rotation Q (QuaRot's R1), fused offline at zero run-time cost: every
   RMSNorm scale γ is folded into the layers that read it (W ← W diag(γ), γ ← 1); then

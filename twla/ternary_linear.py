@@ -2,11 +2,11 @@
 
     y = Q_a(x R)_π Ŵ_πᵀ + b,   Ŵ_π[n, k] = α_{g(k) n} t_{k n} + μ_{g(k) n},  t ∈ {−1, 0, 1},
 
-where R = R₁ ⊗ R₂ is the online input rotation (DESIGN §4.1), π the column order of the
+where R = R₁ ⊗ R₂ is the online input rotation, π the column order of the
 weight's blocks (SSR reordering; groups g are contiguous in π), and Q_a the per-token
-activation quantizer with this layer's bits and clipping ratio (DESIGN §5.1). It computes
+activation quantizer with this layer's bits and clipping ratio. It computes
 what :class:`twla.modules.QuantLinear` computes with the weight on its ternary grid, from
-the packed codes (DESIGN §7).
+the packed codes.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def ternary_block_fitter(cfg: TernaryConfig) -> BlockFit:
     1. stage 1, the Euclidean fit (absmean / TWN / ITF) of the block's grid and codes;
     2. with compensation, GPTQ rounding: codes re-assigned column by column on the
        stage-1 grid with intra-block error feedback (:func:`sequential_round`);
-    3. optionally stage 2, the exact refit of (α, μ) in the block's metric M (DESIGN §3.3).
+    3. optionally stage 2, the exact refit of (α, μ) in the block's metric M.
 
     Returns the block's dequantized values, the dequantized fit after each stage, and the fit.
     """

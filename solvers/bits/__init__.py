@@ -1,4 +1,4 @@
-"""ILA-AMP's activation bit allocation (DESIGN §5.2–5.3): the problem, and its solvers.
+"""ILA-AMP's activation bit allocation: the problem, and its solvers.
 
 - :mod:`.problem`: :class:`BitCosts` (options, unary and adjacent pairwise costs, budget
   weights, β, extra resources), :class:`Allocation`, validation and integer forms.

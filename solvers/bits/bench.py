@@ -1,6 +1,6 @@
 """Solver benchmark: time to optimum and optimality gap per solver on synthetic chains.
 
-Synthetic costs mimic measured ones (DESIGN §5.2): s_ℓ(b) = a_ℓ·4^{(b_ref − b)}·s₀ with a_ℓ
+Synthetic costs mimic measured ones: s_ℓ(b) = a_ℓ·4^{(b_ref − b)}·s₀ with a_ℓ
 log-normal (noise variance ∝ 2^{−2b}), 0 at the reference; interactions
 c_ℓ(b, b') = ρ_ℓ·√(s_ℓ(b)·s_{ℓ+1}(b')) with ρ_ℓ ~ U(−0.5, 1); budget weights cycle like a
 Llama block's input sites (576, 576, 576, 1536). Run: ``twla solvers`` or

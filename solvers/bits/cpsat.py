@@ -1,4 +1,4 @@
-"""OR-Tools CP-SAT model of the allocation problem (DESIGN §5.3).
+"""OR-Tools CP-SAT model of the allocation problem.
 
 Booleans x_{ℓ,k} (exactly one per unit) and y_{ℓ,k,k'} with the marginal-consistency
 constraints Σ_{k'} y_{ℓ,k,k'} = x_{ℓ,k}, Σ_k y_{ℓ,k,k'} = x_{ℓ+1,k'}. CP-SAT needs integers: the

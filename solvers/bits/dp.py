@@ -1,4 +1,4 @@
-"""Exact chain dynamic program for the allocation problem (DESIGN §5.3).
+"""Exact chain dynamic program for the allocation problem.
 
 The interaction graph is a path, so with the budget in integer units the value function
 

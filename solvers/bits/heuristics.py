@@ -1,4 +1,4 @@
-"""Heuristic and enumerative solvers of the allocation problem (DESIGN §5.3).
+"""Heuristic and enumerative solvers of the allocation problem.
 
 - greedy: start every unit at its highest option; while over budget, lower the unit whose
   move has the smallest objective increase per budget unit saved; then move single units while the

@@ -1,4 +1,4 @@
-"""Mixed-integer linear formulation of the allocation problem and its MILP/LP solvers (DESIGN §5.3).
+"""Mixed-integer linear formulation of the allocation problem and its MILP/LP solvers.
 
 Variables: one-hot x_{ℓ,k} ∈ {0,1} and pair variables y_{ℓ,k,k'} ∈ {0,1} with
 

@@ -1,4 +1,4 @@
-"""The activation bit-allocation problem of ILA-AMP (DESIGN §5.2) and its answer.
+"""The activation bit-allocation problem of ILA-AMP and its answer.
 
 Units ℓ = 1..L in execution order choose one option k_ℓ from the bit-widths 𝔅 = (b_1..b_K):
 

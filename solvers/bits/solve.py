@@ -26,7 +26,7 @@ EXACT_SOLVERS = ("dp", "cp-sat", "scip", "milp", "cvxpy", "brute-force")
 
 
 def solve_bits(costs: BitCosts | Mapping[str, Any], budget: float, solver: str = "dp", **options: Any) -> Allocation:
-    """Choose one bit-width per unit minimizing Σ s + β Σ c under the mean-bits budget (DESIGN §5.2).
+    """Choose one bit-width per unit minimizing Σ s + β Σ c under the mean-bits budget.
 
     costs: a :class:`BitCosts` or a mapping with ``bits``, ``unary`` (L×K), ``pairwise``
     ((L−1)×K×K) and optional ``weights`` (default 1) and ``beta`` (default 1); budget: the

@@ -11,7 +11,15 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import tiny_llama
 from twla import QuantConfig, count_bits, get_adapter, quantize
-from twla.checkpoint import CheckpointError, load_packed, pack_model, packed_bits, read_meta, save_packed
+from twla.checkpoint import (
+    CheckpointError,
+    load_packed,
+    pack_model,
+    packed_bits,
+    read_config,
+    read_meta,
+    save_packed,
+)
 from twla.checkpoint import _linear_spec as _spec
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
 from twla.ternary_linear import TernaryLinear
@@ -231,6 +239,27 @@ def test_checkpoint_config_must_match(saved):
     open(meta_file, "w").write("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_packed(saved)
+
+
+def test_config_round_trips_through_the_checkpoint(calib_ids, tmp_path):
+    """The recorded configuration rebuilds the identical QuantConfig, and quantizing again with
+    it gives the identical weights; an edited or foreign configuration is refused."""
+    spec = "e2m+gptq+ssr+had+a4+recon"
+    config = QuantConfig.from_method(spec).with_seed(3)
+    model, report = quantize(tiny_llama(), config, calib_ids, "cpu", progress=False)
+    path = str(tmp_path / "ckpt")
+    save_packed(pack_model(model, report.weights), None, path, spec, config.to_dict())
+    rebuilt = read_config(path)
+    assert rebuilt == config
+    _, again = quantize(tiny_llama(), rebuilt, calib_ids, "cpu", progress=False)
+    for name, w in report.weights.items():
+        assert torch.equal(w.codes, again.weights[name].codes) and torch.equal(w.alpha, again.weights[name].alpha)
+    resign(path, lambda meta: meta["config"].update(version=0))
+    with pytest.raises(CheckpointError, match="format version 0"):
+        read_config(path)
+    resign(path, lambda meta: meta["config"].update(version=1, rotation={**meta["config"]["rotation"], "spin": 1}))
+    with pytest.raises(CheckpointError, match="rotation: unknown fields spin"):
+        read_config(path)
 
 
 def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):

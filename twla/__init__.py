@@ -36,7 +36,15 @@ _EXPORTS = {
     "twla.adapters": ("ADAPTERS", "Adapter", "Site", "get_adapter"),
     "twla.allocation": ("AllocationReport", "allocate"),
     "twla.bench": ("BenchConfig", "run_bench"),
-    "twla.checkpoint": ("CheckpointError", "PackedBits", "load_packed", "pack_model", "packed_bits", "save_packed"),
+    "twla.checkpoint": (
+        "CheckpointError",
+        "PackedBits",
+        "load_packed",
+        "pack_model",
+        "packed_bits",
+        "read_config",
+        "save_packed",
+    ),
     "twla.config": (
         "ActivationConfig",
         "AllocationConfig",

@@ -185,7 +185,7 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
     dtype = storage_dtype(cfg.save_dtype)
     seed = cfg.seeds[0]
     files = save_packed(
-        pack_model(model, report.weights), tokenizer, staged, spec, asdict(qcfg), run.provenance[seed], dtype=dtype
+        pack_model(model, report.weights), tokenizer, staged, spec, qcfg.to_dict(), run.provenance[seed], dtype=dtype
     )
     loaded, _, _ = load_packed(staged)
     result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
@@ -283,7 +283,7 @@ def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_se
         "shaping": report.rotation.to_dict()["sites"] if report.rotation else None,
         "allocation": report.allocation.to_dict() if report.allocation else None,
         "bits": asdict(bits),
-        "config": asdict(qcfg),
+        "config": qcfg.to_dict(),
         "layers": report.to_dict()["layers"],
     }
 

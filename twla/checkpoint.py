@@ -52,6 +52,7 @@ except ImportError:  # transformers < 5
     from transformers.modeling_utils import no_init_weights
 
 if TYPE_CHECKING:
+    from twla.config import QuantConfig
     from twla.weights import QuantizedWeight
 
 FORMAT = "twla-packed"
@@ -185,8 +186,9 @@ def save_packed(
 ) -> PackedBits:
     """Write the packed checkpoint of ``model`` (after :func:`pack_model`) to ``path``, atomically.
 
-    ``method``, ``config`` (e.g. ``asdict(QuantConfig)``) and ``provenance`` (what it was
-    calibrated on, :func:`twla.data.provenance`) are recorded in ``twla_quant.json``;
+    ``method``, ``config`` (:meth:`twla.QuantConfig.to_dict`; :func:`read_config` rebuilds it)
+    and ``provenance`` (what it was calibrated on, :func:`twla.data.provenance`) are recorded
+    in ``twla_quant.json``;
     ``report`` (run metadata, e.g. timings) in ``twla_report.json``. An existing checkpoint at
     ``path`` is replaced only with ``overwrite``; anything else there is never touched.
     ``dtype`` (e.g. ``torch.float16``) stores the unquantized floating tensors (embeddings,
@@ -293,6 +295,18 @@ def read_meta(path: str) -> dict:
     if _meta_digest(meta) != meta["digest"]:
         raise CheckpointError(f"{file} was edited: its content does not match its digest")
     return meta
+
+
+def read_config(path: str) -> QuantConfig:
+    """The :class:`~twla.config.QuantConfig` a packed checkpoint was quantized with; quantizing
+    the same model on the same calibration windows with it gives the same tensors."""
+    from twla.config import QuantConfig  # the solver side, not needed to load and run a checkpoint
+
+    meta = read_meta(path)
+    try:
+        return QuantConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path!r} does not record a configuration this twla can rebuild: {err}") from err
 
 
 def _count_bits(path: str, meta: Mapping) -> PackedBits:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
 
 from twla.bench import DEFAULT_METHOD, DEFAULT_SAVE, METHOD_SETS, BenchConfig, resolve_methods, run_bench
 from twla.checkpoint import STORAGE_DTYPES
@@ -283,7 +282,7 @@ def _quantize(args: argparse.Namespace) -> None:
         tokenizer,
         args.out,
         args.method,
-        asdict(config),
+        config.to_dict(),
         provenance=provenance(text, calib, seed),
         report=report.to_dict(),
         dtype=dtype,

@@ -23,7 +23,7 @@ E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4),
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 from twla.solvers.bits import SOLVERS as BIT_SOLVERS
@@ -370,7 +370,71 @@ class QuantConfig:
             **kwargs,
         )
 
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the whole configuration, with its format version and the kind of
+        weights; :meth:`from_dict` rebuilds the identical configuration from it."""
+        data = asdict(self)
+        data["weights"]["kind"] = "ternary" if isinstance(self.weights, TernaryConfig) else "uniform"
+        return {"version": CONFIG_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> QuantConfig:
+        """The configuration written by :meth:`to_dict` (e.g. a checkpoint's ``config``); a dict
+        of another version, or with unknown or missing fields, is refused with a message."""
+        data = dict(data)
+        version = data.pop("version", None)
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"configuration format version {version!r} is not {CONFIG_VERSION}, the one this twla reads"
+            )
+        weights = dict(_section(data, "weights"))
+        kind = weights.pop("kind", None)
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"configuration weights: kind {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
+        rotation = dict(_section(data, "rotation"))
+        rotation["factors"] = {int(dim): tuple(f) for dim, f in rotation.get("factors", {}).items()}
+        activations = dict(_section(data, "activations"))
+        activations["clip_grid"] = tuple(activations.get("clip_grid", ActivationConfig.clip_grid))
+        allocation = _section(data, "allocation", optional=True)
+        if allocation is not None:
+            allocation = {**allocation, "options": tuple(allocation.get("options", AllocationConfig.options))}
+        reconstruction = _section(data, "reconstruction", optional=True)
+        unknown = sorted(set(data) - {"true_sequential", "batch_size"})
+        if unknown:
+            raise ValueError(f"configuration: unknown fields {', '.join(unknown)}")
+        return cls(
+            weights=_build(WEIGHT_KINDS[kind], weights, "weights"),
+            rotation=_build(RotationConfig, rotation, "rotation"),
+            activations=_build(ActivationConfig, activations, "activations"),
+            allocation=None if allocation is None else _build(AllocationConfig, allocation, "allocation"),
+            reconstruction=None
+            if reconstruction is None
+            else _build(ReconstructionConfig, reconstruction, "reconstruction"),
+            **data,
+        )
+
     def with_seed(self, seed: int) -> QuantConfig:
         """The same configuration with every random choice (rotations, reconstruction batches) seeded by ``seed``."""
         recon = self.reconstruction and replace(self.reconstruction, seed=seed)
         return replace(self, rotation=replace(self.rotation, seed=seed), reconstruction=recon)
+
+
+CONFIG_VERSION = 1
+WEIGHT_KINDS: dict[str, type] = {"ternary": TernaryConfig, "uniform": UniformConfig}
+
+
+def _section(data: dict, name: str, optional: bool = False) -> Mapping | None:
+    value = data.pop(name, None)
+    if value is None and optional:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"configuration {name}: expected a mapping, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Mapping, name: str):
+    """``cls(**values)`` after checking that every key is one of its fields."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"configuration {name}: unknown fields {', '.join(unknown)}")
+    return cls(**values)

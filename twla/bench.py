@@ -41,7 +41,7 @@ from twla.report import (
     write_report,
 )
 
-DEFAULT_METHOD = "e2m+gptq+ssr+had+a4+recon"  # the best measured W1.58A4 method; `twla quantize` uses it
+DEFAULT_METHOD = "e2m+gptq+ssr+had+a4+recon"  # the default W1.58A4 method; `twla quantize` uses it
 DEFAULT_METHODS = (
     "e2m+gptq+ssr",  # W1.58A16
     "e2m+gptq+ssr+recon",  # + block-wise output reconstruction
@@ -81,7 +81,7 @@ def resolve_methods(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
-DEFAULT_SAVE = ("e2m+gptq+ssr+recon", "e2m+gptq+ssr+had+a4+recon")  # packed, reloaded and evaluated when benched
+DEFAULT_SAVE = ("e2m+gptq+ssr+recon", DEFAULT_METHOD)  # packed, reloaded and evaluated when benched
 
 
 def scheme(config: QuantConfig) -> str:

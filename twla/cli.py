@@ -226,8 +226,9 @@ def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
 
 def _bench(args: argparse.Namespace) -> None:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    benched = resolve_methods(methods)  # BenchConfig resolves the presets again, after its own checks
     if args.save is None:
-        save = tuple(m for m in DEFAULT_SAVE if m in resolve_methods(methods))
+        save = tuple(m for m in DEFAULT_SAVE if m in benched)
     else:
         save = tuple(m.strip() for m in args.save.split(",") if m.strip())
     cfg = BenchConfig(
@@ -245,7 +246,7 @@ def _bench(args: argparse.Namespace) -> None:
         out=args.out,
         save=save,
         save_dtype=args.save_dtype,
-        amp=_amp(args, resolve_methods(methods)),
+        amp=_amp(args, benched),
         overwrite=args.overwrite,
     )
     run_bench(cfg, progress=not args.quiet)

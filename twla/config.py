@@ -96,10 +96,10 @@ class RotationConfig:
     """Orthogonal rotations of the linear layers' inputs.
 
     site: one online Kronecker rotation R = R₁ ⊗ R₂ per input site (q/k/v, o, gate/up, down),
-    ``hadamard`` / ``random`` fixed, ``kotms`` learned (tri-modal loss, §4.3) starting from
+    ``hadamard`` / ``random`` fixed, ``kotms`` learned (tri-modal loss) starting from
     ``init``; the weight side is fused offline (W ← W R).
     relocate: E2M stage-2 relocation of each site's factors against its ternarized output
-    error (§3.4), starting from the site rotation (identity when ``site="none"``).
+    error, starting from the site rotation (identity when ``site="none"``).
     residual: offline residual-stream rotation with RMSNorm folding (QuaRot's R1).
     solver / steps / lr / balance / rows: the KOTMS problem (rows: weight rows per site
     used by the loss, evenly spaced); activation_weight γ > 0 adds γ times the expected

@@ -118,21 +118,20 @@ def ablation_pairs(rows: list[dict]) -> list[tuple[dict, dict, str]]:
 
 def ablation_table(rows: list[dict]) -> str:
     """Perplexity with and without each component (means over seeds); Δ in standard errors of
-    the difference when both sides ran with several seeds."""
+    the difference when both sides ran with several seeds. Empty when no two rows pair up."""
+    pairs = ablation_pairs(rows)
+    if not pairs:
+        return ""
     lines = [
         "| change | from | perplexity without | with | Δ | Δ / s.e. |",
         "|---|---|---|---|---|---|",
     ]
-    for a, b, change in ablation_pairs(rows):
+    for a, b, change in pairs:
         delta = b["ppl"] - a["ppl"]
         errors = (_std_error(a), _std_error(b))
         z = "–" if None in errors else f"{delta / max((errors[0] ** 2 + errors[1] ** 2) ** 0.5, 1e-12):+.1f}"
         lines.append(f"| {change} | {a['method']} | {_ppl_cell(a)} | {_ppl_cell(b)} | {delta:+.2f} | {z} |")
     return "\n".join(lines)
-
-
-def _activation_label(row: dict) -> str:
-    return f"A{row['act_bits']:g}" if row.get("act_bits") is not None else "A?"
 
 
 def frontier_points(rows: list[dict]) -> list[tuple[dict, bool]]:
@@ -159,7 +158,7 @@ def frontier_table(rows: list[dict]) -> str:
     lines = ["| activations | bits/w (stored) | method | perplexity | front |", "|---|---|---|---|---|"]
     for row, optimal in frontier_points(rows):
         lines.append(
-            f"| {_activation_label(row)} | {row['bits_storage']:.3f} | {row['method']} | {_ppl_cell(row)} "
+            f"| A{row['act_bits']:g} | {row['bits_storage']:.3f} | {row['method']} | {_ppl_cell(row)} "
             f"| {'★' if optimal else ''} |"
         )
     return "\n".join(lines)
@@ -272,11 +271,9 @@ def markdown_report(result: dict) -> str:
         "## Perplexity against stored bits per weight (★: Pareto front per activation bit-width)",
         frontier_table(rows),
     ]
-    if ablation_pairs(rows):
-        parts += [
-            "## Ablation: each change between two benched methods (perplexity means over seeds)",
-            ablation_table(rows),
-        ]
+    ablation = ablation_table(rows)
+    if ablation:
+        parts += ["## Ablation: each change between two benched methods (perplexity means over seeds)", ablation]
     parts += [
         "## Stages of the block fit (per-layer means, in each block's metric)",
         stage_table(rows),

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from twla.kernels.reference import PackedTernary, dequantize
-from twla.solvers.uniform import fake_quantize
+from twla.kernels.packing import PackedTernary, dequantize
+from twla.kernels.uniform import fake_quantize
 
 BACKENDS = ("auto", "triton", "torch")
 

@@ -1,4 +1,4 @@
-"""Triton ternary GEMM and decode GEMV on the packed layout of :mod:`twla.kernels.reference`.
+"""Triton ternary GEMM and decode GEMV on the packed layout of :mod:`twla.kernels.packing`.
 
 Both kernels take two activation types (a compile-time switch):
 
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from twla.kernels.reference import PAD_BYTE, PackedTernary, QuantizedActivations
+from twla.kernels.packing import PAD_BYTE, PackedTernary
+from twla.kernels.reference import QuantizedActivations
 
 BLOCK_P = 32  # packed rows per step: 128 input columns (16 rows, 64 columns, for groups of 64)
 MIN_GROUP = 64  # tl.dot needs ≥ 16 packed rows per step

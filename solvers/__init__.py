@@ -4,7 +4,6 @@
   (absmean, TWN, ITF, and the exact S-metric refit).
 - :mod:`twla.solvers.gptq`: block-wise GPTQ error compensation, which turns any
   block fit into a layer-output-aware quantizer.
-- :mod:`twla.solvers.uniform`: uniform integer quantization (per-token activations, RTN weights).
 - :mod:`twla.solvers.kronecker`: Kronecker rotations R₁ ⊗ R₂ applied without forming R,
   factor sizes, Hadamard matrices.
 - :mod:`twla.solvers.stiefel`: minimization over pairs of orthogonal factors (geoopt
@@ -14,4 +13,7 @@
   its ternarized output error.
 - :mod:`twla.solvers.bits`: ILA-AMP's activation bit allocation, ``solve_bits(costs, budget)``
   (chain DP, CP-SAT, SCIP, SciPy milp, CVXPY MILP / LP rounding, greedy, brute force).
+
+Uniform integer quantization (per-token activations, RTN weights) lives with the kernels
+whose arithmetic it defines, in :mod:`twla.kernels.uniform`.
 """

@@ -7,8 +7,8 @@ from tests.conftest import tiny_llama
 from twla import QuantConfig, quantize
 from twla.activations import calibrate_clip
 from twla.config import ActivationConfig
+from twla.kernels.uniform import fake_quantize
 from twla.modules import QuantLinear
-from twla.solvers.uniform import fake_quantize
 
 
 def _heavy_tailed(n: int, m: int, seed: int = 0) -> torch.Tensor:

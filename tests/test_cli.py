@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from twla.checkpoint import load_packed
+from twla.checkpoint import load_packed, read_config
 from twla.cli import main
 
 
@@ -71,12 +71,15 @@ def test_quantize_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
         "4",
         "--seqlen",
         "64",
+        "--damp",
+        "0.05",
         "--out",
         str(out),
         "--quiet",
     ]
     assert main(args) == 0
     assert "bits per packed weight" in capsys.readouterr().out
+    assert read_config(str(out)).weights.damp == 0.05
     meta = json.loads((out / "twla_quant.json").read_text())
     report = json.loads((out / "twla_report.json").read_text())
     assert len(report["layers"]) == 14 and meta["linears"]["model.layers.1.mlp.up_proj"]["act_bits"] == 4
@@ -98,6 +101,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "smallest feasible budget is 2" in capsys.readouterr().err
     assert main(["bench", "--methods", "e2m+had+amp", "--amp-solver", "simplex", "--quiet"]) == 2
     assert "unknown bit solver" in capsys.readouterr().err
+    assert main(["bench", "--methods", "e2m+gptq", "--damp", "-0.1", "--quiet"]) == 2
+    assert "damp ≥ 0" in capsys.readouterr().err
 
 
 def test_uniform_weight_methods_are_not_packed(tiny_checkpoint, tmp_path, capsys):

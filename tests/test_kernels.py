@@ -7,23 +7,19 @@ import sys
 import pytest
 import torch
 
-from twla.kernels.bench import random_packed
+from twla.kernels.packing import dequantize, pack_codes, pack_ternary, random_packed, unpack_codes
 from twla.kernels.reference import (
     QuantizedActivations,
-    dequantize,
     group_accumulator,
     group_sums,
     matmul_a16,
     matmul_int,
-    pack_codes,
-    pack_ternary,
     quantize_activations,
-    unpack_codes,
     weight_sums,
 )
 from twla.kernels.triton_quant import quantize_activations_triton
 from twla.kernels.triton_ternary import ternary_matmul
-from twla.solvers.uniform import fake_quantize
+from twla.kernels.uniform import fake_quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -198,3 +194,28 @@ def test_every_kernel_variant_compiles_for_the_gpu(arch, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 12 and all(f"compiled for sm_{arch}" in line for line in lines)
+
+
+def test_kernel_package_imports_nothing_else_of_twla():
+    """``twla.kernels`` is a leaf: every kernel module imports with the rest of twla blocked."""
+    code = """
+import importlib, importlib.abc, pkgutil, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("twla.") and not name.startswith("twla.kernels"):
+            raise ImportError(f"twla.kernels imported {name}")
+        return None
+
+sys.meta_path.insert(0, Block())
+import twla.kernels
+names = sorted(m.name for m in pkgutil.iter_modules(twla.kernels.__path__))
+for name in names:
+    importlib.import_module(f"twla.kernels.{name}")
+print(" ".join(names))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    modules = set(result.stdout.split())
+    assert {"packing", "reference", "uniform", "dispatch", "triton_ternary", "triton_quant"} <= modules

@@ -296,10 +296,10 @@ for name in ("scipy", "geoopt", "ortools", "cvxpy", "highspy", "matplotlib", "gg
     sys.modules[name] = None
 import torch
 from twla.checkpoint import load_packed
-from twla.kernels import bench
+from twla import speed
 model, _, _ = load_packed({saved!r})
 print(model(torch.tensor([[1, 2, 3]])).logits.shape)
-bench.main(["--quick", "--models", "", "--out", ""])
+speed.main(["--quick", "--models", "", "--out", ""])
 blocked = [m for m in ("twla.solvers.bits", "twla.quantize", "twla.config") if m in sys.modules]
 assert not blocked, blocked
 """

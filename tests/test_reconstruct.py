@@ -12,8 +12,8 @@ from twla import QuantConfig, quantize
 from twla.bench import BenchConfig
 from twla.checkpoint import pack_model
 from twla.config import ReconstructionConfig
+from twla.kernels.uniform import fake_quantize
 from twla.solvers.reconstruct import Scaled, reconstruct
-from twla.solvers.uniform import fake_quantize
 
 
 def _regression(windows: int = 12, seed: int = 0):

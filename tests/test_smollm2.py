@@ -37,14 +37,13 @@ def first_blocks(model, count: int = BLOCKS) -> Iterator[None]:
     """Inside: ``model`` seen as its first ``count`` decoder blocks (what ``quantize`` works on);
     afterwards the full model again, its first blocks changed in place."""
     adapter = get_adapter(model)
-    parent, _, attr = adapter.layers.rpartition(".")
     blocks = adapter.decoder_layers(model)
-    setattr(model.get_submodule(parent), attr, blocks[:count])
+    model.set_submodule(adapter.layers, blocks[:count])
     model.config.num_hidden_layers = count
     try:
         yield
     finally:
-        setattr(model.get_submodule(parent), attr, blocks)
+        model.set_submodule(adapter.layers, blocks)
         model.config.num_hidden_layers = len(blocks)
 
 

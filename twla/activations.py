@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from twla.solvers.uniform import fake_quantize
+from twla.kernels.uniform import fake_quantize
 
 
 @dataclass

@@ -132,6 +132,7 @@ class BenchConfig:
     save_dtype: str = "keep"  # storage of unquantized tensors in saved checkpoints: keep, float16, bfloat16
     histogram_layer: str | None = None  # default: the middle layer's down_proj
     amp: dict = field(default_factory=dict)  # AllocationConfig overrides for amp / amp-site methods
+    damp: float | None = None  # GPTQ damping λ of every method (None: the weight config's default)
     overwrite: bool = False  # replace a bench report written earlier at ``out``
 
     def __post_init__(self) -> None:
@@ -154,7 +155,7 @@ class BenchConfig:
         for name, (value, low) in checks.items():
             if value < low:
                 raise ValueError(f"{name} must be ≥ {low}, got {value}")
-        configs = [QuantConfig.from_method(spec, self.amp) for spec in self.methods]  # fail early on a bad spec
+        configs = [self.quant_config(spec) for spec in self.methods]  # fail early on a bad spec or damping
         for config in configs:
             if config.reconstruction:
                 config.reconstruction.check_windows(self.nsamples)
@@ -170,6 +171,11 @@ class BenchConfig:
                     f"--save {spec}: the packed checkpoint format stores ternary weights; {spec} quantizes "
                     "weights to uniform integers (a reference method)"
                 )
+
+    def quant_config(self, spec: str, seed: int = 0) -> QuantConfig:
+        """The configuration of one benched method at ``seed``, with this run's overrides."""
+        weights = None if self.damp is None else {"damp": self.damp}
+        return QuantConfig.from_method(spec, self.amp, weights, batch_size=self.batch_size).with_seed(seed)
 
 
 def is_bench_report(path: str) -> bool:
@@ -325,7 +331,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
         for j, seed in enumerate(cfg.seeds):
             if i or j:
                 model, _ = load_model(run.source)
-            qcfg = QuantConfig.from_method(spec, cfg.amp, batch_size=cfg.batch_size).with_seed(seed)
+            qcfg = cfg.quant_config(spec, seed)
             model, report = quantize(model, qcfg, run.calib[seed], run.device, progress)
             result, eval_seconds = evaluate(spec if len(cfg.seeds) == 1 else f"{spec} (seed {seed})", model)
             per_seed[seed] = {"ppl": result.ppl, "quant_seconds": report.seconds}
@@ -350,7 +356,8 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
             "device": str(run.device),
             "evaluation": fp.describe(),
             "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, "
-            f"seeds {', '.join(map(str, cfg.seeds))}",
+            f"seeds {', '.join(map(str, cfg.seeds))}"
+            + ("" if cfg.damp is None else f"; GPTQ damping λ = {cfg.damp:g} for every method"),
             "accounting": ACCOUNTING_RULES,
             "host": platform.node(),
             "torch": torch.__version__,

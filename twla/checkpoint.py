@@ -121,8 +121,7 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
             source = getattr(module, factor, None)
             if source is not None:
                 setattr(packed, factor, shared.setdefault(id(source), getattr(packed, factor)))
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, packed)
+        model.set_submodule(name, packed)
     return model
 
 
@@ -388,12 +387,11 @@ def load_packed(
                 f"{path}: packed linear {name} is {spec['out_features']}×{spec['in_features']} but the model's "
                 f"config gives {getattr(old, 'out_features', '?')}×{getattr(old, 'in_features', '?')}"
             )
-        parent, _, attr = name.rpartition(".")
         try:
             module = TernaryLinear(**spec)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: invalid settings for {name}: {err}") from err
-        setattr(model.get_submodule(parent), attr, module)
+        model.set_submodule(name, module)
     try:
         tensors = load_file(file)
     except SafetensorError as err:

@@ -6,11 +6,11 @@ import argparse
 import os
 import sys
 
+from twla import speed
 from twla.bench import DEFAULT_METHOD, DEFAULT_SAVE, METHOD_SETS, BenchConfig, resolve_methods, run_bench
 from twla.checkpoint import STORAGE_DTYPES
 from twla.config import BASE_METHODS, MODIFIERS, QuantConfig
 from twla.data import CORPORA, HUB_DATASETS
-from twla.kernels import bench as kernel_bench
 from twla.kernels.dispatch import BACKENDS
 from twla.models import BUILTIN, DEFAULT_MODEL
 from twla.solvers.bits import bench as solver_bench
@@ -68,6 +68,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         type=_int_at_least(0),
         default=None,
         help="seed for the calibration windows and every random choice (rotations, reconstruction batches; default 0)",
+    )
+    p.add_argument(
+        "--damp",
+        type=float,
+        help="GPTQ damping λ of H = S + λ·mean(diag S)·I for every method (default 0.01)",
     )
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="sequences per forward pass (default 8)")
@@ -201,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     kernels = sub.add_parser(
         "kernels",
         help="benchmark the ternary kernels and packed decoding against fp16 (GPU; reference path on CPU)",
-        description=kernel_bench.DESCRIPTION,
+        description=speed.DESCRIPTION,
     )
-    kernel_bench.add_arguments(kernels)
+    speed.add_arguments(kernels)
 
     solvers = sub.add_parser(
         "solvers", help="benchmark the activation bit-allocation solvers", description=solver_bench.DESCRIPTION
@@ -247,6 +252,7 @@ def _bench(args: argparse.Namespace) -> None:
         save=save,
         save_dtype=args.save_dtype,
         amp=_amp(args, benched),
+        damp=args.damp,
         overwrite=args.overwrite,
     )
     run_bench(cfg, progress=not args.quiet)
@@ -262,7 +268,8 @@ def _quantize(args: argparse.Namespace) -> None:
 
     # everything that can be refused is checked before the model's weights are read
     seed = args.seed or 0
-    config = QuantConfig.from_method(args.method, _amp(args, (args.method,)), batch_size=args.batch_size)
+    weights = None if args.damp is None else {"damp": args.damp}
+    config = QuantConfig.from_method(args.method, _amp(args, (args.method,)), weights, batch_size=args.batch_size)
     config = config.with_seed(seed)
     if config.reconstruction:
         config.reconstruction.check_windows(args.nsamples)
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "quantize": _quantize,
             "eval": _eval,
-            "kernels": kernel_bench.run,
+            "kernels": speed.run,
             "solvers": solver_bench.run,
         }
         commands[args.command](args)

@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
+from twla.kernels.uniform import ACTIVATION_BITS
 from twla.solvers.bits import SOLVERS as BIT_SOLVERS
 from twla.solvers.bits.problem import check_mean_budget
 from twla.solvers.stiefel import STIEFEL_SOLVERS, StiefelSolver
 from twla.solvers.ternary import ItfRule
-from twla.solvers.uniform import ACTIVATION_BITS
 
 Quantizer = Literal["absmean", "twn", "atq"]
 
@@ -351,9 +351,16 @@ class QuantConfig:
     batch_size: int = 8
 
     @classmethod
-    def from_method(cls, spec: str, amp: Mapping[str, object] | None = None, **kwargs: object) -> QuantConfig:
+    def from_method(
+        cls,
+        spec: str,
+        amp: Mapping[str, object] | None = None,
+        weights: Mapping[str, object] | None = None,
+        **kwargs: object,
+    ) -> QuantConfig:
         """Parse a method spec (module docstring) into a full configuration; ``amp`` overrides
-        fields of the :class:`AllocationConfig` of an ``amp``/``amp-site`` spec (e.g. budget, beta)."""
+        fields of the :class:`AllocationConfig` of an ``amp``/``amp-site`` spec (e.g. budget, beta),
+        ``weights`` fields of the weight quantizer's config (e.g. damp)."""
         _, mods = _parse(spec)
         acts = _flags(mods, ACTIVATION_MODIFIERS)
         allocation = None
@@ -362,7 +369,7 @@ class QuantConfig:
             # the layer-wise pass runs at the budget's bits (rounded down to a supported width)
             acts.setdefault("bits", max(b for b in ACTIVATION_BITS if b <= max(allocation.budget, 2)))
         return cls(
-            weights=method_config(spec),
+            weights=method_config(spec, **(weights or {})),
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
             activations=ActivationConfig(**acts),
             allocation=allocation,

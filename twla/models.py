@@ -148,8 +148,7 @@ def keep_layers(model: PreTrainedModel, count: int) -> None:
     blocks = adapter.decoder_layers(model)
     if not 1 <= count <= len(blocks):
         raise ValueError(f"cannot keep {count} decoder blocks: the model has {len(blocks)}")
-    parent, _, attr = adapter.layers.rpartition(".")
-    setattr(model.get_submodule(parent), attr, nn.ModuleList(blocks[:count]))
+    model.set_submodule(adapter.layers, nn.ModuleList(blocks[:count]))
     model.config.num_hidden_layers = count
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:count]

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from twla.adapters import Adapter
+from twla.kernels.uniform import fake_quantize
 from twla.solvers.kronecker import kron_apply, kron_apply_t
-from twla.solvers.uniform import fake_quantize
 
 ROTATION_BUFFERS = ("rot1", "rot2")
 
@@ -96,11 +96,9 @@ def wrap_linears(model: nn.Module, adapter: Adapter) -> dict[str, QuantLinear]:
     modules: dict[str, QuantLinear] = {}
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for path in adapter.linear_names():
-            parent_path, _, attr = path.rpartition(".")
-            parent = layer.get_submodule(parent_path) if parent_path else layer
-            module = getattr(parent, attr)
+            module = layer.get_submodule(path)
             if not isinstance(module, QuantLinear):
                 module = QuantLinear(module)
-                setattr(parent, attr, module)
+                layer.set_submodule(path, module)
             modules[f"{adapter.layers}.{index}.{path}"] = module
     return modules

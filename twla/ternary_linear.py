@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from twla.kernels.dispatch import ternary_linear
-from twla.kernels.reference import PAD_BYTE, PackedTernary, dequantize, pack_ternary, weight_sums
+from twla.kernels.packing import PAD_BYTE, PackedTernary, dequantize, pack_ternary
+from twla.kernels.reference import weight_sums
 from twla.modules import online_rotation
 
 if TYPE_CHECKING:

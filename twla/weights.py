@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from twla.config import TernaryConfig, UniformConfig, WeightConfig
+from twla.kernels.uniform import quantize_codes, uniform_grid
 from twla.solvers.gptq import BlockFit, GPTQResult, gptq, sequential_round
 from twla.solvers.ternary import TernaryFit, absmean, codes_given_grid, itf, refit_metric, twn
-from twla.solvers.uniform import quantize_codes, uniform_grid
 
 SCALE_BITS = 16  # α, μ and uniform scales are stored as 16-bit floats
 INDEX_BITS = 16  # one column index per input when the blocks are reordered

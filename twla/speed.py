@@ -1,7 +1,7 @@
 """Kernel and decode benchmark: the ternary kernels and packed models against torch fp16, in one run.
 
     twla kernels [--peak-gbs 3350] [--decode-tokens 128] [--models smollm2-135m,llama-7b]
-    python -m twla.kernels.bench          (needs only torch, triton, transformers, numpy, safetensors)
+    python -m twla.speed                 (needs only torch, triton, transformers, numpy, safetensors)
 
 1. Kernels, for the default model's (SmolLM2-135M) and 7B-class linears at M = 1, 16, 128,
    2048: torch fp16 ``matmul`` against the A16 kernel and the int8 path (4-bit activations;
@@ -27,14 +27,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from twla.kernels.reference import (
-    PackedTernary,
-    matmul_a16,
-    matmul_int,
-    pack_ternary,
-    quantize_activations,
-    weight_sums,
-)
+from twla.adapters import get_adapter
+from twla.kernels.packing import random_packed
+from twla.kernels.reference import matmul_a16, matmul_int, quantize_activations, weight_sums
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 SHAPES = {  # (N outputs, K inputs)
@@ -67,16 +62,6 @@ MODELS = {  # Llama-architecture shapes of real models
     ),
 }
 TARGET_SHAPE = "7b down 4096x11008"
-
-
-def random_packed(N: int, K: int, group_size: int = 128, device: str = "cpu", seed: int = 0) -> PackedTernary:
-    """Random ternary codes with α ∈ [0.1, 1.1) and μ ~ 0.1·N(0, 1) per (row, group), packed."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    T = (torch.randint(0, 3, (N, K), generator=g, device=device) - 1).to(torch.int8)
-    G = -(-K // group_size)
-    alpha = (torch.rand(N, G, generator=g, device=device) + 0.1).half().float()
-    mu = (torch.randn(N, G, generator=g, device=device) * 0.1).half().float()
-    return pack_ternary(T, alpha, mu, group_size)
 
 
 def _time(fn: Callable[[], object], repeat: int) -> float:
@@ -189,7 +174,8 @@ def pack_randomly(model: nn.Module, act_bits: int = 16, rotate: bool = False, se
     from twla.ternary_linear import TernaryLinear
 
     g = torch.Generator().manual_seed(seed)
-    linears = [(n, m) for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear | TernaryLinear)]
+    layers = get_adapter(model).decoder_layers(model)
+    linears = [(n, m) for n, m in layers.named_modules() if isinstance(m, nn.Linear | TernaryLinear)]
     for index, (name, old) in enumerate(linears):
         device = old.packed.device if isinstance(old, TernaryLinear) else old.weight.device
         K, N = old.in_features, old.out_features
@@ -204,8 +190,7 @@ def pack_randomly(model: nn.Module, act_bits: int = 16, rotate: bool = False, se
             new.rot1.copy_(random_orthogonal(rotation[0], g, torch.float32))
             new.rot2.copy_(random_orthogonal(rotation[1], g, torch.float32))
         new.refresh()
-        parent, _, attr = name.rpartition(".")
-        setattr(model.model.layers.get_submodule(parent), attr, new)
+        layers.set_submodule(name, new)
     return model
 
 

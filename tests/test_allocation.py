@@ -8,10 +8,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.conftest import tiny_llama
-from twla import AllocationConfig, InfeasibleBudgetError, QuantConfig, QuantLinear, get_adapter, quantize
+from tests.helpers import tiny_llama
+from twla import InfeasibleBudgetError, QuantConfig, quantize
+from twla.adapters import get_adapter
 from twla.allocation import allocate, allocation_units
 from twla.bench import activation_bits, scheme
+from twla.config import AllocationConfig
+from twla.fake_quant import QuantLinear
 
 FAST = dict(samples=4, seqlen=32, stride=2)
 

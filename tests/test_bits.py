@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from twla import BitCosts, InfeasibleBudgetError, Resource, solve_bits
-from twla.solvers.bits import EXACT_SOLVERS, SOLVERS
+from twla import InfeasibleBudgetError, solve_bits
+from twla.solvers.bits import EXACT_SOLVERS, SOLVERS, BitCosts, Resource
 
 OPTIONS = np.array([2, 4, 6, 8])
 

@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from twla.checkpoint import load_packed, read_config
 from twla.cli import main
+from twla.config import VOCABULARY, QuantConfig, method_table
 
 
 def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
@@ -169,3 +171,32 @@ def test_bench_over_seeds_reports_mean_spread_and_reconstruction(tiny_checkpoint
     assert "| +recon | e2m+gptq |" in text  # the one change between the two rows, measured over both seeds
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["bench", *common, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_method_vocabulary_drives_parser_help_and_readme(capsys):
+    """One table: every term parses into what it says it sets, `twla bench --help` lists it,
+    alternatives are refused together, and the README's method table is the table's own."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert method_table() in readme
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    printed = capsys.readouterr().out
+    sections = {"weights": "weights", "rotation": "rotation", "activations": "activations", "allocation": "allocation"}
+    for term in VOCABULARY:
+        for name, sets in zip(term.names, term.sets):
+            label = name if term.group == "base" else f"+{name}"
+            assert label in printed
+            spec = name if term.group == "base" else f"e2m+{name}" + ("+a4" if name == "sym" else "")
+            config = QuantConfig.from_method(spec)
+            if term.group == "base":
+                assert config.weights == sets
+            elif term.group == "reconstruction":
+                assert config.reconstruction is not None
+            else:
+                section = getattr(config, sections[term.group])
+                assert all(getattr(section, field) == value for field, value in sets.items()), spec
+    choices = {t.choice for t in VOCABULARY if t.choice}
+    for choice in choices:
+        a, b = [n for t in VOCABULARY if t.choice == choice for n in t.names][:2]
+        with pytest.raises(ValueError, match=f"several choices of {choice}"):
+            QuantConfig.from_method(f"e2m+{a}+{b}")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.conftest import correlated_inputs
+from tests.helpers import correlated_inputs
 from twla.config import TernaryConfig, method_config
 from twla.solvers.gptq import damped_hessian, gptq
 from twla.solvers.ternary import output_error

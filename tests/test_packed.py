@@ -9,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import tiny_llama
-from twla import QuantConfig, count_bits, get_adapter, quantize
+from tests.helpers import tiny_llama
+from twla import QuantConfig, quantize
+from twla.accounting import count_bits
+from twla.adapters import get_adapter
 from twla.checkpoint import (
     CheckpointError,
     load_packed,
@@ -89,7 +91,7 @@ def test_biased_architecture_round_trips(calib_ids, tokens, tmp_path):
     """Qwen2 has biases on q/k/v: they travel with the packed linears."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from tests.conftest import SMALL_CONFIG
+    from tests.helpers import SMALL_CONFIG
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**SMALL_CONFIG)).eval()
@@ -300,7 +302,7 @@ from twla import speed
 model, _, _ = load_packed({saved!r})
 print(model(torch.tensor([[1, 2, 3]])).logits.shape)
 speed.main(["--quick", "--models", "", "--out", ""])
-blocked = [m for m in ("twla.solvers.bits", "twla.quantize", "twla.config") if m in sys.modules]
+blocked = [m for m in ("twla.solvers.bits", "twla.pipeline", "twla.config") if m in sys.modules]
 assert not blocked, blocked
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -11,11 +11,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from tests.conftest import SMALL_CONFIG, tiny_llama
-from twla import QuantConfig, count_bits, get_adapter, quantize
+from tests.helpers import SMALL_CONFIG, tiny_llama
+from twla import QuantConfig, quantize
+from twla.accounting import count_bits
+from twla.adapters import get_adapter
 from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text
 from twla.evaluate import perplexity
-from twla.models import keep_layers, load_model
+from twla.loading import keep_layers, load_model
 
 
 def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):

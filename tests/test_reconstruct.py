@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
 from twla.bench import BenchConfig
 from twla.checkpoint import pack_model

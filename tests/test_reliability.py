@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize, solve_bits
 from twla.checkpoint import CheckpointError, load_packed, pack_model, save_packed
 from twla.cli import main
 from twla.io import OutputPathError, atomic_directory, check_output_dir
-from twla.models import load_model, resolve_device
+from twla.loading import load_model, resolve_device
 from twla.solvers.bits import SolverTimeLimit
-from twla.solvers.bits.bench import synthetic_costs
+from twla.solvers.bits.compare import synthetic_costs
 
 QUANTIZE = ["quantize", "--method", "e2m+gptq+had+a4", "--nsamples", "4", "--seqlen", "64", "--quiet"]
 
@@ -300,7 +300,7 @@ def test_errors_come_before_the_weights_are_read(tiny_checkpoint, tmp_path, monk
         ),
         (["bench", "--methods", "e2m+recon", "--nsamples", "3", *out], "holds out 4 of the 3 calibration windows"),
         (["bench", "--seed", "1", "--seeds", "0,1", *out], "either --seed or --seeds"),
-        (["bench", "--methods", "e2m+a4+a8", *out], "names several activation bit-widths (a4, a8)"),
+        (["bench", "--methods", "e2m+a4+a8", *out], "names several choices of activation bits (a4, a8)"),
         (["bench", "--methods", "e2m+sym", *out], "sym has no effect without quantized activations"),
         (["bench", "--methods", "e2m+gptq", "--amp-budget", "3", *out], "--amp-budget applies to amp / amp-site"),
         (["bench", "--methods", "e2m,e2m+gptq", "--save", "pt2", *out], "--save names methods that are not benched"),

@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tests.conftest import SMALL_CONFIG, correlated_inputs, tiny_llama
-from twla import QuantConfig, get_adapter, quantize
+from tests.helpers import SMALL_CONFIG, correlated_inputs, tiny_llama
+from twla import QuantConfig, quantize
+from twla.adapters import get_adapter
 from twla.config import RotationConfig
-from twla.modules import wrap_linears
+from twla.fake_quant import wrap_linears
 from twla.rotation import apply_residual_rotation, install_rotation, site_rotations
 from twla.solvers.kotms import activation_noise, learn_kotms, trimodal_loss, trimodal_terms, trimodality
 from twla.solvers.kronecker import (
@@ -188,7 +189,7 @@ def test_rotation_config_errors():
         RotationConfig(site="givens")
     with pytest.raises(ValueError, match="unknown rotation solver"):
         RotationConfig(solver="newton")
-    with pytest.raises(ValueError, match="several site rotations"):
+    with pytest.raises(ValueError, match="several choices of site rotation"):
         QuantConfig.from_method("e2m+had+kotms")
     bad = replace(QuantConfig.from_method("e2m+gptq"), rotation=RotationConfig(site="hadamard", factors={64: (7, 9)}))
     with pytest.raises(ValueError, match="7×9 do not multiply to the dimension 64"):
@@ -216,5 +217,5 @@ def test_activation_term_in_the_pipeline(calib_ids):
     assert cfg.rotation.site == "kotms" and cfg.rotation.activation_weight > 0
     _, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
     assert all(len(s.losses) > 2 for s in report.rotation.sites.values())
-    with pytest.raises(ValueError, match="several site rotations"):
+    with pytest.raises(ValueError, match="several choices of site rotation"):
         QuantConfig.from_method("e2m+had+act")

@@ -17,7 +17,6 @@ from twla import (
     QuantConfig,
     calibration_windows,
     evaluation_windows,
-    get_adapter,
     load_model,
     load_packed,
     load_text,
@@ -27,6 +26,7 @@ from twla import (
     save_packed,
     tokenize,
 )
+from twla.adapters import get_adapter
 
 pytestmark = pytest.mark.slow
 BLOCKS = 4  # decoder blocks quantized

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.conftest import correlated_inputs
+from tests.helpers import correlated_inputs
 from twla.solvers.ternary import (
     TernaryFit,
     absmean,

@@ -21,57 +21,26 @@ kernels on CUDA (the torch reference elsewhere), save, and load back::
     twla.save_packed(twla.pack_model(model, report.weights), tokenizer, "out/model", method="...")
     model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)
 
-Names are imported on first use, so the deployment path (``twla.kernels``, packed modules and
-checkpoints) needs only torch, triton, transformers, numpy and safetensors.
+These are the names a user needs; everything else is imported from its module (e.g.
+``twla.config.TernaryConfig``, ``twla.adapters.get_adapter``). Names are imported on first
+use, so the deployment path (``twla.kernels``, packed modules and checkpoints) needs only
+torch, triton, transformers, numpy and safetensors.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 _EXPORTS = {
-    "twla.accounting": ("BitReport", "count_bits"),
-    "twla.adapters": ("ADAPTERS", "Adapter", "Site", "get_adapter"),
-    "twla.allocation": ("AllocationReport", "allocate"),
     "twla.bench": ("BenchConfig", "run_bench"),
-    "twla.checkpoint": (
-        "CheckpointError",
-        "PackedBits",
-        "load_packed",
-        "pack_model",
-        "packed_bits",
-        "read_config",
-        "save_packed",
-    ),
-    "twla.config": (
-        "ActivationConfig",
-        "AllocationConfig",
-        "QuantConfig",
-        "ReconstructionConfig",
-        "RotationConfig",
-        "TernaryConfig",
-        "UniformConfig",
-        "method_config",
-    ),
+    "twla.checkpoint": ("CheckpointError", "load_packed", "pack_model", "read_config", "save_packed"),
+    "twla.config": ("QuantConfig",),
     "twla.data": ("calibration_windows", "evaluation_windows", "load_text", "tokenize"),
-    "twla.evaluate": ("Perplexity", "perplexity"),
-    "twla.kernels.dispatch": ("kernel_backend", "set_kernel_backend"),
-    "twla.models": ("load_model", "save_checkpoint"),
-    "twla.modules": ("QuantLinear",),
-    "twla.quantize": ("LayerRecord", "QuantReport", "quantize"),
-    "twla.rotation": ("RotationReport",),
-    "twla.solvers.bits": (
-        "Allocation",
-        "BitCosts",
-        "InfeasibleBudgetError",
-        "Resource",
-        "SolverTimeLimit",
-        "solve_bits",
-    ),
-    "twla.ternary_linear": ("TernaryLinear",),
-    "twla.weights": ("TernaryWeight", "UniformWeight", "quantize_weight"),
+    "twla.evaluate": ("perplexity",),
+    "twla.kernels.dispatch": ("set_kernel_backend",),
+    "twla.loading": ("load_model",),
+    "twla.pipeline": ("quantize",),
+    "twla.solvers.bits": ("InfeasibleBudgetError", "solve_bits"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -87,15 +56,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """Keeps an exported name (``twla.quantize``, the function) from being replaced by the
-    submodule of the same name when that submodule is imported."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if not (name in _WHERE and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from twla.adapters import Adapter
-from twla.modules import ROTATION_BUFFERS
+from twla.fake_quant import ROTATION_BUFFERS
 from twla.weights import QuantizedWeight
 
 FP_BITS = 16

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from twla.adapters import Adapter
 from twla.capture import capture_layer_inputs, layer_output
 from twla.config import AllocationConfig
+from twla.fake_quant import QuantLinear, wrap_linears
 from twla.kernels.uniform import uniform_grid
-from twla.modules import QuantLinear, wrap_linears
 from twla.solvers.bits import Allocation, BitCosts, solve_bits
 from twla.solvers.bits.problem import option_index
 

@@ -29,8 +29,8 @@ from twla.data import (
 )
 from twla.evaluate import perplexity
 from twla.io import atomic_directory, check_output_dir, json_format
-from twla.models import DEFAULT_MODEL, ModelSource, check_window_length, load_model, model_source, resolve_device
-from twla.quantize import LayerRecord, quantize
+from twla.loading import DEFAULT_MODEL, ModelSource, check_window_length, load_model, model_source, resolve_device
+from twla.pipeline import LayerRecord, quantize
 from twla.report import (
     plot_allocations,
     plot_cost_predictions,

@@ -41,9 +41,9 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from twla.adapters import get_adapter
+from twla.fake_quant import QuantLinear
 from twla.io import atomic_directory, check_output_dir, json_format
-from twla.models import QUANT_FILE
-from twla.modules import QuantLinear
+from twla.loading import QUANT_FILE
 from twla.ternary_linear import TernaryLinear
 
 try:

@@ -5,30 +5,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from twla import speed
 from twla.bench import DEFAULT_METHOD, DEFAULT_SAVE, METHOD_SETS, BenchConfig, resolve_methods, run_bench
 from twla.checkpoint import STORAGE_DTYPES
-from twla.config import BASE_METHODS, MODIFIERS, QuantConfig
+from twla.config import QuantConfig, method_help
 from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels.dispatch import BACKENDS
-from twla.models import BUILTIN, DEFAULT_MODEL
-from twla.solvers.bits import bench as solver_bench
+from twla.loading import BUILTIN, DEFAULT_MODEL
+from twla.solvers.bits import compare as solver_bench
 
-METHOD_HELP = (
-    f"methods are a base weight quantizer ({', '.join(BASE_METHODS)}) plus '+'-joined modifiers "
-    f"({', '.join(MODIFIERS)}): absmean = BitNet b1.58, twn = ternary weight networks, pt2 = PT²-LLM "
-    "asymmetric ternary (ITF + AGA), e2m = E2M-ATQ (ITF with TWLA's rule + exact S-metric refit), rtnN = N-bit "
-    "round-to-nearest integer weights; gptq = GPTQ error compensation, ssr = structural similarity reordering, "
-    "g64 = one grid per 64 input columns instead of 128; "
-    "had / rand / kotms = per-site Kronecker rotations (fixed Hadamard, fixed random orthogonal, learned on the "
-    "Stiefel manifold; act = kotms with its activation-outlier term), reloc = E2M stage-2 Stiefel relocation per "
-    "site, r1 = residual-stream rotation with RMSNorm folding; aN = N-bit per-token activations (clipping "
-    "calibrated per layer), sym = symmetric activations; amp / amp-site = ILA-AMP mixed {2,4,6,8}-bit activations "
-    "per decoder block / input site, mean ≤ 4 bits, from measured costs and an exact solver; recon = block-wise "
-    "output reconstruction (each quantized block's grids, norm gains and clipping ratios tuned against the "
-    "full-precision block). "
-    "Example: e2m+gptq+ssr+kotms+reloc+a4"
+METHOD_HELP = "methods: a base weight quantizer plus '+'-joined modifiers (e.g. e2m+gptq+ssr+had+a4+recon)\n" + (
+    method_help()
 )
 DATA_HELP = (
     f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network "
@@ -135,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="quantize a model with several methods and compare them with full precision (the main job)",
-        description="Quantize MODEL with each method, evaluate perplexity, bits per weight and time, and write "
-        "a report (report.md, report.json, plots) to --out. " + METHOD_HELP,
+        description=textwrap.fill(
+            "Quantize MODEL with each method, evaluate perplexity, bits per weight and time, and write "
+            "a report (report.md, report.json, plots) to --out."
+        ),
+        epilog=METHOD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(bench)
     _eval_args(bench)
@@ -172,9 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser(
         "quantize",
         help="quantize a model with one method and save the packed checkpoint",
-        description="Quantize MODEL with one ternary method and save a packed checkpoint (2-bit codes, α, μ, "
-        "rotations, activation settings; twla_quant.json, which also holds the quantization report). Load it with "
-        "twla.load_packed or evaluate it with `twla eval`. " + METHOD_HELP,
+        description=textwrap.fill(
+            "Quantize MODEL with one ternary method and save a packed checkpoint (2-bit codes, α, μ, "
+            "rotations, activation settings; twla_quant.json, which also holds the quantization report). Load it "
+            "with twla.load_packed or evaluate it with `twla eval`."
+        ),
+        epilog=METHOD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(quant)
     quant.add_argument("--method", default=DEFAULT_METHOD, help=f"method (default {DEFAULT_METHOD})")
@@ -263,8 +260,8 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.config import TernaryConfig
     from twla.data import calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
-    from twla.models import check_window_length, load_model, model_source, resolve_device
-    from twla.quantize import quantize
+    from twla.loading import check_window_length, load_model, model_source, resolve_device
+    from twla.pipeline import quantize
 
     # everything that can be refused is checked before the model's weights are read
     seed = args.seed or 0
@@ -307,7 +304,7 @@ def _eval(args: argparse.Namespace) -> None:
     from twla.data import OVERLAP_LIMIT, calibration_overlap, evaluation_windows, load_text, tokenize
     from twla.evaluate import perplexity
     from twla.kernels.dispatch import kernel_backend
-    from twla.models import resolve_device
+    from twla.loading import resolve_device
 
     device = resolve_device(args.device)
     text = load_text(args.evaluation, "evaluation")

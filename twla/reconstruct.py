@@ -22,7 +22,7 @@ from torch.func import functional_call
 from twla.adapters import Adapter
 from twla.capture import layer_output
 from twla.config import ReconstructionConfig
-from twla.modules import QuantLinear
+from twla.fake_quant import QuantLinear
 from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
 from twla.weights import QuantizedWeight
 

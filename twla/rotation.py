@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from twla.adapters import Adapter, Site
 from twla.config import RotationConfig
-from twla.modules import QuantLinear
+from twla.fake_quant import QuantLinear
 from twla.solvers.kotms import learn_kotms, trimodality
 from twla.solvers.kronecker import (
     FactorWarning,

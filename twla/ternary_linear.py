@@ -5,7 +5,7 @@
 where R = R₁ ⊗ R₂ is the online input rotation, π the column order of the
 weight's blocks (SSR reordering; groups g are contiguous in π), and Q_a the per-token
 activation quantizer with this layer's bits and clipping ratio. It computes
-what :class:`twla.modules.QuantLinear` computes with the weight on its ternary grid, from
+what :class:`twla.fake_quant.QuantLinear` computes with the weight on its ternary grid, from
 the packed codes.
 """
 
@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from twla.fake_quant import online_rotation
 from twla.kernels.dispatch import ternary_linear
 from twla.kernels.packing import PAD_BYTE, PackedTernary, dequantize, pack_ternary
 from twla.kernels.reference import weight_sums
-from twla.modules import online_rotation
 
 if TYPE_CHECKING:
-    from twla.modules import QuantLinear
+    from twla.fake_quant import QuantLinear
     from twla.weights import TernaryWeight
 
 

@@ -3,12 +3,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.conftest import tiny_llama
+from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
-from twla.activations import calibrate_clip
+from twla.clipping import calibrate_clip
 from twla.config import ActivationConfig
+from twla.fake_quant import QuantLinear
 from twla.kernels.uniform import fake_quantize
-from twla.modules import QuantLinear
 
 
 def _heavy_tailed(n: int, m: int, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,7 @@ Synthetic costs mimic measured ones: s_ℓ(b) = a_ℓ·4^{(b_ref − b)}·s₀ w
 log-normal (noise variance ∝ 2^{−2b}), 0 at the reference; interactions
 c_ℓ(b, b') = ρ_ℓ·√(s_ℓ(b)·s_{ℓ+1}(b')) with ρ_ℓ ~ U(−0.5, 1); budget weights cycle like a
 Llama block's input sites (576, 576, 576, 1536). Run: ``twla solvers`` or
-``python -m twla.solvers.bits.bench``.
+``python -m twla.solvers.bits.compare``.
 """
 
 from __future__ import annotations
@@ -120,6 +120,6 @@ REPORT_FORMAT = "solver benchmark"
 DESCRIPTION = "Time to optimum and optimality gap of every bit-allocation solver on synthetic chains."
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m twla.solvers.bits.bench", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m twla.solvers.bits.compare", description=DESCRIPTION)
     add_arguments(parser)
     run(parser.parse_args())

@@ -25,13 +25,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from twla.activations import calibrate_clip
 from twla.adapters import Adapter, Site, get_adapter
 from twla.allocation import AllocationReport, allocate, cost_windows
 from twla.capture import SiteInputs, capture_layer_inputs, collect_statistics, layer_output
+from twla.clipping import calibrate_clip
 from twla.config import QuantConfig
-from twla.models import resolve_device
-from twla.modules import QuantLinear, wrap_linears
+from twla.fake_quant import QuantLinear, wrap_linears
+from twla.loading import resolve_device
 from twla.reconstruct import block_targets, reconstruct_block, split_windows
 from twla.rotation import (
     Factors,

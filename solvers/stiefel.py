@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import geoopt
 import torch
 from torch import Tensor
 
 StiefelSolver = Literal["riemannian-adam", "riemannian-sgd", "cayley-adam", "fixed"]
-STIEFEL_SOLVERS: tuple[str, ...] = ("riemannian-adam", "riemannian-sgd", "cayley-adam", "fixed")
+STIEFEL_SOLVERS: tuple[str, ...] = get_args(StiefelSolver)
 
 Objective = Callable[[Tensor, Tensor], Tensor]
 

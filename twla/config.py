@@ -13,15 +13,24 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal
+from typing import Literal, get_args
 
 from twla.kernels.uniform import ACTIVATION_BITS
 from twla.solvers.bits import SOLVERS as BIT_SOLVERS
 from twla.solvers.bits.problem import check_mean_budget
-from twla.solvers.stiefel import STIEFEL_SOLVERS, StiefelSolver
+from twla.solvers.stiefel import StiefelSolver
 from twla.solvers.ternary import ItfRule
 
 Quantizer = Literal["absmean", "twn", "atq"]
+Granularity = Literal["block", "site"]
+CostMetric = Literal["kl", "loss"]
+
+
+def check_choice(what: str, value: object, allowed: object) -> None:
+    """Refuse ``value`` unless it is one of the values of the ``Literal`` type ``allowed``."""
+    options = get_args(allowed)
+    if value not in options:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(map(str, options))}")
 
 
 @dataclass(frozen=True)
@@ -44,10 +53,8 @@ class TernaryConfig:
     damp: float = 0.01
 
     def __post_init__(self) -> None:
-        if self.quantizer not in ("absmean", "twn", "atq"):
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose absmean, twn or atq")
-        if self.itf_rule not in ("lsq", "twn"):
-            raise ValueError(f"unknown ITF rule {self.itf_rule!r}; choose lsq or twn")
+        check_choice("quantizer", self.quantizer, Quantizer)
+        check_choice("ITF rule", self.itf_rule, ItfRule)
         if self.block_size < 1 or self.itf_iters < 0 or self.damp < 0:
             raise ValueError("block_size must be ≥ 1, itf_iters ≥ 0 and damp ≥ 0")
 
@@ -78,6 +85,7 @@ class UniformConfig:
 WeightConfig = TernaryConfig | UniformConfig
 SiteRotation = Literal["none", "hadamard", "random", "kotms"]
 ResidualRotation = Literal["none", "hadamard", "random"]
+FactorInit = Literal["identity", "random", "hadamard"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class RotationConfig:
     site: SiteRotation = "none"
     relocate: bool = False
     residual: ResidualRotation = "none"
-    init: Literal["identity", "random", "hadamard"] = "hadamard"
+    init: FactorInit = "hadamard"
     solver: StiefelSolver = "riemannian-adam"
     steps: int = 100
     lr: float = 5e-2
@@ -115,16 +123,11 @@ class RotationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        choices = {
-            "site": (self.site, ("none", "hadamard", "random", "kotms")),
-            "residual": (self.residual, ("none", "hadamard", "random")),
-            "init": (self.init, ("identity", "random", "hadamard")),
-            "solver": (self.solver, STIEFEL_SOLVERS),
-            "relocate_solver": (self.relocate_solver, STIEFEL_SOLVERS),
-        }
-        for name, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"unknown rotation {name} {value!r}; choose one of {', '.join(allowed)}")
+        check_choice("rotation site", self.site, SiteRotation)
+        check_choice("rotation residual", self.residual, ResidualRotation)
+        check_choice("rotation init", self.init, FactorInit)
+        check_choice("rotation solver", self.solver, StiefelSolver)
+        check_choice("rotation relocate_solver", self.relocate_solver, StiefelSolver)
         if min(self.steps, self.relocate_steps) < 0 or min(self.lr, self.relocate_lr) <= 0 or self.rows < 1:
             raise ValueError("rotation steps must be ≥ 0, learning rates > 0 and rows ≥ 1")
         if self.activation_weight < 0 or self.activation_tokens < 1:
@@ -218,22 +221,20 @@ class AllocationConfig:
     calibration windows cut to ``seqlen`` tokens, scoring every ``stride``-th position.
     """
 
-    granularity: Literal["block", "site"] = "block"
+    granularity: Granularity = "block"
     options: tuple[int, ...] = (2, 4, 6, 8)
     budget: float = 4.0
     beta: float = 0.5
     reference: int = 8
-    metric: Literal["kl", "loss"] = "kl"
+    metric: CostMetric = "kl"
     solver: str = "dp"
     samples: int = 2
     seqlen: int = 256
     stride: int = 4
 
     def __post_init__(self) -> None:
-        if self.granularity not in ("block", "site"):
-            raise ValueError(f"unknown allocation granularity {self.granularity!r}; choose block or site")
-        if self.metric not in ("kl", "loss"):
-            raise ValueError(f"unknown cost metric {self.metric!r}; choose kl or loss")
+        check_choice("allocation granularity", self.granularity, Granularity)
+        check_choice("cost metric", self.metric, CostMetric)
         if self.solver not in BIT_SOLVERS:
             raise ValueError(f"unknown bit solver {self.solver!r}; choose one of {', '.join(BIT_SOLVERS)}")
         for bits in (*self.options, self.reference):

@@ -31,15 +31,15 @@ from twla.evaluate import perplexity
 from twla.io import atomic_directory, check_output_dir, json_format
 from twla.loading import DEFAULT_MODEL, ModelSource, check_window_length, load_model, model_source, resolve_device
 from twla.pipeline import LayerRecord, quantize
-from twla.report import (
+from twla.plots import (
     plot_allocations,
     plot_cost_predictions,
     plot_frontier,
     plot_layer_errors,
     plot_rotation_histograms,
     plot_weight_histograms,
-    write_report,
 )
+from twla.report import write_report
 
 DEFAULT_METHOD = "e2m+gptq+ssr+had+a4+recon"  # the default W1.58A4 method; `twla quantize` uses it
 DEFAULT_METHODS = (

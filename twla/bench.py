@@ -41,29 +41,30 @@ from twla.plots import (
 )
 from twla.report import write_report
 
-DEFAULT_METHOD = "e2m+gptq+ssr+had+a4+recon"  # the default W1.58A4 method; `twla quantize` uses it
+DEFAULT_METHOD = "pt2+gptq+ssr+had+a4+recon"  # the default W1.58A4 method; `twla quantize` uses it
 DEFAULT_METHODS = (
-    "e2m+gptq+ssr",  # W1.58A16
-    "e2m+gptq+ssr+recon",  # + block-wise output reconstruction
-    "e2m+gptq+ssr+had+a4",  # W1.58A4 with fixed random Kronecker-Hadamard site rotations
+    "pt2+gptq+ssr",  # W1.58A16
+    "pt2+gptq+ssr+recon",  # + block-wise output reconstruction
+    "pt2+gptq+ssr+had+a4",  # W1.58A4 with fixed random Kronecker-Hadamard site rotations
     DEFAULT_METHOD,  # + block-wise output reconstruction
     "rtn4+had+a4",  # W4A4 round-to-nearest with rotation: a familiar reference
 )
-# The default method, and each of its components taken away (GPTQ takes SSR with it; pt2 replaces e2m).
+# The default method, and each of its components taken away (GPTQ takes SSR with it), and with
+# TWLA's E2M code rule in place of PT²-LLM's.
 ABLATION_METHODS = (
     DEFAULT_METHOD,
-    "pt2+gptq+ssr+had+a4+recon",
-    "e2m+gptq+ssr+had+a4",
-    "e2m+gptq+ssr+a4+recon",
-    "e2m+gptq+had+a4+recon",
-    "e2m+had+a4+recon",
+    "e2m+gptq+ssr+had+a4+recon",
+    "pt2+gptq+ssr+had+a4",
+    "pt2+gptq+ssr+a4+recon",
+    "pt2+gptq+had+a4+recon",
+    "pt2+had+a4+recon",
 )
 # Perplexity against stored bits per weight, at A16 and at A4 (with Hadamard rotations): ternary
 # variants, and uniform int2/int3/int4 GPTQ weights with grids per 128 and per 64 columns.
 _FRONTIER_WEIGHTS = (
-    "e2m+gptq+ssr",
-    "e2m+gptq+ssr+recon",
-    "e2m+gptq+ssr+g64+recon",
+    "pt2+gptq+ssr",
+    "pt2+gptq+ssr+recon",
+    "pt2+gptq+ssr+g64+recon",
     *(f"rtn{b}+gptq{g}" for b in (2, 3, 4) for g in ("", "+g64")),
     "rtn2+gptq+g64+recon",
 )
@@ -81,7 +82,7 @@ def resolve_methods(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
-DEFAULT_SAVE = ("e2m+gptq+ssr+recon", DEFAULT_METHOD)  # packed, reloaded and evaluated when benched
+DEFAULT_SAVE = ("pt2+gptq+ssr+recon", DEFAULT_METHOD)  # packed, reloaded and evaluated when benched
 
 
 def scheme(config: QuantConfig) -> str:

@@ -16,7 +16,7 @@ from twla.kernels.dispatch import BACKENDS
 from twla.loading import BUILTIN, DEFAULT_MODEL
 from twla.solvers.bits import compare as solver_bench
 
-METHOD_HELP = "methods: a base weight quantizer plus '+'-joined modifiers (e.g. e2m+gptq+ssr+had+a4+recon)\n" + (
+METHOD_HELP = "methods: a base weight quantizer plus '+'-joined modifiers (e.g. pt2+gptq+ssr+had+a4+recon)\n" + (
     method_help()
 )
 DATA_HELP = (

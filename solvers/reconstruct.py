@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -66,12 +67,14 @@ def reconstruct(
     patience: int = 2,
     generator: torch.Generator | None = None,
     project: Callable[[], None] | None = None,
+    progress: bool = False,
 ) -> ReconstructionResult:
     """Minimize the summed output error over ``train`` windows (module docstring).
 
     error(i) returns (‖F_θ(X_i) − Y_i‖², ‖Y_i − X_i‖²) for window i; without held-out windows
     the training windows judge the iterates. ``project`` runs after every step (e.g. to
-    clamp a parameter into its domain). On return every parameter holds its best value.
+    clamp a parameter into its domain); ``progress`` shows a bar over the steps. On return
+    every parameter holds its best value.
     """
     if not train:
         raise ValueError("output reconstruction needs at least one training window")
@@ -92,7 +95,7 @@ def reconstruct(
     best_score, best_step, stale, losses, period = scores[0], 0, 0, [], []
     order = torch.randperm(len(train), generator=generator)
     cursor = 0
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="reconstruction steps", disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(batch):

@@ -7,6 +7,7 @@ import torch
 from twla.checkpoint import load_packed, read_config
 from twla.cli import main
 from twla.config import VOCABULARY, QuantConfig, method_table
+from twla.report import MethodRow, markdown_report
 
 
 def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
@@ -165,6 +166,8 @@ def test_bench_over_seeds_reports_mean_spread_and_reconstruction(tiny_checkpoint
     assert recon["reconstruction"]["after"] <= recon["reconstruction"]["before"]
     assert len(recon["reconstruction"]["blocks"]) == 2
     text = (out / "report.md").read_text()
+    rows = [MethodRow.from_dict(r) for r in report["rows"]]  # report.md is rendered from the typed rows
+    assert markdown_report(report["setup"], rows) + "\n" == text and rows[1].seeds.keys() == {0, 1}
     assert "## Perplexity per seed" in text and "## Block-wise reconstruction" in text
     assert f"{plain['ppl_spread']['mean']:.2f} ± {plain['ppl_spread']['std']:.2f}" in text
     assert "## Perplexity against stored bits" in text and "## Ablation" in text
@@ -191,7 +194,7 @@ def test_method_vocabulary_drives_parser_help_and_readme(capsys):
             if term.group == "base":
                 assert config.weights == sets
             elif term.group == "reconstruction":
-                assert config.reconstruction is not None
+                assert all(getattr(config, field) == value for field, value in sets.items()), spec
             else:
                 section = getattr(config, sections[term.group])
                 assert all(getattr(section, field) == value for field, value in sets.items()), spec

@@ -243,6 +243,20 @@ def test_checkpoint_config_must_match(saved):
         load_packed(saved)
 
 
+@pytest.mark.parametrize("spec", ["pt2+gptq+ssr+had+a4+recon+e2e", "e2m+act+reloc+r1+amp-site", "rtn3+gptq+g64+sym+a4"])
+def test_config_dicts_round_trip_and_version_1_upgrades(spec):
+    """to_dict → JSON → from_dict is the identity; a version-1 dict (flat rotation fields, before the
+    KOTMS and relocation problems were nested) rebuilds the same configuration."""
+    config = QuantConfig.from_method(spec).with_seed(5)
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    v2 = json.loads(json.dumps(config.to_dict()))
+    rotation = v2["rotation"]
+    kotms, relocation = rotation.pop("kotms"), rotation.pop("relocation")
+    flat = {**rotation, **kotms, "relocate": relocation is not None}
+    flat.update({f"relocate_{k}": v for k, v in (relocation or {}).items()})
+    assert QuantConfig.from_dict({**v2, "version": 1, "rotation": flat}) == config
+
+
 def test_config_round_trips_through_the_checkpoint(calib_ids, tmp_path):
     """The recorded configuration rebuilds the identical QuantConfig, and quantizing again with
     it gives the identical weights; an edited or foreign configuration is refused."""
@@ -259,7 +273,7 @@ def test_config_round_trips_through_the_checkpoint(calib_ids, tmp_path):
     resign(path, lambda meta: meta["config"].update(version=0))
     with pytest.raises(CheckpointError, match="format version 0"):
         read_config(path)
-    resign(path, lambda meta: meta["config"].update(version=1, rotation={**meta["config"]["rotation"], "spin": 1}))
+    resign(path, lambda meta: meta["config"].update(version=2, rotation={**meta["config"]["rotation"], "spin": 1}))
     with pytest.raises(CheckpointError, match="rotation: unknown fields spin"):
         read_config(path)
 

@@ -11,7 +11,7 @@ from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
 from twla.bench import BenchConfig
 from twla.checkpoint import pack_model
-from twla.config import ReconstructionConfig
+from twla.config import EndToEndConfig, ReconstructionConfig
 from twla.kernels.uniform import fake_quantize
 from twla.solvers.reconstruct import Scaled, reconstruct
 
@@ -117,3 +117,43 @@ def test_reconstruction_refuses_too_few_windows_before_any_work():
         BenchConfig(methods=("e2m+gptq+recon",), nsamples=3)
     with pytest.raises(ValueError, match="nothing to tune"):
         ReconstructionConfig(grid=False, norms=False, clips=False)
+
+
+def _mean_kl(model, reference, ids, stride: int) -> float:
+    """Mean KL(p_reference ‖ p_model) over every stride-th position of the windows ``ids``."""
+    with torch.no_grad():
+        keep = torch.arange(0, ids.shape[1], stride)
+        log_p = torch.log_softmax(reference(ids).logits[:, keep].float(), -1)
+        log_q = torch.log_softmax(model(ids).logits[:, keep].float(), -1)
+        return float((log_p.exp() * (log_p - log_q)).sum() / (ids.shape[0] * len(keep)))
+
+
+@pytest.mark.parametrize("holdout", [0, 2])
+def test_end_to_end_lowers_the_kl_it_reports_and_packs_to_the_same_outputs(holdout):
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    base = QuantConfig.from_method("pt2+gptq+had+a4")
+    e2e = EndToEndConfig(steps=40, lr=2e-2, holdout=holdout, eval_every=5, stride=2)
+    plain, _ = quantize(tiny_llama(), base, calib, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), replace(base, end_to_end=e2e), calib, "cpu", progress=False)
+    judged = calib[-holdout:] if holdout else calib  # without held-out windows the training windows judge
+    before, after = (_mean_kl(m, tiny_llama(), judged, 2) for m in (plain, model))
+    # the solver's errors are the KL measured independently (teacher stored in float16)
+    result = report.end_to_end
+    assert result["before"] == pytest.approx(before, rel=2e-2)
+    assert result["after"] == pytest.approx(after, rel=2e-2)
+    assert result["after"] == min(result["holdout"])  # the kept iterate is the best judged one
+    if not holdout:  # the tiny random model's held-out windows share little with its 6 training windows
+        assert after < 0.7 * before
+    record = next(r for r in report.records if r.name == "model.layers.1.mlp.down_proj")
+    assert record.act_clip == model.model.layers[1].mlp.down_proj.act_clip
+    for name, weight in report.weights.items():
+        assert torch.equal(model.get_submodule(name).weight.detach(), weight.dequantize())
+    with torch.no_grad():
+        assert torch.equal(pack_model(model, report.weights)(calib[:2]).logits, model(calib[:2]).logits)
+
+
+def test_end_to_end_refuses_too_few_windows_and_a_bad_stride():
+    with pytest.raises(ValueError, match="holds out 4 of the 3 calibration windows"):
+        quantize(tiny_llama(), QuantConfig.from_method("pt2+e2e"), torch.zeros(3, 16, dtype=torch.long), "cpu")
+    with pytest.raises(ValueError, match="stride must be ≥ 1"):
+        EndToEndConfig(stride=0)

@@ -4,16 +4,23 @@ import pytest
 
 from twla.bench import ABLATION_METHODS, DEFAULT_METHOD, FRONTIER_METHODS, BenchConfig, resolve_methods
 from twla.config import QuantConfig, UniformConfig
-from twla.report import ablation_pairs, ablation_table, frontier_points, frontier_table
+from twla.report import (
+    MethodRow,
+    ablation_pairs,
+    ablation_table,
+    frontier_points,
+    frontier_table,
+    reconstruction_table,
+)
 
 
 def row(method, ppl, bits=2.293, act=16.0, seeds=()):
     """A report row; ``seeds`` gives per-seed perplexities whose mean is ``ppl``'s stand-in."""
-    r = {"method": method, "ppl": ppl, "bits_storage": bits, "act_bits": act, "scheme": "W1.58A16"}
+    r = MethodRow(method, "W1.58A16", "none", ppl, act, bits, bits, 0.0, 0.0)
     if seeds:
         mean = sum(seeds) / len(seeds)
         std = (sum((v - mean) ** 2 for v in seeds) / (len(seeds) - 1)) ** 0.5
-        r.update(ppl=mean, ppl_spread={"mean": mean, "std": std, "min": min(seeds), "max": max(seeds), "n": len(seeds)})
+        r.ppl, r.ppl_spread = mean, {"mean": mean, "std": std, "min": min(seeds), "max": max(seeds), "n": len(seeds)}
     return r
 
 
@@ -41,7 +48,7 @@ def test_ablation_pairs_are_one_step_apart():
         row("pt2+gptq+ssr+recon", 95.0),
         row("e2m+recon", 300.0),
     ]
-    pairs = {(a["method"], b["method"], change) for a, b, change in ablation_pairs(rows)}
+    pairs = {(a.method, b.method, change) for a, b, change in ablation_pairs(rows)}
     assert pairs == {
         ("e2m+gptq", "e2m+gptq+ssr", "+ssr"),
         ("e2m+gptq+ssr", "e2m+gptq+ssr+recon", "+recon"),
@@ -67,7 +74,19 @@ def test_frontier_marks_the_pareto_front_per_activation_bits():
         row("d", 70.0, 2.29, act=4.0),  # alone at A4: on its front
         row("e", 50.0, 4.17, act=4.0),
     ]
-    front = {r["method"]: optimal for r, optimal in frontier_points(rows)}
+    front = {r.method: optimal for r, optimal in frontier_points(rows)}
     assert front == {"fp": True, "a": True, "b": True, "c": False, "d": True, "e": True}
     table = frontier_table(rows).splitlines()
     assert [line.split(" | ")[2] for line in table[2:]] == ["b", "a", "c", "fp", "d", "e"]  # A16 first, then A4
+
+
+def test_reconstruction_tables_show_the_relative_change():
+    recon, e2e = row("pt2+recon", 90.0), row("pt2+recon+e2e", 80.0)
+    recon.reconstruction = {"before": 0.2, "after": 0.15, "steps": 42.6, "seconds": 300.0}
+    e2e.reconstruction = recon.reconstruction
+    e2e.end_to_end = {"before": 0.5, "after": 0.4, "steps": 50, "seconds": 251.0}
+    block = reconstruction_table([recon, e2e]).splitlines()
+    assert block[2] == "| pt2+recon | 0.2000 | 0.1500 | -25.0 % | 43 | 300 |" and len(block) == 4
+    kl = reconstruction_table([recon, e2e], "end_to_end").splitlines()
+    assert kl[0].startswith("| method | KL before")
+    assert kl[2:] == ["| pt2+recon+e2e | 0.5000 | 0.4000 | -20.0 % | 50 | 251 |"]

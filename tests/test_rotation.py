@@ -8,7 +8,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tests.helpers import SMALL_CONFIG, correlated_inputs, tiny_llama
 from twla import QuantConfig, quantize
 from twla.adapters import get_adapter
-from twla.config import RotationConfig
+from twla.config import KotmsConfig, RelocationConfig, RotationConfig
 from twla.fake_quant import wrap_linears
 from twla.rotation import apply_residual_rotation, install_rotation, site_rotations
 from twla.solvers.kotms import activation_noise, learn_kotms, trimodal_loss, trimodal_terms, trimodality
@@ -88,7 +88,7 @@ def _rotate_everything(model, site: str, residual: str):
     if residual != "none":
         apply_residual_rotation(model, adapter, residual)
     wrap_linears(model, adapter)
-    cfg = RotationConfig(site=site, init="random", steps=5)
+    cfg = RotationConfig(site=site, init="random", kotms=KotmsConfig(steps=5))
     rotations, _ = site_rotations(model, adapter, cfg, progress=False)
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for s in adapter.sites:
@@ -187,8 +187,10 @@ def test_relocation_is_measured_per_layer(tiny_model, calib_ids):
 def test_rotation_config_errors():
     with pytest.raises(ValueError, match="unknown rotation site 'givens'"):
         RotationConfig(site="givens")
-    with pytest.raises(ValueError, match="unknown rotation solver"):
-        RotationConfig(solver="newton")
+    with pytest.raises(ValueError, match="unknown KOTMS solver"):
+        RotationConfig(kotms=KotmsConfig(solver="newton"))
+    with pytest.raises(ValueError, match="relocation steps must be ≥ 0"):
+        RelocationConfig(steps=-1)
     with pytest.raises(ValueError, match="several choices of site rotation"):
         QuantConfig.from_method("e2m+had+kotms")
     bad = replace(QuantConfig.from_method("e2m+gptq"), rotation=RotationConfig(site="hadamard", factors={64: (7, 9)}))
@@ -214,7 +216,7 @@ def test_activation_term_spreads_outliers():
 
 def test_activation_term_in_the_pipeline(calib_ids):
     cfg = QuantConfig.from_method("e2m+gptq+act+a4")
-    assert cfg.rotation.site == "kotms" and cfg.rotation.activation_weight > 0
+    assert cfg.rotation.site == "kotms" and cfg.rotation.kotms.activation_weight > 0
     _, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
     assert all(len(s.losses) > 2 for s in report.rotation.sites.values())
     with pytest.raises(ValueError, match="several choices of site rotation"):

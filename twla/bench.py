@@ -39,7 +39,7 @@ from twla.plots import (
     plot_rotation_histograms,
     plot_weight_histograms,
 )
-from twla.report import write_report
+from twla.report import REPORT_FORMAT, MethodRow, report_dict, write_report
 
 DEFAULT_METHOD = "pt2+gptq+ssr+had+a4+recon"  # the default W1.58A4 method; `twla quantize` uses it
 DEFAULT_METHODS = (
@@ -81,7 +81,6 @@ def resolve_methods(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(expanded))
 
 
-REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
 DEFAULT_SAVE = ("pt2+gptq+ssr+recon", DEFAULT_METHOD)  # packed, reloaded and evaluated when benched
 
 
@@ -104,7 +103,7 @@ def activation_bits(records: list[LayerRecord]) -> float:
 def rotation_label(config: QuantConfig) -> str:
     rot = config.rotation
     parts = [p for p in (rot.residual != "none" and f"R1 {rot.residual}", rot.site != "none" and rot.site) if p]
-    if rot.relocate:
+    if rot.relocation is not None:
         parts.append("relocated")
     return " + ".join(parts) or "none"
 
@@ -158,8 +157,7 @@ class BenchConfig:
                 raise ValueError(f"{name} must be ≥ {low}, got {value}")
         configs = [self.quant_config(spec) for spec in self.methods]  # fail early on a bad spec or damping
         for config in configs:
-            if config.reconstruction:
-                config.reconstruction.check_windows(self.nsamples)
+            config.check_windows(self.nsamples)
         if self.amp and not any(c.allocation for c in configs):
             raise ValueError(f"amp options {sorted(self.amp)} apply to amp / amp-site methods; none is benched")
         storage_dtype(self.save_dtype)  # fail early on an unknown storage type
@@ -245,7 +243,7 @@ def spread(values: list[float]) -> dict:
     return {"mean": mean, "std": var**0.5, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_seconds: float) -> dict:
+def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_seconds: float) -> MethodRow:
     """The report row of one quantized model."""
     adapter = get_adapter(model)
     bits = count_bits(model, adapter, report.weights)
@@ -253,32 +251,32 @@ def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_se
     relocated = [r.relocation for r in records if r.relocation]
     acts = [r.act_error for r in records if r.act_error]
     recon = report.reconstruction
-    return {
-        "method": spec,
-        "scheme": scheme(qcfg),
-        "rotation": rotation_label(qcfg),
-        "ppl": ppl,
-        "act_bits": activation_bits(records),
-        "bits_storage": bits.storage_bits_per_weight,
-        "bits_entropy": bits.entropy_bits_per_weight,
-        "size_mb": bits.size_bytes / 2**20,
-        "output_error": _mean([r.output_error for r in records]),
-        "quant_seconds": report.seconds,
-        "rotation_seconds": report.rotation_seconds,
-        "eval_seconds": eval_seconds,
-        "stages": {
+    return MethodRow(
+        method=spec,
+        scheme=scheme(qcfg),
+        rotation=rotation_label(qcfg),
+        ppl=ppl,
+        act_bits=activation_bits(records),
+        bits_storage=bits.storage_bits_per_weight,
+        bits_entropy=bits.entropy_bits_per_weight,
+        size_mb=bits.size_bytes / 2**20,
+        output_error=_mean([r.output_error for r in records]),
+        quant_seconds=report.seconds,
+        rotation_seconds=report.rotation_seconds,
+        eval_seconds=eval_seconds,
+        stages={
             s: {k: _mean([r.stages[s][k] for r in records]) for k in ("weight_error", "output_error")}
             for s in records[0].stages
         },
-        "relocation": {k: _mean([r[k] for r in relocated]) for k in ("before", "after")} if relocated else None,
-        "activations": {
+        relocation={k: _mean([r[k] for r in relocated]) for k in ("before", "after")} if relocated else None,
+        activations={
             "clip=1": _mean([a["clip=1"] for a in acts]),
             "calibrated": _mean([a["calibrated"] for a in acts]),
             "mean_clip": _mean([r.act_clip for r in records if r.act_error]),
         }
         if acts
         else None,
-        "reconstruction": {
+        reconstruction={
             "before": _mean([b["before"] for b in recon]),
             "after": _mean([b["after"] for b in recon]),
             "steps": _mean([b["steps"] for b in recon]),
@@ -287,12 +285,13 @@ def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_se
         }
         if recon
         else None,
-        "shaping": report.rotation.to_dict()["sites"] if report.rotation else None,
-        "allocation": report.allocation.to_dict() if report.allocation else None,
-        "bits": asdict(bits),
-        "config": qcfg.to_dict(),
-        "layers": report.to_dict()["layers"],
-    }
+        end_to_end=report.end_to_end,
+        shaping=report.rotation.to_dict()["sites"] if report.rotation else None,
+        allocation=report.allocation.to_dict() if report.allocation else None,
+        bits=asdict(bits),
+        config=qcfg.to_dict(),
+        layers=report.to_dict()["layers"],
+    )
 
 
 def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
@@ -313,19 +312,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
 
     fp, fp_seconds = evaluate("full precision", model)
     fp_bits = count_bits(model, adapter, {})
-    rows = [
-        {
-            "method": "fp",
-            "scheme": "W16A16",
-            "rotation": "none",
-            "ppl": fp.ppl,
-            "act_bits": 16.0,
-            "bits_storage": 16.0,
-            "bits_entropy": 16.0,
-            "size_mb": fp_bits.fp16_size_bytes / 2**20,
-            "eval_seconds": fp_seconds,
-        }
-    ]
+    rows = [MethodRow("fp", "W16A16", "none", fp.ppl, 16.0, 16.0, 16.0, fp_bits.fp16_size_bytes / 2**20, fp_seconds)]
     histograms, rotation_weights = {}, {}
     for i, spec in enumerate(cfg.methods):
         row, per_seed = None, {}
@@ -343,38 +330,34 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
                     rotation_weights[spec] = report.rotation.weights
                 if spec in cfg.save:
                     packed = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
-                    row["packed"] = {**packed, "fake_quant_ppl": result.ppl}
+                    row.packed = {**packed, "fake_quant_ppl": result.ppl}
             del model
-        ppl = spread([r["ppl"] for r in per_seed.values()])
-        row.update(ppl=ppl["mean"], ppl_spread=ppl, seeds=per_seed)
-        row["quant_seconds"] = _mean([r["quant_seconds"] for r in per_seed.values()])
+        row.ppl_spread = spread([r["ppl"] for r in per_seed.values()])
+        row.ppl, row.seeds = row.ppl_spread["mean"], per_seed
+        row.quant_seconds = _mean([r["quant_seconds"] for r in per_seed.values()])
         rows.append(row)
 
-    result = {
-        "format": REPORT_FORMAT,
-        "setup": {
-            **asdict(cfg),
-            "device": str(run.device),
-            "evaluation": fp.describe(),
-            "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, "
-            f"seeds {', '.join(map(str, cfg.seeds))}"
-            + ("" if cfg.damp is None else f"; GPTQ damping λ = {cfg.damp:g} for every method"),
-            "accounting": ACCOUNTING_RULES,
-            "host": platform.node(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "rows": rows,
+    setup = {
+        **asdict(cfg),
+        "device": str(run.device),
+        "evaluation": fp.describe(),
+        "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, "
+        f"seeds {', '.join(map(str, cfg.seeds))}"
+        + ("" if cfg.damp is None else f"; GPTQ damping λ = {cfg.damp:g} for every method"),
+        "accounting": ACCOUNTING_RULES,
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
     }
-    text = write_report(run.staging, result)
+    text = write_report(run.staging, setup, rows)
     plot_layer_errors(rows, os.path.join(run.staging, "layer_errors.png"))
     plot_frontier(rows, os.path.join(run.staging, "frontier.png"))
     plot_weight_histograms(hist_name, original, histograms, os.path.join(run.staging, "weight_hist.png"))
     if rotation_weights:
         plot_rotation_histograms(rotation_weights, os.path.join(run.staging, "rotation_hist.png"))
-    if any(row.get("allocation") for row in rows):
+    if any(row.allocation for row in rows):
         plot_allocations(rows, os.path.join(run.staging, "allocation.png"))
         plot_cost_predictions(rows, os.path.join(run.staging, "cost_prediction.png"))
     if progress:
         print("\n" + text)
-    return result
+    return report_dict(setup, rows)

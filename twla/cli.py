@@ -268,8 +268,7 @@ def _quantize(args: argparse.Namespace) -> None:
     weights = None if args.damp is None else {"damp": args.damp}
     config = QuantConfig.from_method(args.method, _amp(args, (args.method,)), weights, batch_size=args.batch_size)
     config = config.with_seed(seed)
-    if config.reconstruction:
-        config.reconstruction.check_windows(args.nsamples)
+    config.check_windows(args.nsamples)
     if not isinstance(config.weights, TernaryConfig):
         raise ValueError(f"{args.method}: the packed checkpoint format stores ternary weights, not uniform integers")
     dtype = storage_dtype(args.dtype)

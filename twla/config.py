@@ -89,26 +89,13 @@ FactorInit = Literal["identity", "random", "hadamard"]
 
 
 @dataclass(frozen=True)
-class RotationConfig:
-    """Orthogonal rotations of the linear layers' inputs.
+class KotmsConfig:
+    """The KOTMS problem of a learned site rotation: ``steps`` of ``solver`` at step size ``lr``
+    on the tri-modal loss of ``rows`` evenly spaced weight rows per site, the ternary-fit term
+    weighted by ``balance``; activation_weight γ > 0 adds γ times the expected relative 4-bit
+    quantization noise of X R on ``activation_tokens`` full-precision calibration inputs per
+    site (modifier ``act``, γ = 10)."""
 
-    site: one online Kronecker rotation R = R₁ ⊗ R₂ per input site (q/k/v, o, gate/up, down),
-    ``hadamard`` / ``random`` fixed, ``kotms`` learned (tri-modal loss) starting from
-    ``init``; the weight side is fused offline (W ← W R).
-    relocate: E2M stage-2 relocation of each site's factors against its ternarized output
-    error, starting from the site rotation (identity when ``site="none"``).
-    residual: offline residual-stream rotation with RMSNorm folding (QuaRot's R1).
-    solver / steps / lr / balance / rows: the KOTMS problem (rows: weight rows per site
-    used by the loss, evenly spaced); activation_weight γ > 0 adds γ times the expected
-    relative 4-bit quantization noise of X R on ``activation_tokens`` full-precision
-    calibration inputs per site (modifier ``act``, γ = 10); relocate_*: the relocation problem.
-    factors: optional {dimension: (m₁, m₂)} overrides of the Kronecker factor sizes.
-    """
-
-    site: SiteRotation = "none"
-    relocate: bool = False
-    residual: ResidualRotation = "none"
-    init: FactorInit = "hadamard"
     solver: StiefelSolver = "riemannian-adam"
     steps: int = 100
     lr: float = 5e-2
@@ -116,9 +103,48 @@ class RotationConfig:
     rows: int = 128
     activation_weight: float = 0.0
     activation_tokens: int = 256
-    relocate_solver: StiefelSolver = "riemannian-adam"
-    relocate_steps: int = 20
-    relocate_lr: float = 5e-3
+
+    def __post_init__(self) -> None:
+        check_choice("KOTMS solver", self.solver, StiefelSolver)
+        if self.steps < 0 or self.lr <= 0 or self.rows < 1:
+            raise ValueError("KOTMS steps must be ≥ 0, lr > 0 and rows ≥ 1")
+        if self.activation_weight < 0 or self.activation_tokens < 1:
+            raise ValueError("KOTMS activation_weight must be ≥ 0 and activation_tokens ≥ 1")
+
+
+@dataclass(frozen=True)
+class RelocationConfig:
+    """E2M stage 2 on a site's rotation: ``steps`` of ``solver`` at step size ``lr`` on the
+    site's ternarized output error in the layer-input metric, starting from the site rotation."""
+
+    solver: StiefelSolver = "riemannian-adam"
+    steps: int = 20
+    lr: float = 5e-3
+
+    def __post_init__(self) -> None:
+        check_choice("relocation solver", self.solver, StiefelSolver)
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("relocation steps must be ≥ 0 and lr > 0")
+
+
+@dataclass(frozen=True)
+class RotationConfig:
+    """Orthogonal rotations of the linear layers' inputs.
+
+    site: one online Kronecker rotation R = R₁ ⊗ R₂ per input site (q/k/v, o, gate/up, down),
+    ``hadamard`` / ``random`` fixed, ``kotms`` learned (the problem in ``kotms``) starting
+    from ``init``; the weight side is fused offline (W ← W R).
+    relocation: when set, E2M stage-2 relocation of each site's factors against its
+    ternarized output error, starting from the site rotation (identity when ``site="none"``).
+    residual: offline residual-stream rotation with RMSNorm folding (QuaRot's R1).
+    factors: optional {dimension: (m₁, m₂)} overrides of the Kronecker factor sizes.
+    """
+
+    site: SiteRotation = "none"
+    residual: ResidualRotation = "none"
+    init: FactorInit = "hadamard"
+    kotms: KotmsConfig = field(default_factory=KotmsConfig)
+    relocation: RelocationConfig | None = None
     factors: Mapping[int, tuple[int, int]] = field(default_factory=dict)
     seed: int = 0
 
@@ -126,17 +152,11 @@ class RotationConfig:
         check_choice("rotation site", self.site, SiteRotation)
         check_choice("rotation residual", self.residual, ResidualRotation)
         check_choice("rotation init", self.init, FactorInit)
-        check_choice("rotation solver", self.solver, StiefelSolver)
-        check_choice("rotation relocate_solver", self.relocate_solver, StiefelSolver)
-        if min(self.steps, self.relocate_steps) < 0 or min(self.lr, self.relocate_lr) <= 0 or self.rows < 1:
-            raise ValueError("rotation steps must be ≥ 0, learning rates > 0 and rows ≥ 1")
-        if self.activation_weight < 0 or self.activation_tokens < 1:
-            raise ValueError("activation_weight must be ≥ 0 and activation_tokens ≥ 1")
 
     @property
     def online(self) -> bool:
         """Whether the linear layers get online input rotations."""
-        return self.site != "none" or self.relocate
+        return self.site != "none" or self.relocation is not None
 
 
 @dataclass(frozen=True)
@@ -204,9 +224,31 @@ class ReconstructionConfig:
         """Refuse a calibration set that leaves no training window beside the held-out ones."""
         if windows <= self.holdout:
             raise ValueError(
-                f"block reconstruction holds out {self.holdout} of the {windows} calibration windows and "
+                f"reconstruction holds out {self.holdout} of the {windows} calibration windows and "
                 f"needs at least one more to train on; use more calibration windows or a smaller holdout"
             )
+
+
+@dataclass(frozen=True)
+class EndToEndConfig(ReconstructionConfig):
+    """End-to-end reconstruction once every block is quantized: the same parameters as
+    :class:`ReconstructionConfig`, of all blocks at once, tuned to minimize the KL divergence
+    of the quantized model's next-token distribution from the full-precision model's,
+
+        min_θ Σ_i Σ_t KL(p_FP(· | x_i,<t) ‖ p_θ(· | x_i,<t)),
+
+    on every ``stride``-th position of the calibration windows (the full-precision
+    log-probabilities are computed before quantization and kept in float16). The whole model
+    sits on the device during the solve.
+    """
+
+    lr: float = 2e-3
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stride < 1:
+            raise ValueError("end-to-end reconstruction stride must be ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -257,7 +299,8 @@ class Term:
     """One row of the method vocabulary: its names, its group, what each name sets, its help.
 
     A base (group ``base``) sets the whole weight quantizer; a modifier sets fields of the
-    section of :class:`QuantConfig` its group names. Modifiers that share a ``choice`` are
+    section of :class:`QuantConfig` its group names (a ``reconstruction`` modifier sets a
+    reconstruction field of :class:`QuantConfig` itself). Modifiers that share a ``choice`` are
     alternatives: a spec may name at most one of them.
     """
 
@@ -335,7 +378,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term(
         ("act",),
         "rotation",
-        ({"site": "kotms", "activation_weight": 10.0},),
+        ({"site": "kotms", "kotms": KotmsConfig(activation_weight=10.0)},),
         "`+kotms` with the optional activation term: γ = 10 times the expected relative 4-bit quantization noise "
         "of X R on 256 full-precision calibration inputs per site",
         "site rotation",
@@ -343,7 +386,7 @@ VOCABULARY: tuple[Term, ...] = (
     Term(
         ("reloc",),
         "rotation",
-        ({"relocate": True},),
+        ({"relocation": RelocationConfig()},),
         "E2M-ATQ stage 2: each site's rotation refined against its ternarized output error before its weights "
         "are quantized",
     ),
@@ -381,10 +424,18 @@ VOCABULARY: tuple[Term, ...] = (
     Term(
         ("recon",),
         "reconstruction",
-        ({},),
+        ({"reconstruction": ReconstructionConfig()},),
         "block-wise output reconstruction: once a decoder block is quantized, its α, μ (or uniform scales), "
         "RMSNorm gains and activation clipping ratios are tuned with Adam against the full-precision block's "
         "outputs, codes frozen, early stopping on 4 held-out calibration windows",
+    ),
+    Term(
+        ("e2e",),
+        "reconstruction",
+        ({"end_to_end": EndToEndConfig()},),
+        "end-to-end reconstruction once every block is quantized: the same parameters of all blocks at once, "
+        "tuned with Adam to minimize the KL divergence from the full-precision model's next-token distribution "
+        "(every 4th calibration position), early stopping on 4 held-out windows",
     ),
 )
 
@@ -398,6 +449,7 @@ WEIGHT_MODIFIERS = _vocabulary("weights")
 ROTATION_MODIFIERS = _vocabulary("rotation")
 ACTIVATION_MODIFIERS = _vocabulary("activations")
 ALLOCATION_MODIFIERS = _vocabulary("allocation")
+RECONSTRUCTION_MODIFIERS = _vocabulary("reconstruction")
 MODIFIERS = {name: value for t in VOCABULARY if t.group != "base" for name, value in zip(t.names, t.sets)}
 _CHOICES = {name: t.choice for t in VOCABULARY if t.choice for name in t.names}
 
@@ -464,7 +516,8 @@ class QuantConfig:
     allocation: ILA-AMP mixed activation bits, chosen after the layers are quantized (the
     layer-wise pass itself runs with ``activations.bits``).
     reconstruction: block-wise output reconstruction of each decoder block once its linears
-    are quantized (``recon``).
+    are quantized (``recon``); end_to_end: the KL reconstruction of all blocks at once, after
+    the last block (``e2e``).
     true_sequential: quantize the input sites of a decoder layer one after another,
     each seeing the outputs of the already-quantized ones (GPTQ's true-sequential).
     batch_size: calibration sequences per forward pass.
@@ -475,6 +528,7 @@ class QuantConfig:
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     allocation: AllocationConfig | None = None
     reconstruction: ReconstructionConfig | None = None
+    end_to_end: EndToEndConfig | None = None
     true_sequential: bool = True
     batch_size: int = 8
 
@@ -501,7 +555,7 @@ class QuantConfig:
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
             activations=ActivationConfig(**acts),
             allocation=allocation,
-            reconstruction=ReconstructionConfig() if "recon" in mods else None,
+            **_flags(mods, RECONSTRUCTION_MODIFIERS),
             **kwargs,
         )
 
@@ -518,9 +572,11 @@ class QuantConfig:
         of another version, or with unknown or missing fields, is refused with a message."""
         data = dict(data)
         version = data.pop("version", None)
-        if version != CONFIG_VERSION:
+        if version == 1:
+            data = _upgrade_v1(data)
+        elif version != CONFIG_VERSION:
             raise ValueError(
-                f"configuration format version {version!r} is not {CONFIG_VERSION}, the one this twla reads"
+                f"configuration format version {version!r} is not {CONFIG_VERSION} (or 1), the ones this twla reads"
             )
         weights = dict(_section(data, "weights"))
         kind = weights.pop("kind", None)
@@ -528,12 +584,18 @@ class QuantConfig:
             raise ValueError(f"configuration weights: kind {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
         rotation = dict(_section(data, "rotation"))
         rotation["factors"] = {int(dim): tuple(f) for dim, f in rotation.get("factors", {}).items()}
+        rotation["kotms"] = _build(KotmsConfig, _section(rotation, "kotms"), "rotation.kotms")
+        relocation = _section(rotation, "relocation", optional=True)
+        if relocation is not None:
+            relocation = _build(RelocationConfig, relocation, "rotation.relocation")
+        rotation["relocation"] = relocation
         activations = dict(_section(data, "activations"))
         activations["clip_grid"] = tuple(activations.get("clip_grid", ActivationConfig.clip_grid))
         allocation = _section(data, "allocation", optional=True)
         if allocation is not None:
             allocation = {**allocation, "options": tuple(allocation.get("options", AllocationConfig.options))}
         reconstruction = _section(data, "reconstruction", optional=True)
+        end_to_end = _section(data, "end_to_end", optional=True)
         unknown = sorted(set(data) - {"true_sequential", "batch_size"})
         if unknown:
             raise ValueError(f"configuration: unknown fields {', '.join(unknown)}")
@@ -545,16 +607,38 @@ class QuantConfig:
             reconstruction=None
             if reconstruction is None
             else _build(ReconstructionConfig, reconstruction, "reconstruction"),
+            end_to_end=None if end_to_end is None else _build(EndToEndConfig, end_to_end, "end_to_end"),
             **data,
         )
+
+    def check_windows(self, windows: int) -> None:
+        """Refuse a calibration set too small for the reconstructions' held-out windows."""
+        for recon in (self.reconstruction, self.end_to_end):
+            if recon:
+                recon.check_windows(windows)
 
     def with_seed(self, seed: int) -> QuantConfig:
         """The same configuration with every random choice (rotations, reconstruction batches) seeded by ``seed``."""
         recon = self.reconstruction and replace(self.reconstruction, seed=seed)
-        return replace(self, rotation=replace(self.rotation, seed=seed), reconstruction=recon)
+        e2e = self.end_to_end and replace(self.end_to_end, seed=seed)
+        return replace(self, rotation=replace(self.rotation, seed=seed), reconstruction=recon, end_to_end=e2e)
 
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: the KOTMS and relocation problems nested in the rotation section; end_to_end
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A version-1 configuration (flat rotation fields) in the version-2 layout."""
+    rotation = dict(data.get("rotation") or {})
+    kotms = {key: rotation.pop(key) for key in [f.name for f in fields(KotmsConfig)] if key in rotation}
+    relocation = {
+        key: rotation.pop(f"relocate_{key}") for key in ("solver", "steps", "lr") if f"relocate_{key}" in rotation
+    }
+    rotation["kotms"] = kotms
+    rotation["relocation"] = relocation if rotation.pop("relocate", False) else None
+    return {**data, "rotation": rotation}
+
+
 WEIGHT_KINDS: dict[str, type] = {"ternary": TernaryConfig, "uniform": UniformConfig}
 
 

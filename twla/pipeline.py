@@ -13,7 +13,10 @@ through the model one decoder layer at a time. For each input site of the layer:
 optionally (``recon``) the whole block's grids, norm gains and clipping ratios are then
 tuned against the full-precision block's outputs (:mod:`twla.reconstruct`), and the
 *quantized* layer's outputs feed the next layer. Only the current decoder
-layer sits on the compute device.
+layer sits on the compute device. After the last layer, optionally (``e2e``) the same
+parameters of all blocks are tuned at once against the full-precision model's next-token
+distribution (its log-probabilities taken before any change), then (ILA-AMP) the
+activation bit-widths are allocated.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from twla.clipping import calibrate_clip
 from twla.config import QuantConfig
 from twla.fake_quant import QuantLinear, wrap_linears
 from twla.loading import resolve_device
-from twla.reconstruct import block_targets, reconstruct_block, split_windows
+from twla.reconstruct import block_targets, reconstruct_block, reconstruct_model, split_windows, teacher_log_probs
 from twla.rotation import (
     Factors,
     RotationReport,
@@ -86,6 +89,7 @@ class QuantReport:
     rotation: RotationReport | None = None
     allocation: AllocationReport | None = None
     reconstruction: list[dict] = field(default_factory=list)  # per block: held-out error before/after, traces
+    end_to_end: dict | None = None  # held-out mean KL before/after, traces
     seconds: float = 0.0
     rotation_seconds: float = 0.0
     calibration_tokens: int = 0
@@ -99,6 +103,7 @@ class QuantReport:
             "rotation": self.rotation.to_dict() if self.rotation else None,
             "allocation": self.allocation.to_dict() if self.allocation else None,
             "reconstruction": self.reconstruction,
+            "end_to_end": self.end_to_end,
             "layers": [asdict(r) for r in self.records],
         }
 
@@ -143,9 +148,9 @@ def _relocate_site(
         [m.original_weight() for m in modules],
         S,
         *rotation,
-        rot.relocate_solver,
-        rot.relocate_steps,
-        rot.relocate_lr,
+        rot.relocation.solver,
+        rot.relocation.steps,
+        rot.relocation.lr,
         config.weights.block_size,
     )
     return (res.R1, res.R2), {"before": res.losses[0], "after": res.losses[-1]}
@@ -164,7 +169,7 @@ def _quantize_site(
     start = time.perf_counter()
     S = inputs.S
     relocation = None
-    if config.rotation.relocate:
+    if config.rotation.relocation is not None:
         rotation, relocation = _relocate_site(layer, adapter, site, S, rotation, config)
     rot_name = "none"
     if rotation is not None:
@@ -271,11 +276,13 @@ def quantize(
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:
         cost_windows(calibration, config.allocation)  # fail before the work, not after it
-    if config.reconstruction:
-        config.reconstruction.check_windows(calibration.shape[0])
+    config.check_windows(calibration.shape[0])
     device = resolve_device(device)
     report = QuantReport(config, calibration_tokens=calibration.numel())
     start = time.perf_counter()
+    teacher = None
+    if config.end_to_end:
+        teacher = teacher_log_probs(model, calibration, config.end_to_end.stride, device, progress)
     rot = config.rotation
     if rot.residual != "none":
         apply_residual_rotation(model, adapter, rot.residual, rot.seed)
@@ -287,8 +294,8 @@ def quantize(
     capture_seconds = time.perf_counter() - capture_start
     if rot.site != "none":
         samples = None
-        if rot.site == "kotms" and rot.activation_weight > 0:
-            samples = full_precision_samples(model, adapter, batches, rot.activation_tokens, device)
+        if rot.site == "kotms" and rot.kotms.activation_weight > 0:
+            samples = full_precision_samples(model, adapter, batches, rot.kotms.activation_tokens, device)
         rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples)
     report.rotation_seconds = time.perf_counter() - start - capture_seconds
     layers = adapter.decoder_layers(model)
@@ -313,8 +320,15 @@ def quantize(
             del windows, targets
         batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
         layer.to("cpu")
+    del batches
+    if config.end_to_end:
+        result = reconstruct_model(
+            model, adapter, calibration, teacher, report.weights, config.end_to_end, device, progress
+        )
+        report.end_to_end = result.to_dict()
+        for index, layer in enumerate(layers):
+            _refresh_clips(layer, index, adapter, report.records)
     if config.allocation:
-        del batches
         report.allocation = allocate(model, adapter, calibration, config.allocation, device, progress)
         for record in report.records:
             record.act_bits = report.allocation.bits[record.name]

@@ -7,20 +7,21 @@ import torch
 from matplotlib.figure import Figure
 
 from twla.io import atomic_write
+from twla.report import MethodRow
 
 
 def _save_figure(fig: Figure, path: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
-def plot_layer_errors(rows: list[dict], path: str) -> None:
+def plot_layer_errors(rows: list[MethodRow], path: str) -> None:
     """Relative output error of every quantized linear layer, in execution order, per method."""
     fig = Figure(figsize=(10, 4))
     ax = fig.subplots()
     for row in rows:
-        layers = row.get("layers")
+        layers = row.layers
         if layers:
-            ax.semilogy([rec["output_error"] for rec in layers], label=row["method"], lw=1)
+            ax.semilogy([rec["output_error"] for rec in layers], label=row.method, lw=1)
     ax.set_xlabel("linear layer (execution order)")
     ax.set_ylabel("relative output error tr(ESEᵀ)/tr(WSWᵀ)")
     ax.set_title("Per-layer output error on calibration data")
@@ -28,31 +29,29 @@ def plot_layer_errors(rows: list[dict], path: str) -> None:
     _save_figure(fig, path)
 
 
-def plot_frontier(rows: list[dict], path: str) -> None:
+def plot_frontier(rows: list[MethodRow], path: str) -> None:
     """Perplexity (log) against stored bits per weight: one colour per activation bit-width,
     filled markers for ternary weights, open ones for integer weights, bars for the seed spread."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    levels = sorted({row["act_bits"] for row in rows if row["method"] != "fp"}, reverse=True)
+    levels = sorted({row.act_bits for row in rows if row.method != "fp"}, reverse=True)
     for row in rows:
-        if row["method"] == "fp":
-            ax.axhline(row["ppl"], color="k", ls="--", lw=0.8, label=f"full precision ({row['ppl']:.2f})")
+        if row.method == "fp":
+            ax.axhline(row.ppl, color="k", ls="--", lw=0.8, label=f"full precision ({row.ppl:.2f})")
             continue
-        color = f"C{levels.index(row['act_bits'])}"
-        ternary = row["scheme"].startswith("W1.58")
-        spread = row.get("ppl_spread")
+        color = f"C{levels.index(row.act_bits)}"
+        ternary = row.scheme.startswith("W1.58")
+        spread = row.ppl_spread
         ax.errorbar(
-            row["bits_storage"],
-            row["ppl"],
+            row.bits_storage,
+            row.ppl,
             yerr=spread["std"] if spread and spread["n"] > 1 else None,
             fmt="o" if ternary else "s",
             color=color,
             mfc=color if ternary else "none",
             capsize=2,
         )
-        ax.annotate(
-            row["method"], (row["bits_storage"], row["ppl"]), fontsize=6, xytext=(4, 2), textcoords="offset points"
-        )
+        ax.annotate(row.method, (row.bits_storage, row.ppl), fontsize=6, xytext=(4, 2), textcoords="offset points")
     for level in levels:
         ax.plot([], [], "o", color=f"C{levels.index(level)}", label=f"A{level:g}")
     ax.plot([], [], "o", color="0.4", label="ternary (filled)")
@@ -110,18 +109,18 @@ def plot_rotation_histograms(weights: dict[str, dict[str, tuple[torch.Tensor, to
     _save_figure(fig, path)
 
 
-def plot_allocations(rows: list[dict], path: str) -> None:
+def plot_allocations(rows: list[MethodRow], path: str) -> None:
     """Per mixed-precision method: the bits chosen per unit (top) and the measured unary costs."""
-    mixed = [row for row in rows if row.get("allocation")]
+    mixed = [row for row in rows if row.allocation]
     fig = Figure(figsize=(6 * len(mixed), 5.5))
     axes = fig.subplots(2, len(mixed), squeeze=False)
     for c, row in enumerate(mixed):
-        al = row["allocation"]
+        al = row.allocation
         bits = al["allocation"]["bits"]
         axes[0][c].bar(range(len(bits)), bits, width=1.0, color="C0", edgecolor="white", lw=0.3)
         axes[0][c].axhline(al["allocation"]["mean_bits"], color="C3", lw=1, label="realized mean")
         axes[0][c].set_yticks(al["costs"]["bits"])
-        axes[0][c].set_title(f"{row['method']}: bits per {al['granularity']}", fontsize=9)
+        axes[0][c].set_title(f"{row.method}: bits per {al['granularity']}", fontsize=9)
         axes[0][c].legend(fontsize=7)
         unary = al["costs"]["unary"]
         for k, b in enumerate(al["costs"]["bits"]):
@@ -135,15 +134,15 @@ def plot_allocations(rows: list[dict], path: str) -> None:
     _save_figure(fig, path)
 
 
-def plot_cost_predictions(rows: list[dict], path: str) -> None:
+def plot_cost_predictions(rows: list[MethodRow], path: str) -> None:
     """Left: second-order (Fisher) estimate vs measured unary costs. Right: predicted (Σs + Σc)
     vs measured change of the mixed and the uniform models."""
-    mixed = [row for row in rows if row.get("allocation")]
+    mixed = [row for row in rows if row.allocation]
     fig = Figure(figsize=(10, 4.2))
     left, right = fig.subplots(1, 2)
     lo, hi = float("inf"), 0.0
     for i, row in enumerate(mixed):
-        al = row["allocation"]
+        al = row.allocation
         pairs = [
             (e, m)
             for est_row, meas_row in zip(al["estimate"], al["costs"]["unary"])
@@ -152,12 +151,12 @@ def plot_cost_predictions(rows: list[dict], path: str) -> None:
         ]
         if pairs:
             est, meas = zip(*pairs)
-            left.loglog(est, meas, ".", ms=3, alpha=0.6, color=f"C{i}", label=row["method"])
+            left.loglog(est, meas, ".", ms=3, alpha=0.6, color=f"C{i}", label=row.method)
             lo, hi = min(lo, *est, *meas), max(hi, *est, *meas)
         for key, marker in (("mixed", "o"), ("uniform", "s")):
             point = al if key == "mixed" else al["uniform"]
             if point:
-                right.plot(point["predicted"], point["measured"], marker, color=f"C{i}", label=f"{row['method']} {key}")
+                right.plot(point["predicted"], point["measured"], marker, color=f"C{i}", label=f"{row.method} {key}")
     if hi > 0:
         left.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     left.set_xlabel("Fisher estimate ½ΣFΔ²/12")

@@ -1,27 +1,37 @@
-"""Block-wise output reconstruction of a quantized decoder block.
+"""Output reconstruction of quantized decoder blocks (codes frozen).
 
-Once every linear of decoder block ℓ is quantized (codes T fixed) and its clipping ratios
-calibrated, the block's continuous parameters θ — the grid of every linear (α, μ per
-(row, block); uniform scales), the RMSNorm gains and the activation clipping ratios — are
-tuned so that the quantized block reproduces the full-precision block on the inputs it
-actually receives (the outputs of the quantized blocks before it):
+Block-wise (``recon``): once every linear of decoder block ℓ is quantized and its
+clipping ratios calibrated, the block's continuous parameters θ — the grid of every linear
+(α, μ per (row, block); uniform scales), the RMSNorm gains and the activation clipping
+ratios — are tuned so that the quantized block reproduces the full-precision block on the
+inputs it actually receives (the outputs of the quantized blocks before it):
 
-    min_θ Σ_i ‖F̂_ℓ(X_i; θ) − F_ℓ(X_i)‖²_F,
+    min_θ Σ_i ‖F̂_ℓ(X_i; θ) − F_ℓ(X_i)‖²_F.
 
-solved by :func:`twla.solvers.reconstruct.reconstruct` (Adam, early stopping on held-out
-calibration windows). The stored format does not change: the tuned grid is rounded to
-the 16 bits it is stored in.
+End-to-end (``e2e``): once every block is quantized, the same parameters of all blocks at
+once are tuned so that the model's next-token distribution matches the full-precision
+model's on the calibration windows,
+
+    min_θ Σ_i Σ_{t ∈ P} KL(p_FP(· | x_i,≤t) ‖ p_θ(· | x_i,≤t)),   P = every ``stride``-th position.
+
+Both are solved by :func:`twla.solvers.reconstruct.reconstruct` (Adam, early stopping on
+held-out calibration windows). The stored format does not change: the tuned grid is
+rounded to the 16 bits it is stored in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from tqdm.auto import tqdm
 
 from twla.adapters import Adapter
 from twla.capture import layer_output
-from twla.config import ReconstructionConfig
+from twla.config import EndToEndConfig, ReconstructionConfig
 from twla.fake_quant import QuantLinear
 from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
 from twla.weights import QuantizedWeight
@@ -54,6 +64,140 @@ def block_targets(layer: nn.Module, windows: list[Window]) -> list[Tensor]:
     return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in windows]
 
 
+def kl_positions(seqlen: int, stride: int) -> Tensor:
+    """The positions whose next-token distributions the end-to-end objective compares."""
+    return torch.arange(0, seqlen, stride)
+
+
+@torch.no_grad()
+def teacher_log_probs(
+    model: nn.Module, calibration: Tensor, stride: int, device: torch.device, progress: bool = False
+) -> list[Tensor]:
+    """The full-precision model's next-token log-probabilities at :func:`kl_positions` of every
+    calibration window (float16, CPU; call before quantizing)."""
+    keep = kl_positions(calibration.shape[1], stride).to(device)
+    model.to(device)
+    try:
+        return [
+            torch.log_softmax(model(ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0].float(), -1)
+            .half()
+            .cpu()
+            for ids in tqdm(calibration, desc="teacher log-probs", disable=not progress)
+        ]
+    finally:
+        model.to("cpu")
+
+
+@dataclass
+class Tunables:
+    """The continuous parameters θ of some quantized blocks, addressed by module path under a
+    root module (a decoder block, or the whole model): grids by linear path, RMSNorm gains by
+    parameter path, clipping ratios by module."""
+
+    grids: dict[str, tuple[QuantizedWeight, dict[str, Scaled]]]
+    norms: dict[str, Scaled]
+    clips: dict[QuantLinear, Scaled]
+
+    @classmethod
+    def gather(
+        cls,
+        root: nn.Module,
+        blocks: dict[str, int],
+        adapter: Adapter,
+        weights: dict[str, QuantizedWeight],
+        config: ReconstructionConfig,
+    ) -> Tunables:
+        """θ of the blocks {path prefix under ``root`` (``""`` or ``"model.layers.3."``): index}."""
+        device = next(root.parameters()).device
+        grids, norms, clips = {}, {}, {}
+        for prefix, index in blocks.items():
+            for path in adapter.linear_names():
+                module = root.get_submodule(prefix + path)
+                if config.grid:
+                    weight = weights[f"{adapter.layers}.{index}.{path}"]
+                    grid = {k: v.to(device) for k, v in weight.grid().items()}
+                    magnitude = next(iter(grid.values())).abs()  # α or the scale: μ moves in units of α
+                    grids[prefix + path] = (weight, {k: Scaled(v, magnitude) for k, v in grid.items()})
+                if config.clips and isinstance(module, QuantLinear) and module.act_bits < 16:
+                    start = torch.tensor(float(module.act_clip), device=device)
+                    clips[module] = Scaled(start, start.clone())
+            for site in adapter.sites if config.norms else ():
+                if site.norm:
+                    gain = root.get_submodule(prefix + site.norm).weight.detach()
+                    norms[f"{prefix}{site.norm}.weight"] = Scaled(gain.clone(), gain.abs().clone())
+        return cls(grids, norms, clips)
+
+    def params(self) -> list[Scaled]:
+        grids = [s for _, grid in self.grids.values() for s in grid.values()]
+        return grids + [*self.norms.values(), *self.clips.values()]
+
+    def overrides(self, root: nn.Module) -> dict[str, Tensor]:
+        """The parameter values of θ for :func:`functional_call` on ``root`` (clipping ratios are set
+        on their modules directly)."""
+        values = {name: s.value() for name, s in self.norms.items()}
+        for path, (weight, grid) in self.grids.items():
+            dtype = root.get_submodule(path).weight.dtype
+            values[f"{path}.weight"] = weight.with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
+        for module, s in self.clips.items():
+            module.act_clip = s.value()
+        return values
+
+    def project(self) -> None:
+        for s in self.clips.values():
+            s.delta.clamp_((MIN_CLIP - s.base) / s.scale, (1 - s.base) / s.scale)
+
+    @torch.no_grad()
+    def write_back(self, root: nn.Module) -> None:
+        """Store θ: grids into the quantized weights and the modules' dequantized weights, gains
+        into the norms, clipping ratios into the modules' per-bit-width ratios."""
+        for path, (weight, grid) in self.grids.items():
+            weight.set_grid(**{k: s.value() for k, s in grid.items()})
+            linear = root.get_submodule(path)
+            linear.weight.copy_(weight.dequantize(linear.weight.dtype).to(linear.weight.device))
+        for name, s in self.norms.items():
+            root.get_submodule(name.removesuffix(".weight")).weight.copy_(s.value())
+        for module, s in self.clips.items():
+            module.act_clips[module.act_bits] = float(s.value())
+            module.set_act_bits(module.act_bits)
+
+
+def _solve(
+    root: nn.Module,
+    tunables: Tunables,
+    error: Callable[[int], tuple[Tensor, Tensor]],
+    windows: int,
+    config: ReconstructionConfig,
+    stream: int,
+    progress: bool = False,
+) -> ReconstructionResult:
+    """Tune θ on all windows but the last ``config.holdout`` (which judge the iterates), with
+    ``root``'s own parameters frozen, and write the best θ back."""
+    holdout = min(config.holdout, windows - 1)
+    flags = {p: p.requires_grad for p in root.parameters()}
+    root.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            result = reconstruct(
+                tunables.params(),
+                error,
+                list(range(windows - holdout)),
+                list(range(windows - holdout, windows)),
+                config.steps,
+                config.lr,
+                config.batch,
+                config.eval_every,
+                config.patience,
+                torch.Generator().manual_seed(config.seed * 100_003 + stream),
+                tunables.project,
+                progress,
+            )
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    tunables.write_back(root)
+    return result
+
+
 def reconstruct_block(
     layer: nn.Module,
     index: int,
@@ -64,76 +208,46 @@ def reconstruct_block(
     config: ReconstructionConfig,
 ) -> ReconstructionResult:
     """Tune block ``index``'s grids, norm gains and clipping ratios in place (module docstring);
-    ``weights`` (by full linear name) receive the tuned grids."""
-    device = next(layer.parameters()).device
-    grids: dict[str, tuple[QuantizedWeight, dict[str, Scaled]]] = {}
-    if config.grid:
-        for path in adapter.linear_names():
-            weight = weights[f"{adapter.layers}.{index}.{path}"]
-            grid = {k: v.to(device) for k, v in weight.grid().items()}
-            magnitude = next(iter(grid.values())).abs()  # α or the scale: μ moves in units of α
-            grids[path] = (weight, {k: Scaled(v, magnitude) for k, v in grid.items()})
-    norms = {}
-    if config.norms:
-        for site in adapter.sites:
-            if site.norm:
-                gain = layer.get_submodule(site.norm).weight.detach()
-                norms[f"{site.norm}.weight"] = Scaled(gain.clone(), gain.abs().clone())
-    clips: dict[QuantLinear, Scaled] = {}
-    if config.clips:
-        for path in adapter.linear_names():
-            module = layer.get_submodule(path)
-            if isinstance(module, QuantLinear) and module.act_bits < 16:
-                start = torch.tensor(float(module.act_clip), device=device)
-                clips[module] = Scaled(start, start.clone())
+    ``weights`` (by full linear name) receive the tuned grids. The error of window i is
+    (‖F̂(X_i) − Y_i‖², ‖Y_i − X_i‖²)."""
+    tunables = Tunables.gather(layer, {"": index}, adapter, weights, config)
 
     def error(i: int) -> tuple[Tensor, Tensor]:
         hidden, kwargs = windows[i]
-        overrides = {name: s.value() for name, s in norms.items()}
-        for path, (weight, grid) in grids.items():
-            dtype = layer.get_submodule(path).weight.dtype
-            overrides[f"{path}.weight"] = weight.with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
-        for module, s in clips.items():
-            module.act_clip = s.value()
-        out = layer_output(functional_call(layer, overrides, (hidden,), kwargs))
-        target = targets[i]
-        return ((out - target) ** 2).sum(), ((target - hidden) ** 2).sum()
+        out = layer_output(functional_call(layer, tunables.overrides(layer), (hidden,), kwargs))
+        return ((out - targets[i]) ** 2).sum(), ((targets[i] - hidden) ** 2).sum()
 
-    def project() -> None:
-        for s in clips.values():
-            s.delta.clamp_((MIN_CLIP - s.base) / s.scale, (1 - s.base) / s.scale)
+    return _solve(layer, tunables, error, len(windows), config, index)
 
-    params = [s for _, grid in grids.values() for s in grid.values()] + [*norms.values(), *clips.values()]
-    holdout = min(config.holdout, len(windows) - 1)
-    indices = list(range(len(windows)))
-    flags = {p: p.requires_grad for p in layer.parameters()}
-    layer.requires_grad_(False)
+
+def reconstruct_model(
+    model: nn.Module,
+    adapter: Adapter,
+    calibration: Tensor,
+    teacher: list[Tensor],
+    weights: dict[str, QuantizedWeight],
+    config: EndToEndConfig,
+    device: torch.device,
+    progress: bool = False,
+) -> ReconstructionResult:
+    """Tune every block's grids, norm gains and clipping ratios at once against the full-precision
+    model's next-token distribution (module docstring); ``teacher`` from :func:`teacher_log_probs`.
+    The error of window i is (Σ_t KL, number of positions), so the reported errors are the mean
+    KL divergence per compared position, in nats."""
+    keep = kl_positions(calibration.shape[1], config.stride).to(device)
+    model.to(device)
+    blocks = {f"{adapter.layers}.{i}.": i for i in range(len(adapter.decoder_layers(model)))}
+    tunables = Tunables.gather(model, blocks, adapter, weights, config)
+
+    def error(i: int) -> tuple[Tensor, Tensor]:
+        ids = calibration[i : i + 1].to(device)
+        kwargs = {"use_cache": False, "logits_to_keep": keep}
+        logits = functional_call(model, tunables.overrides(model), (ids,), kwargs).logits[0].float()
+        log_p = teacher[i].to(device, torch.float32)
+        kl = (log_p.exp() * (log_p - torch.log_softmax(logits, -1))).sum()
+        return kl, torch.tensor(float(len(keep)))
+
     try:
-        with torch.enable_grad():
-            result = reconstruct(
-                params,
-                error,
-                indices[: len(indices) - holdout],
-                indices[len(indices) - holdout :],
-                config.steps,
-                config.lr,
-                config.batch,
-                config.eval_every,
-                config.patience,
-                torch.Generator().manual_seed(config.seed * 100_003 + index),
-                project,
-            )
+        return _solve(model, tunables, error, calibration.shape[0], config, len(blocks), progress)
     finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-    with torch.no_grad():
-        for path, (weight, grid) in grids.items():
-            weight.set_grid(**{k: s.value() for k, s in grid.items()})
-            linear = layer.get_submodule(path)
-            linear.weight.copy_(weight.dequantize(linear.weight.dtype).to(device))
-        for name, s in norms.items():
-            layer.get_submodule(name.removesuffix(".weight")).weight.copy_(s.value())
-        for module, s in clips.items():
-            module.act_clips[module.act_bits] = float(s.value())
-            module.set_act_bits(module.act_bits)
-    return result
+        model.to("cpu")

@@ -1,11 +1,66 @@
-"""Bench reports: Markdown tables and the JSON file, written atomically (plots: :mod:`twla.plots`)."""
+"""Bench reports: one typed row per method, rendered as Markdown tables and written with the
+run's setup as JSON, atomically (plots: :mod:`twla.plots`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 
 from twla.config import method_parts
 from twla.io import write_json, write_text
+
+REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
+
+
+@dataclass
+class MethodRow:
+    """One method of a bench run: perplexity (the mean over seeds), bits and sizes, seconds, and
+    the details the first seed's model measured (JSON forms of the pipeline's reports).
+
+    ppl_spread: mean, std, min, max, n over seeds; seeds: {seed: {"ppl", "quant_seconds"}}.
+    output_error: mean relative output error over linears; stages: per stage of the block fit,
+    mean weight / output error; relocation, activations: means of the per-layer records;
+    reconstruction: per-block errors before / after; end_to_end: held-out mean KL before / after
+    the end-to-end reconstruction; shaping: per-site rotation scores;
+    allocation: ILA-AMP costs and choice; bits: the bit accounting; config: the QuantConfig
+    dict; layers: per-layer records; packed: the saved checkpoint, reloaded and evaluated.
+    """
+
+    method: str
+    scheme: str
+    rotation: str
+    ppl: float
+    act_bits: float
+    bits_storage: float
+    bits_entropy: float
+    size_mb: float
+    eval_seconds: float
+    output_error: float | None = None
+    quant_seconds: float | None = None
+    rotation_seconds: float | None = None
+    ppl_spread: dict | None = None
+    seeds: dict[int, dict] = field(default_factory=dict)
+    stages: dict[str, dict] = field(default_factory=dict)
+    relocation: dict | None = None
+    activations: dict | None = None
+    reconstruction: dict | None = None
+    end_to_end: dict | None = None
+    shaping: dict | None = None
+    allocation: dict | None = None
+    bits: dict | None = None
+    config: dict | None = None
+    layers: list[dict] = field(default_factory=list)
+    packed: dict | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MethodRow:
+        """The row of a report.json (seed keys back to integers)."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"report row: unknown fields {', '.join(unknown)}")
+        return cls(**{**data, "seeds": {int(k): v for k, v in data.get("seeds", {}).items()}})
+
 
 COLUMNS = [
     ("method", "method", "{}"),
@@ -30,87 +85,87 @@ def _cell(value: object, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _ppl_cell(row: dict) -> str:
+def _ppl_cell(row: MethodRow) -> str:
     """The perplexity, as mean ± sample standard deviation when the method ran with several seeds."""
-    spread = row.get("ppl_spread")
+    spread = row.ppl_spread
     if spread and spread["n"] > 1:
         return f"{_cell(spread['mean'], '{:.2f}')} ± {_cell(spread['std'], '{:.2f}')}"
-    return _cell(row.get("ppl"), "{:.2f}")
+    return _cell(row.ppl, "{:.2f}")
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[MethodRow]) -> str:
     head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     body = [
         "| "
-        + " | ".join(_ppl_cell(row) if key == "ppl" else _cell(row.get(key), fmt) for key, _, fmt in COLUMNS)
+        + " | ".join(_ppl_cell(row) if key == "ppl" else _cell(getattr(row, key), fmt) for key, _, fmt in COLUMNS)
         + " |"
         for row in rows
     ]
     return "\n".join([head, rule, *body])
 
 
-def seed_table(rows: list[dict]) -> str:
+def seed_table(rows: list[MethodRow]) -> str:
     """Perplexity of every method under every seed, with mean, spread and range."""
-    seeds = sorted({int(s) for row in rows for s in row.get("seeds", {})})
+    seeds = sorted({s for row in rows for s in row.seeds})
     lines = [
         "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | min–max |",
         "|---|" + "---|" * (len(seeds) + 3),
     ]
     for row in rows:
-        if row.get("seeds"):
-            by_seed = {int(k): v["ppl"] for k, v in row["seeds"].items()}
-            sp = row["ppl_spread"]
+        if row.seeds:
+            by_seed = {k: v["ppl"] for k, v in row.seeds.items()}
+            sp = row.ppl_spread
             cells = [_cell(by_seed.get(s), "{:.2f}") for s in seeds]
             lines.append(
-                f"| {row['method']} | {' | '.join(cells)} | {_cell(sp['mean'], '{:.2f}')} | "
+                f"| {row.method} | {' | '.join(cells)} | {_cell(sp['mean'], '{:.2f}')} | "
                 f"{_cell(sp['std'], '{:.2f}')} | {_cell(sp['min'], '{:.2f}')}–{_cell(sp['max'], '{:.2f}')} |"
             )
     return "\n".join(lines)
 
 
-def reconstruction_table(rows: list[dict]) -> str:
-    """Block-wise reconstruction: held-out relative block output error before and after (means over blocks)."""
-    lines = [
-        "| method | block error before | after | change | mean steps | seconds |",
-        "|---|---|---|---|---|---|",
-    ]
+def reconstruction_table(rows: list[MethodRow], field: str = "reconstruction") -> str:
+    """Held-out error before and after a reconstruction: ``reconstruction`` (block-wise, the
+    relative block output error, means over blocks) or ``end_to_end`` (the mean KL divergence
+    from the full-precision model per compared position)."""
+    label = "KL" if field == "end_to_end" else "block error"
+    lines = [f"| method | {label} before | after | change | steps | seconds |", "|---|---|---|---|---|---|"]
     for row in rows:
-        rc = row.get("reconstruction")
+        rc = getattr(row, field)
         if rc:
             change = 100 * (rc["after"] / rc["before"] - 1) if rc["before"] else 0.0
             lines.append(
-                f"| {row['method']} | {rc['before']:.4f} | {rc['after']:.4f} | {change:+.1f} % "
+                f"| {row.method} | {rc['before']:.4f} | {rc['after']:.4f} | {change:+.1f} % "
                 f"| {rc['steps']:.0f} | {rc['seconds']:.0f} |"
             )
     return "\n".join(lines)
 
 
-def _std_error(row: dict) -> float | None:
+def _std_error(row: MethodRow) -> float | None:
     """Standard error of the mean perplexity over seeds (None for one seed)."""
-    spread = row.get("ppl_spread")
+    spread = row.ppl_spread
     return spread["std"] / spread["n"] ** 0.5 if spread and spread["n"] > 1 else None
 
 
-def ablation_pairs(rows: list[dict]) -> list[tuple[dict, dict, str]]:
+def ablation_pairs(rows: list[MethodRow]) -> list[tuple[MethodRow, MethodRow, str]]:
     """(without, with, what changed) for every two benched methods one step apart: the same base
     and a smallest set of added modifiers (no benched method in between), or the same modifiers
     on another base (listed once, in row order)."""
-    methods = [row for row in rows if row["method"] != "fp"]
-    parts = [method_parts(row["method"]) for row in methods]
+    methods = [row for row in rows if row.method != "fp"]
+    parts = [method_parts(row.method) for row in methods]
     pairs = []
     for i, (a, (base_a, mods_a)) in enumerate(zip(methods, parts)):
         for j, (b, (base_b, mods_b)) in enumerate(zip(methods, parts)):
             if base_a == base_b and mods_a < mods_b:
                 if not any(base == base_a and mods_a < mods < mods_b for base, mods in parts):
-                    added = [m for m in b["method"].split("+")[1:] if m not in mods_a]
+                    added = [m for m in b.method.split("+")[1:] if m not in mods_a]
                     pairs.append((a, b, "+" + "+".join(added)))
             elif i < j and base_a != base_b and mods_a == mods_b:
                 pairs.append((a, b, f"{base_b} instead of {base_a}"))
     return pairs
 
 
-def ablation_table(rows: list[dict]) -> str:
+def ablation_table(rows: list[MethodRow]) -> str:
     """Perplexity with and without each component (means over seeds); Δ in standard errors of
     the difference when both sides ran with several seeds. Empty when no two rows pair up."""
     pairs = ablation_pairs(rows)
@@ -121,25 +176,25 @@ def ablation_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for a, b, change in pairs:
-        delta = b["ppl"] - a["ppl"]
+        delta = b.ppl - a.ppl
         errors = (_std_error(a), _std_error(b))
         z = "–" if None in errors else f"{delta / max((errors[0] ** 2 + errors[1] ** 2) ** 0.5, 1e-12):+.1f}"
-        lines.append(f"| {change} | {a['method']} | {_ppl_cell(a)} | {_ppl_cell(b)} | {delta:+.2f} | {z} |")
+        lines.append(f"| {change} | {a.method} | {_ppl_cell(a)} | {_ppl_cell(b)} | {delta:+.2f} | {z} |")
     return "\n".join(lines)
 
 
-def frontier_points(rows: list[dict]) -> list[tuple[dict, bool]]:
+def frontier_points(rows: list[MethodRow]) -> list[tuple[MethodRow, bool]]:
     """Every row with whether it is Pareto-optimal among the rows at its activation bits: no
     other row stores at most as many bits per weight with a lower perplexity."""
-    points = sorted(rows, key=lambda r: (-r["act_bits"], r["bits_storage"], r["ppl"]))
+    points = sorted(rows, key=lambda r: (-r.act_bits, r.bits_storage, r.ppl))
     return [
         (
             row,
             not any(
                 other is not row
-                and other["act_bits"] == row["act_bits"]
-                and other["bits_storage"] <= row["bits_storage"]
-                and other["ppl"] < row["ppl"]
+                and other.act_bits == row.act_bits
+                and other.bits_storage <= row.bits_storage
+                and other.ppl < row.ppl
                 for other in rows
             ),
         )
@@ -147,60 +202,60 @@ def frontier_points(rows: list[dict]) -> list[tuple[dict, bool]]:
     ]
 
 
-def frontier_table(rows: list[dict]) -> str:
+def frontier_table(rows: list[MethodRow]) -> str:
     """Perplexity against stored bits per weight, per activation bit-width; ★ marks the Pareto front."""
     lines = ["| activations | bits/w (stored) | method | perplexity | front |", "|---|---|---|---|---|"]
     for row, optimal in frontier_points(rows):
         lines.append(
-            f"| A{row['act_bits']:g} | {row['bits_storage']:.3f} | {row['method']} | {_ppl_cell(row)} "
+            f"| A{row.act_bits:g} | {row.bits_storage:.3f} | {row.method} | {_ppl_cell(row)} "
             f"| {'★' if optimal else ''} |"
         )
     return "\n".join(lines)
 
 
-def stage_table(rows: list[dict]) -> str:
+def stage_table(rows: list[MethodRow]) -> str:
     """Mean relative weight / output error after each stage of each method's block fit."""
     lines = ["| method | stage | mean rel. E_w | mean rel. E_x |", "|---|---|---|---|"]
     for row in rows:
-        for stage, err in row.get("stages", {}).items():
-            lines.append(f"| {row['method']} | {stage} | {err['weight_error']:.4f} | {err['output_error']:.4f} |")
+        for stage, err in row.stages.items():
+            lines.append(f"| {row.method} | {stage} | {err['weight_error']:.4f} | {err['output_error']:.4f} |")
     return "\n".join(lines)
 
 
-def shaping_table(rows: list[dict]) -> str:
+def shaping_table(rows: list[MethodRow]) -> str:
     """Tri-modality of the rotated weights per site (means over layers): before → after."""
     lines = [
         "| method | site | factors | ternary fit error | zero codes | loss (first → last) | s |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        for site, sh in (row.get("shaping") or {}).items():
+        for site, sh in (row.shaping or {}).items():
             fit = f"{_avg(sh['fit_error_before']):.4f} → {_avg(sh['fit_error_after']):.4f}"
             zero = f"{_avg(sh['zero_fraction_before']):.3f} → {_avg(sh['zero_fraction_after']):.3f}"
             loss = f"{sh['losses'][0]:.4f} → {sh['losses'][-1]:.4f}" if sh["losses"] else "fixed"
             factors = "⊗".join(map(str, sh["factors"]))
-            lines.append(f"| {row['method']} | {site} | {factors} | {fit} | {zero} | {loss} | {sh['seconds']:.1f} |")
+            lines.append(f"| {row.method} | {site} | {factors} | {fit} | {zero} | {loss} | {sh['seconds']:.1f} |")
     return "\n".join(lines)
 
 
-def activation_table(rows: list[dict]) -> str:
+def activation_table(rows: list[MethodRow]) -> str:
     """Relocation objective and activation-quantization error (per-layer means)."""
     lines = [
         "| method | relocation objective (before → after) | act. output error, p = 1 | calibrated p | mean p |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        reloc, acts = row.get("relocation"), row.get("activations")
+        reloc, acts = row.relocation, row.activations
         if not (reloc or acts):
             continue
         r = f"{reloc['before']:.4f} → {reloc['after']:.4f}" if reloc else "–"
         a = [f"{acts[k]:.4f}" if acts else "–" for k in ("clip=1", "calibrated")]
         p = f"{acts['mean_clip']:.3f}" if acts else "–"
-        lines.append(f"| {row['method']} | {r} | {a[0]} | {a[1]} | {p} |")
+        lines.append(f"| {row.method} | {r} | {a[0]} | {a[1]} | {p} |")
     return "\n".join(lines)
 
 
-def allocation_table(rows: list[dict]) -> str:
+def allocation_table(rows: list[MethodRow]) -> str:
     """ILA-AMP: the chosen bits, and the cost model's prediction against the measured change."""
     lines = [
         "| method | units | solver | mean bits (budget) | units per bit-width | predicted Δ (mixed) "
@@ -209,14 +264,14 @@ def allocation_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        al = row.get("allocation")
+        al = row.allocation
         if not al:
             continue
         choice, uniform, agree = al["allocation"], al["uniform"] or {}, al["agreement"]
         counts = ", ".join(f"{b}: {choice['bits'].count(b)}" for b in al["costs"]["bits"])
         uni = [f"{uniform[k]:.4f}" if uniform else "–" for k in ("predicted", "measured")]
         lines.append(
-            f"| {row['method']} | {len(al['units'])} {al['granularity']}s | {choice['solver']} "
+            f"| {row.method} | {len(al['units'])} {al['granularity']}s | {choice['solver']} "
             f"| {choice['mean_bits']:.2f} ({choice['budget']:g}) | {counts} | {al['predicted']:.4f} "
             f"| {al['measured']:.4f} | {uni[0]} | {uni[1]} | {agree['spearman']:.2f}, {agree['median_ratio']:.2f} "
             f"| {al['passes']}, {al['seconds']:.0f} |"
@@ -224,7 +279,7 @@ def allocation_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def packed_table(rows: list[dict]) -> str:
+def packed_table(rows: list[MethodRow]) -> str:
     """Saved packed checkpoints (the first seed's model), reloaded from disk: sizes from the files;
     perplexity next to that of the fake-quantized model they were packed from."""
     lines = [
@@ -233,10 +288,10 @@ def packed_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        pk = row.get("packed")
+        pk = row.packed
         if pk:
             lines.append(
-                f"| {row['method']} | {pk['path']} | {pk['bits_per_weight']:.3f} | {pk['file_bytes'] / 2**20:.1f} "
+                f"| {row.method} | {pk['path']} | {pk['bits_per_weight']:.3f} | {pk['file_bytes'] / 2**20:.1f} "
                 f"| {pk['fp16_bytes'] / 2**20:.1f} | {pk['fp16_bytes'] / pk['file_bytes']:.2f}× "
                 f"| {pk['fake_quant_ppl']:.4f} | {pk['ppl']:.4f} | {pk['eval_seconds']:.1f} |"
             )
@@ -247,9 +302,7 @@ def _avg(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def markdown_report(result: dict) -> str:
-    setup = result["setup"]
-    rows = result["rows"]
+def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
     parts = [
         f"# twla bench: {setup['model']}",
         f"Evaluation: {setup['evaluation']}. Calibration: {setup['calibration']}. Device {setup['device']}.",
@@ -272,34 +325,45 @@ def markdown_report(result: dict) -> str:
         "## Stages of the block fit (per-layer means, in each block's metric)",
         stage_table(rows),
     ]
-    if any(row.get("reconstruction") for row in rows):
+    if any(row.reconstruction for row in rows):
         parts += [
             "## Block-wise reconstruction (held-out calibration windows; relative to each block's "
             "full-precision output change)",
             reconstruction_table(rows),
         ]
-    if any(row.get("shaping") for row in rows):
+    if any(row.end_to_end for row in rows):
+        parts += [
+            "## End-to-end reconstruction (held-out calibration windows; mean KL from the full-precision "
+            "model, nats per position)",
+            reconstruction_table(rows, "end_to_end"),
+        ]
+    if any(row.shaping for row in rows):
         parts += ["## Rotations: tri-modality of the rotated weights (means over layers)", shaping_table(rows)]
-    if any(row.get("relocation") or row.get("activations") for row in rows):
+    if any(row.relocation or row.activations for row in rows):
         parts += [
             "## Relocation and activations (relative output errors, per-layer means)",
             activation_table(rows),
         ]
-    if any(row.get("allocation") for row in rows):
-        metric = next(row["allocation"]["metric"] for row in rows if row.get("allocation"))
+    if any(row.allocation for row in rows):
+        metric = next(row.allocation["metric"] for row in rows if row.allocation)
         parts += [
             f"## Mixed-precision activations (ILA-AMP): Δ = {metric} change vs all-8-bit activations, "
             "on calibration tokens",
             allocation_table(rows),
         ]
-    if any(row.get("packed") for row in rows):
+    if any(row.packed for row in rows):
         parts += ["## Packed checkpoints (2-bit codes; saved, loaded back and evaluated)", packed_table(rows)]
     return "\n\n".join(parts)
 
 
-def write_report(out_dir: str, result: dict) -> str:
+def report_dict(setup: dict, rows: list[MethodRow]) -> dict:
+    """The JSON form of a report (what report.json holds)."""
+    return {"format": REPORT_FORMAT, "setup": setup, "rows": [asdict(row) for row in rows]}
+
+
+def write_report(out_dir: str, setup: dict, rows: list[MethodRow]) -> str:
     """Write report.json and report.md into ``out_dir``; return the Markdown text."""
-    text = markdown_report(result)
-    write_json(os.path.join(out_dir, "report.json"), result)
+    text = markdown_report(setup, rows)
+    write_json(os.path.join(out_dir, "report.json"), report_dict(setup, rows))
     write_text(os.path.join(out_dir, "report.md"), text + "\n")
     return text

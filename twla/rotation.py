@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from twla.adapters import Adapter, Site
-from twla.config import RotationConfig
+from twla.config import KotmsConfig, RotationConfig
 from twla.fake_quant import QuantLinear
 from twla.solvers.kotms import learn_kotms, trimodality
 from twla.solvers.kronecker import (
@@ -176,7 +176,7 @@ class RotationReport:
 
 
 def _learn_chunked(
-    W: Tensor, R1: Tensor, R2: Tensor, cfg: RotationConfig, X: Tensor | None
+    W: Tensor, R1: Tensor, R2: Tensor, cfg: KotmsConfig, X: Tensor | None
 ) -> tuple[Tensor, Tensor, list[float]]:
     """KOTMS on a batch of site weights (and inputs), in chunks of layers that fit in memory."""
     rows = torch.linspace(0, W.shape[1] - 1, min(cfg.rows, W.shape[1])).round().long()
@@ -222,7 +222,7 @@ def site_rotations(
         losses: list[float] = []
         if cfg.site == "kotms":
             X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))]) if inputs else None
-            R1, R2, losses = _learn_chunked(W, R1, R2, cfg, X)
+            R1, R2, losses = _learn_chunked(W, R1, R2, cfg.kotms, X)
         Z = kron_apply(W, R1[:, None], R2[:, None])
         before = [trimodality(w) for w in W]  # per layer: bounded memory
         after = [trimodality(z) for z in Z]

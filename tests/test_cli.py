@@ -106,6 +106,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "unknown bit solver" in capsys.readouterr().err
     assert main(["bench", "--methods", "e2m+gptq", "--damp", "-0.1", "--quiet"]) == 2
     assert "damp ≥ 0" in capsys.readouterr().err
+    assert main(["bench", "--methods", "e2m+recon", "--recon-lr", "0", "--quiet"]) == 2
+    assert "lr > 0" in capsys.readouterr().err
 
 
 def test_uniform_weight_methods_are_not_packed(tiny_checkpoint, tmp_path, capsys):

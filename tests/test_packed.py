@@ -257,6 +257,22 @@ def test_config_dicts_round_trip_and_version_1_upgrades(spec):
     assert QuantConfig.from_dict({**v2, "version": 1, "rotation": flat}) == config
 
 
+def test_method_overrides_replace_fields_of_the_sections_the_method_uses():
+    config = QuantConfig.from_method(
+        "pt2+gptq+recon+e2e+amp",
+        {"weights": {"damp": 0.05}, "allocation": {"budget": 6}, "end_to_end": {"steps": 7, "lr": 1e-2}},
+    )
+    assert config.weights.damp == 0.05 and config.allocation.budget == 6 and config.activations.bits == 6
+    assert (config.end_to_end.steps, config.end_to_end.lr, config.end_to_end.stride) == (7, 1e-2, 4)
+    assert config.reconstruction == QuantConfig.from_method("pt2+recon").reconstruction  # untouched
+    with pytest.raises(ValueError, match="overrides of end_to_end, which this method does not use"):
+        QuantConfig.from_method("pt2+recon", {"end_to_end": {"steps": 7}})
+    with pytest.raises(ValueError, match="'rotation': not a configuration section"):
+        QuantConfig.from_method("pt2+had", {"rotation": {"seed": 1}})
+    with pytest.raises(ValueError, match="steps ≥ 0"):
+        QuantConfig.from_method("pt2+recon", {"reconstruction": {"steps": -1}})
+
+
 def test_config_round_trips_through_the_checkpoint(calib_ids, tmp_path):
     """The recorded configuration rebuilds the identical QuantConfig, and quantizing again with
     it gives the identical weights; an edited or foreign configuration is refused."""

@@ -131,8 +131,9 @@ class BenchConfig:
     save: tuple[str, ...] = field(default_factory=tuple)
     save_dtype: str = "keep"  # storage of unquantized tensors in saved checkpoints: keep, float16, bfloat16
     histogram_layer: str | None = None  # default: the middle layer's down_proj
-    amp: dict = field(default_factory=dict)  # AllocationConfig overrides for amp / amp-site methods
-    damp: float | None = None  # GPTQ damping λ of every method (None: the weight config's default)
+    # fields replacing the methods' own, by section (QuantConfig.from_method), e.g.
+    # {"weights": {"damp": 0.05}, "end_to_end": {"steps": 100}}; each applies to the methods that use it
+    overrides: dict = field(default_factory=dict)
     overwrite: bool = False  # replace a bench report written earlier at ``out``
 
     def __post_init__(self) -> None:
@@ -155,11 +156,12 @@ class BenchConfig:
         for name, (value, low) in checks.items():
             if value < low:
                 raise ValueError(f"{name} must be ≥ {low}, got {value}")
-        configs = [self.quant_config(spec) for spec in self.methods]  # fail early on a bad spec or damping
-        for config in configs:
-            config.check_windows(self.nsamples)
-        if self.amp and not any(c.allocation for c in configs):
-            raise ValueError(f"amp options {sorted(self.amp)} apply to amp / amp-site methods; none is benched")
+        plain = [QuantConfig.from_method(spec) for spec in self.methods]
+        unused = [s for s in self.overrides if not any(c.uses(s) for c in plain)]
+        if unused:
+            raise ValueError(f"overrides of {', '.join(unused)} apply to no benched method")
+        for spec in self.methods:  # fail early on a bad override value or too few windows
+            self.quant_config(spec).check_windows(self.nsamples)
         storage_dtype(self.save_dtype)  # fail early on an unknown storage type
         unknown = set(self.save) - set(self.methods)
         if unknown:
@@ -173,8 +175,9 @@ class BenchConfig:
 
     def quant_config(self, spec: str, seed: int = 0) -> QuantConfig:
         """The configuration of one benched method at ``seed``, with this run's overrides."""
-        weights = None if self.damp is None else {"damp": self.damp}
-        return QuantConfig.from_method(spec, self.amp, weights, batch_size=self.batch_size).with_seed(seed)
+        plain = QuantConfig.from_method(spec)
+        overrides = {section: fields for section, fields in self.overrides.items() if plain.uses(section)}
+        return QuantConfig.from_method(spec, overrides, batch_size=self.batch_size).with_seed(seed)
 
 
 def is_bench_report(path: str) -> bool:
@@ -343,7 +346,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
         "evaluation": fp.describe(),
         "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, "
         f"seeds {', '.join(map(str, cfg.seeds))}"
-        + ("" if cfg.damp is None else f"; GPTQ damping λ = {cfg.damp:g} for every method"),
+        + "".join(f"; {s}.{k} = {v} where used" for s, given in cfg.overrides.items() for k, v in given.items()),
         "accounting": ACCOUNTING_RULES,
         "host": platform.node(),
         "torch": torch.__version__,

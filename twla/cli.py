@@ -10,7 +10,7 @@ import textwrap
 from twla import speed
 from twla.bench import DEFAULT_METHOD, DEFAULT_SAVE, METHOD_SETS, BenchConfig, resolve_methods, run_bench
 from twla.checkpoint import STORAGE_DTYPES
-from twla.config import QuantConfig, method_help
+from twla.config import EndToEndConfig, QuantConfig, ReconstructionConfig, method_help
 from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels.dispatch import BACKENDS
 from twla.loading import BUILTIN, DEFAULT_MODEL
@@ -70,28 +70,57 @@ def _common(p: argparse.ArgumentParser) -> None:
     amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods only)")
     amp.add_argument("--amp-budget", type=float, help="mean activation bits (default 4)")
     amp.add_argument("--amp-beta", type=float, help="interaction weight β (default 0.5)")
-    amp.add_argument("--amp-options", help="comma-separated bit-widths (default 2,4,6,8)")
+    amp.add_argument("--amp-options", type=_int_list, help="comma-separated bit-widths (default 2,4,6,8)")
     amp.add_argument("--amp-solver", help="bit-allocation solver (default dp; see `twla solvers`)")
+    recon = p.add_argument_group("reconstruction (recon / e2e methods only)")
+    for flag, section, name in _RECONSTRUCTION_FLAGS:
+        default = getattr(EndToEndConfig if section == "end_to_end" else ReconstructionConfig, name)
+        kind = _int_at_least(0) if name == "steps" else float
+        stage = "end-to-end" if section == "end_to_end" else "block-wise"
+        recon.add_argument(f"--{flag}", type=kind, help=f"{stage} reconstruction: Adam {name} (default {default:g})")
 
 
-def _amp(args: argparse.Namespace, methods: tuple[str, ...]) -> dict:
-    """The AllocationConfig overrides given on the command line; an error when no method uses them."""
-    given = {
-        "budget": args.amp_budget,
-        "beta": args.amp_beta,
-        "options": args.amp_options,
-        "solver": args.amp_solver,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    if given and not any(QuantConfig.from_method(spec).allocation for spec in methods):
-        flags = ", ".join(f"--amp-{k}" for k in given)
-        raise ValueError(f"{flags} applies to amp / amp-site methods, and none of {', '.join(methods)} is one")
-    if "options" in given:
-        try:
-            given["options"] = tuple(int(b) for b in given["options"].split(",") if b)
-        except ValueError:
-            raise ValueError(f"--amp-options must be comma-separated integers, got {args.amp_options!r}") from None
+# command-line flag → (section of QuantConfig.from_method's overrides, field)
+_RECONSTRUCTION_FLAGS = (
+    ("recon-steps", "reconstruction", "steps"),
+    ("recon-lr", "reconstruction", "lr"),
+    ("e2e-steps", "end_to_end", "steps"),
+    ("e2e-lr", "end_to_end", "lr"),
+)
+_OVERRIDE_FLAGS = (
+    ("damp", "weights", "damp"),
+    ("amp-budget", "allocation", "budget"),
+    ("amp-beta", "allocation", "beta"),
+    ("amp-options", "allocation", "options"),
+    ("amp-solver", "allocation", "solver"),
+    *_RECONSTRUCTION_FLAGS,
+)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers."""
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+
+
+def _overrides(args: argparse.Namespace, methods: tuple[str, ...]) -> dict[str, dict]:
+    """The configuration fields given on the command line, by section; an error names a flag
+    that none of ``methods`` uses (e.g. --e2e-steps without an e2e method)."""
+    given: dict[str, dict] = {}
+    for flag, section, name in _OVERRIDE_FLAGS:
+        value = getattr(args, flag.replace("-", "_"))
+        if value is None:
+            continue
+        if not any(QuantConfig.from_method(spec).uses(section) for spec in methods):
+            users = _USERS[section]
+            raise ValueError(f"--{flag} applies to methods with {users}, and none of {', '.join(methods)} is one")
+        given.setdefault(section, {})[name] = value
     return given
+
+
+_USERS = {"allocation": "+amp or +amp-site", "reconstruction": "+recon", "end_to_end": "+e2e"}
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -248,8 +277,7 @@ def _bench(args: argparse.Namespace) -> None:
         out=args.out,
         save=save,
         save_dtype=args.save_dtype,
-        amp=_amp(args, benched),
-        damp=args.damp,
+        overrides=_overrides(args, benched),
         overwrite=args.overwrite,
     )
     run_bench(cfg, progress=not args.quiet)
@@ -265,8 +293,7 @@ def _quantize(args: argparse.Namespace) -> None:
 
     # everything that can be refused is checked before the model's weights are read
     seed = args.seed or 0
-    weights = None if args.damp is None else {"damp": args.damp}
-    config = QuantConfig.from_method(args.method, _amp(args, (args.method,)), weights, batch_size=args.batch_size)
+    config = QuantConfig.from_method(args.method, _overrides(args, (args.method,)), batch_size=args.batch_size)
     config = config.with_seed(seed)
     config.check_windows(args.nsamples)
     if not isinstance(config.weights, TernaryConfig):

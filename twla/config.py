@@ -11,7 +11,7 @@ E.g. ``e2m+gptq+ssr`` (W1.58A16), ``e2m+gptq+ssr+kotms+reloc+a4`` (W1.58A4),
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal, get_args
 
@@ -509,6 +509,16 @@ def method_config(spec: str, **overrides: object) -> WeightConfig:
     return replace(BASE_METHODS[base], **_flags(mods, WEIGHT_MODIFIERS), **overrides)
 
 
+# The sections of a configuration that QuantConfig.from_method can override field by field.
+OVERRIDABLE = ("weights", "allocation", "reconstruction", "end_to_end")
+
+
+def _check_sections(names: Iterable[str]) -> None:
+    unknown = [name for name in names if name not in OVERRIDABLE]
+    if unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))}: not a configuration section ({', '.join(OVERRIDABLE)})")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """The whole post-training quantization run.
@@ -533,31 +543,43 @@ class QuantConfig:
     batch_size: int = 8
 
     @classmethod
-    def from_method(
-        cls,
-        spec: str,
-        amp: Mapping[str, object] | None = None,
-        weights: Mapping[str, object] | None = None,
-        **kwargs: object,
-    ) -> QuantConfig:
-        """Parse a method spec (module docstring) into a full configuration; ``amp`` overrides
-        fields of the :class:`AllocationConfig` of an ``amp``/``amp-site`` spec (e.g. budget, beta),
-        ``weights`` fields of the weight quantizer's config (e.g. damp)."""
+    def from_method(cls, spec: str, overrides: Mapping[str, Mapping] | None = None, **kwargs: object) -> QuantConfig:
+        """Parse a method spec (module docstring) into a full configuration.
+
+        ``overrides`` maps a section of :data:`OVERRIDABLE` to fields that replace the spec's
+        values, e.g. ``{"weights": {"damp": 0.05}, "end_to_end": {"steps": 100}}``; a section the
+        spec does not turn on (``allocation`` without ``amp``, ``end_to_end`` without ``e2e``) is
+        refused, so an override never goes silently unused.
+        """
         _, mods = _parse(spec)
+        overrides = dict(overrides or {})
+        _check_sections(overrides)
         acts = _flags(mods, ACTIVATION_MODIFIERS)
         allocation = None
         if any(m in ALLOCATION_MODIFIERS for m in mods):
-            allocation = AllocationConfig(**{**_flags(mods, ALLOCATION_MODIFIERS), **(amp or {})})
+            allocation = AllocationConfig(**{**_flags(mods, ALLOCATION_MODIFIERS), **overrides.pop("allocation", {})})
             # the layer-wise pass runs at the budget's bits (rounded down to a supported width)
             acts.setdefault("bits", max(b for b in ACTIVATION_BITS if b <= max(allocation.budget, 2)))
+        sections = _flags(mods, RECONSTRUCTION_MODIFIERS)
+        for name in ("reconstruction", "end_to_end"):
+            if name in overrides and name in sections:
+                sections[name] = replace(sections[name], **overrides.pop(name))
+        absent = sorted(set(overrides) - {"weights"})
+        if absent:
+            raise ValueError(f"{spec}: overrides of {', '.join(absent)}, which this method does not use")
         return cls(
-            weights=method_config(spec, **(weights or {})),
+            weights=method_config(spec, **overrides.get("weights", {})),
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
             activations=ActivationConfig(**acts),
             allocation=allocation,
-            **_flags(mods, RECONSTRUCTION_MODIFIERS),
+            **sections,
             **kwargs,
         )
+
+    def uses(self, section: str) -> bool:
+        """Whether this configuration has ``section`` (one of :data:`OVERRIDABLE`; weights always)."""
+        _check_sections([section])
+        return section == "weights" or getattr(self, section) is not None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of the whole configuration, with its format version and the kind of

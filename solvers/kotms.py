@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from twla.kernels.uniform import fake_quantize
 from twla.solvers.kronecker import kron_apply
 from twla.solvers.stiefel import FactorResult, StiefelSolver, optimize_factors
 from twla.solvers.ternary import block_atq
@@ -101,3 +102,31 @@ def learn_kotms(
         return loss
 
     return optimize_factors(objective, R1, R2, solver, steps, lr)
+
+
+ERROR_KINDS = ("weight", "activation", "combined")
+
+
+@torch.no_grad()
+def site_errors(
+    W: Tensor, X: Tensor, R1: Tensor, R2: Tensor, bits: int = 16, symmetric: bool = False, block_size: int = 128
+) -> dict[str, float]:
+    """Relative output errors of one site under the rotation R = R₁ ⊗ R₂ on inputs X, with
+    Y = X Wᵀ, T̂ = ATQ(W R) per (row, block) and Q_b per-token b-bit min-max quantization:
+
+        weight      ‖X R T̂ᵀ − Y‖² / ‖Y‖²
+        activation  ‖Q_b(X R)(W R)ᵀ − Y‖² / ‖Y‖²
+        combined    ‖Q_b(X R) T̂ᵀ − Y‖² / ‖Y‖²
+
+    W: (n, m) the site's stacked weights, X: (N, m). A proxy of what the layer-wise solve
+    will face (no error compensation, no clipping), equal for every rotation it compares.
+    """
+    W, X = W.double(), X.double()
+    Y = X @ W.T
+    WR = kron_apply(W, R1.double(), R2.double())
+    XR = kron_apply(X, R1.double(), R2.double())
+    T = block_atq(WR, block_size, iters=6)[0]
+    XQ = fake_quantize(XR, bits, symmetric=symmetric)
+    norm = (Y**2).sum().clamp(min=1e-300)
+    outputs = {"weight": XR @ T.T, "activation": XQ @ WR.T, "combined": XQ @ T.T}
+    return {kind: float(((out - Y) ** 2).sum() / norm) for kind, out in outputs.items()}

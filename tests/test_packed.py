@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -244,17 +245,22 @@ def test_checkpoint_config_must_match(saved):
 
 
 @pytest.mark.parametrize("spec", ["pt2+gptq+ssr+had+a4+recon+e2e", "e2m+act+reloc+r1+amp-site", "rtn3+gptq+g64+sym+a4"])
-def test_config_dicts_round_trip_and_version_1_upgrades(spec):
+def test_config_dicts_round_trip_and_older_versions_upgrade(spec):
     """to_dict → JSON → from_dict is the identity; a version-1 dict (flat rotation fields, before the
-    KOTMS and relocation problems were nested) rebuilds the same configuration."""
+    KOTMS and relocation problems were nested) rebuilds the same configuration; a version-2 dict
+    (before learned rotations were gated) rebuilds one that keeps every learned rotation."""
     config = QuantConfig.from_method(spec).with_seed(5)
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    v2 = json.loads(json.dumps(config.to_dict()))
-    rotation = v2["rotation"]
+    v3 = json.loads(json.dumps(config.to_dict()))
+    rotation = dict(v3["rotation"])
     kotms, relocation = rotation.pop("kotms"), rotation.pop("relocation")
     flat = {**rotation, **kotms, "relocate": relocation is not None}
     flat.update({f"relocate_{k}": v for k, v in (relocation or {}).items()})
-    assert QuantConfig.from_dict({**v2, "version": 1, "rotation": flat}) == config
+    assert QuantConfig.from_dict({**v3, "version": 1, "rotation": flat}) == config
+    kotms.pop("gate")
+    v2 = {**v3, "version": 2, "rotation": {**v3["rotation"], "kotms": kotms}}
+    ungated = replace(config.rotation.kotms, gate=False)
+    assert QuantConfig.from_dict(v2) == replace(config, rotation=replace(config.rotation, kotms=ungated))
 
 
 def test_method_overrides_replace_fields_of_the_sections_the_method_uses():

@@ -11,6 +11,7 @@ from twla.report import (
     frontier_points,
     frontier_table,
     reconstruction_table,
+    rotation_choice_table,
 )
 
 
@@ -90,3 +91,17 @@ def test_reconstruction_tables_show_the_relative_change():
     kl = reconstruction_table([recon, e2e], "end_to_end").splitlines()
     assert kl[0].startswith("| method | KL before")
     assert kl[2:] == ["| pt2+recon+e2e | 0.5000 | 0.4000 | -20.0 % | 50 | 251 |"]
+
+
+def test_rotation_choice_table_counts_the_kept_rotations_and_averages_the_kept_errors():
+    kotms, had = row("pt2+kotms+a4", 150.0), row("pt2+had+a4", 140.0)
+    errors = {
+        "fixed": {"weight": [0.1, 0.3], "activation": [0.01, 0.03], "combined": [0.12, 0.34]},
+        "learned": {"weight": [0.1, 0.2], "activation": [0.02, 0.02], "combined": [0.14, 0.22]},
+    }
+    kotms.shaping = {"mlp_in": {"errors": errors, "learned": [False, True]}}
+    had.shaping = {"mlp_in": {"errors": {}, "learned": []}}  # a fixed rotation has nothing to compare
+    table = rotation_choice_table([kotms, had]).splitlines()
+    assert table[2:] == [
+        "| pt2+kotms+a4 | mlp_in | 1 of 2 | 0.2000 → 0.1500 | 0.0200 → 0.0200 | 0.2300 → 0.1800 | 0.1700 |"
+    ]

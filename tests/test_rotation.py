@@ -8,10 +8,17 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from tests.helpers import SMALL_CONFIG, correlated_inputs, tiny_llama
 from twla import QuantConfig, quantize
 from twla.adapters import get_adapter
-from twla.config import KotmsConfig, RelocationConfig, RotationConfig
+from twla.config import ActivationConfig, KotmsConfig, RelocationConfig, RotationConfig
 from twla.fake_quant import wrap_linears
-from twla.rotation import apply_residual_rotation, install_rotation, site_rotations
-from twla.solvers.kotms import activation_noise, learn_kotms, trimodal_loss, trimodal_terms, trimodality
+from twla.rotation import apply_residual_rotation, install_rotation, site_rotations, site_weight
+from twla.solvers.kotms import (
+    activation_noise,
+    learn_kotms,
+    site_errors,
+    trimodal_loss,
+    trimodal_terms,
+    trimodality,
+)
 from twla.solvers.kronecker import (
     FactorWarning,
     hadamard,
@@ -24,6 +31,7 @@ from twla.solvers.kronecker import (
 )
 from twla.solvers.relocation import relocate, relocation_loss
 from twla.solvers.stiefel import STIEFEL_SOLVERS
+from twla.solvers.ternary import block_atq
 
 G = torch.Generator
 
@@ -83,13 +91,24 @@ def test_no_hadamard_falls_back_with_a_message():
         assert _orthogonality_error(R1) < 1e-12 and _orthogonality_error(R2) < 1e-12
 
 
+def _random_inputs(model, tokens: int = 32) -> dict:
+    """Random input rows for every (layer, site) of a model, as the pipeline's samples."""
+    adapter = get_adapter(model)
+    g = G().manual_seed(7)
+    return {
+        (i, s.name): torch.randn(tokens, site_weight(layer, adapter, s).shape[1], generator=g)
+        for i, layer in enumerate(adapter.decoder_layers(model))
+        for s in adapter.sites
+    }
+
+
 def _rotate_everything(model, site: str, residual: str):
     adapter = get_adapter(model)
     if residual != "none":
         apply_residual_rotation(model, adapter, residual)
     wrap_linears(model, adapter)
     cfg = RotationConfig(site=site, init="random", kotms=KotmsConfig(steps=5))
-    rotations, _ = site_rotations(model, adapter, cfg, progress=False)
+    rotations, _ = site_rotations(model, adapter, cfg, progress=False, inputs=_random_inputs(model))
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for s in adapter.sites:
             install_rotation(layer, adapter, s, *rotations[(i, s.name)])
@@ -221,3 +240,61 @@ def test_activation_term_in_the_pipeline(calib_ids):
     assert all(len(s.losses) > 2 for s in report.rotation.sites.values())
     with pytest.raises(ValueError, match="several choices of site rotation"):
         QuantConfig.from_method("e2m+had+act")
+
+
+def _min_max(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row asymmetric min-max quantization written out: integer zero point, codes 0 … 2^b − 1."""
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    scale = (hi - lo) / (2**bits - 1)
+    zero = torch.round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+def test_site_errors_against_dense_rotation_and_written_out_quantizer():
+    g = G().manual_seed(8)
+    W = torch.randn(24, 48, generator=g, dtype=torch.float64)
+    X = torch.randn(64, 48, generator=g, dtype=torch.float64)
+    X[:, 5] *= 20.0
+    R1, R2 = random_orthogonal(6, g).double(), random_orthogonal(8, g).double()
+    R = torch.kron(R1, R2)
+    Y, T = X @ W.T, block_atq(W @ R, 128, iters=6)[0]
+    XQ = _min_max(X @ R, 4)
+
+    def rel(out):
+        return float(((out - Y) ** 2).sum() / (Y**2).sum())
+
+    errors = site_errors(W, X, R1, R2, bits=4)
+    expected = {"weight": rel(X @ R @ T.T), "activation": rel(XQ @ (W @ R).T), "combined": rel(XQ @ T.T)}
+    for kind, value in expected.items():
+        assert errors[kind] == pytest.approx(value, rel=1e-4), kind
+    unquantized = site_errors(W, X, R1, R2, bits=16)
+    assert unquantized["activation"] < 1e-25 and unquantized["combined"] == pytest.approx(unquantized["weight"])
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_learned_rotation_kept_only_where_it_lowers_the_combined_error(gate):
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    wrap_linears(model, adapter)
+    inputs = _random_inputs(model, tokens=64)
+    for x in inputs.values():  # an outlier channel, the case rotations exist for
+        x[:, 1] *= 30.0
+    cfg = RotationConfig(site="kotms", kotms=KotmsConfig(steps=30, gate=gate))
+    acts = ActivationConfig(bits=4)
+    rotations, report = site_rotations(model, adapter, cfg, progress=False, inputs=inputs, activations=acts)
+    start, _ = site_rotations(model, adapter, replace(cfg, site="hadamard"), progress=False)
+    kept = 0
+    for site in adapter.sites:
+        sh = report.sites[site.name]
+        fixed, learned = sh.errors["fixed"]["combined"], sh.errors["learned"]["combined"]
+        for i, (f, l, took) in enumerate(zip(fixed, learned, sh.learned)):
+            assert took == (l < f or not gate)
+            R1, R2 = rotations[(i, site.name)]
+            W = site_weight(adapter.decoder_layers(model)[i], adapter, site)
+            # the installed rotation is the one the flag names, and its error is the one recorded
+            again = site_errors(W, inputs[(i, site.name)][1::2], R1, R2, 4)["combined"]
+            assert again == pytest.approx(l if took else f, rel=1e-9)
+            if not took:
+                assert all(torch.equal(a, b) for a, b in zip((R1, R2), start[(i, site.name)]))
+            kept += took
+    print(f"gate={gate}: learned rotation kept in {kept} of {len(adapter.sites) * len(fixed)} (layer, site)")

@@ -94,7 +94,10 @@ class KotmsConfig:
     on the tri-modal loss of ``rows`` evenly spaced weight rows per site, the ternary-fit term
     weighted by ``balance``; activation_weight γ > 0 adds γ times the expected relative 4-bit
     quantization noise of X R on ``activation_tokens`` full-precision calibration inputs per
-    site (modifier ``act``, γ = 10)."""
+    site (modifier ``act``, γ = 10). With ``gate``, a layer keeps its learned rotation only
+    where it lowers the site's combined weight-and-activation output error
+    (:func:`twla.solvers.kotms.site_errors`) against the starting rotation, judged on another
+    ``activation_tokens`` calibration inputs; otherwise it keeps the start."""
 
     solver: StiefelSolver = "riemannian-adam"
     steps: int = 100
@@ -103,6 +106,7 @@ class KotmsConfig:
     rows: int = 128
     activation_weight: float = 0.0
     activation_tokens: int = 256
+    gate: bool = True
 
     def __post_init__(self) -> None:
         check_choice("KOTMS solver", self.solver, StiefelSolver)
@@ -372,7 +376,8 @@ VOCABULARY: tuple[Term, ...] = (
         "rotation",
         ({"site": "kotms"},),
         "online rotation per input site learned by KOTMS (tri-modal loss on the Stiefel manifold, starting from "
-        "the Kronecker-Hadamard rotation)",
+        "the Kronecker-Hadamard rotation), kept per layer only where it lowers the site's output error with "
+        "ternary weights and quantized activations on held-out calibration inputs",
         "site rotation",
     ),
     Term(
@@ -594,12 +599,12 @@ class QuantConfig:
         of another version, or with unknown or missing fields, is refused with a message."""
         data = dict(data)
         version = data.pop("version", None)
-        if version == 1:
-            data = _upgrade_v1(data)
-        elif version != CONFIG_VERSION:
+        if version not in _UPGRADES and version != CONFIG_VERSION:
             raise ValueError(
-                f"configuration format version {version!r} is not {CONFIG_VERSION} (or 1), the ones this twla reads"
+                f"configuration format version {version!r} is not one of 1 to {CONFIG_VERSION} (the ones twla reads)"
             )
+        for step in range(version, CONFIG_VERSION):
+            data = _UPGRADES[step](data)
         weights = dict(_section(data, "weights"))
         kind = weights.pop("kind", None)
         if kind not in WEIGHT_KINDS:
@@ -646,7 +651,9 @@ class QuantConfig:
         return replace(self, rotation=replace(self.rotation, seed=seed), reconstruction=recon, end_to_end=e2e)
 
 
-CONFIG_VERSION = 2  # 2: the KOTMS and relocation problems nested in the rotation section; end_to_end
+# 2: the KOTMS and relocation problems nested in the rotation section; end_to_end.
+# 3: KOTMS keeps a learned rotation only where it measures better (kotms.gate).
+CONFIG_VERSION = 3
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -661,6 +668,14 @@ def _upgrade_v1(data: dict) -> dict:
     return {**data, "rotation": rotation}
 
 
+def _upgrade_v2(data: dict) -> dict:
+    """A version-2 configuration in the version-3 layout: its learned rotations were never gated."""
+    rotation = dict(data.get("rotation") or {})
+    rotation["kotms"] = {"gate": False, **(rotation.get("kotms") or {})}
+    return {**data, "rotation": rotation}
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}  # version → the next version's layout
 WEIGHT_KINDS: dict[str, type] = {"ternary": TernaryConfig, "uniform": UniformConfig}
 
 

@@ -294,9 +294,9 @@ def quantize(
     capture_seconds = time.perf_counter() - capture_start
     if rot.site != "none":
         samples = None
-        if rot.site == "kotms" and rot.kotms.activation_weight > 0:
-            samples = full_precision_samples(model, adapter, batches, rot.kotms.activation_tokens, device)
-        rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples)
+        if rot.site == "kotms":  # half for the activation term, half to judge the learned rotations
+            samples = full_precision_samples(model, adapter, batches, 2 * rot.kotms.activation_tokens, device)
+        rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples, config.activations)
     report.rotation_seconds = time.perf_counter() - start - capture_seconds
     layers = adapter.decoder_layers(model)
     for index, layer in enumerate(tqdm(layers, desc="quantize layers", disable=not progress)):

@@ -238,6 +238,26 @@ def shaping_table(rows: list[MethodRow]) -> str:
     return "\n".join(lines)
 
 
+def rotation_choice_table(rows: list[MethodRow]) -> str:
+    """Learned against fixed site rotations: per site, how many layers kept the learned one, and
+    both rotations' output errors (means over layers, calibration inputs the solver did not see)."""
+    lines = [
+        "| method | site | learned kept | weight error fixed → learned | activation error | combined error | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for site, sh in (row.shaping or {}).items():
+            errors = sh.get("errors")
+            if not errors:
+                continue
+            fixed, learned = errors["fixed"], errors["learned"]
+            cells = [f"{_avg(fixed[k]):.4f} → {_avg(learned[k]):.4f}" for k in ("weight", "activation", "combined")]
+            kept = [b if keep else a for a, b, keep in zip(fixed["combined"], learned["combined"], sh["learned"])]
+            count = f"{sum(sh['learned'])} of {len(sh['learned'])}"
+            lines.append(f"| {row.method} | {site} | {count} | {' | '.join(cells)} | {_avg(kept):.4f} |")
+    return "\n".join(lines)
+
+
 def activation_table(rows: list[MethodRow]) -> str:
     """Relocation objective and activation-quantization error (per-layer means)."""
     lines = [
@@ -339,6 +359,12 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
         ]
     if any(row.shaping for row in rows):
         parts += ["## Rotations: tri-modality of the rotated weights (means over layers)", shaping_table(rows)]
+    if any(sh.get("errors") for row in rows for sh in (row.shaping or {}).values()):
+        parts += [
+            "## Learned rotations against their fixed start (relative output errors of ternary weights and "
+            "quantized activations, means over layers)",
+            rotation_choice_table(rows),
+        ]
     if any(row.relocation or row.activations for row in rows):
         parts += [
             "## Relocation and activations (relative output errors, per-layer means)",

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from twla.adapters import Adapter, Site
-from twla.config import KotmsConfig, RotationConfig
+from twla.config import ActivationConfig, KotmsConfig, RotationConfig
 from twla.fake_quant import QuantLinear
-from twla.solvers.kotms import learn_kotms, trimodality
+from twla.solvers.kotms import ERROR_KINDS, learn_kotms, site_errors, trimodality
 from twla.solvers.kronecker import (
     FactorWarning,
     kron_apply,
@@ -150,6 +150,9 @@ class SiteShaping:
 
     fit_error: relative ternary fit error ‖WR − ATQ(WR)‖/‖W‖ per layer (before = R = I);
     zero_fraction: share of zero codes per layer; losses: KOTMS loss per step (mean over layers).
+    For a learned rotation, errors: per layer the weight, activation and combined output errors
+    (:func:`twla.solvers.kotms.site_errors`) of the ``fixed`` start and the ``learned`` rotation on
+    calibration inputs the solver did not see; learned: per layer whether the learned one was kept.
     """
 
     site: str
@@ -161,6 +164,8 @@ class SiteShaping:
     zero_fraction_after: list[float]
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    errors: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    learned: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -196,16 +201,37 @@ def _learn_chunked(
     return torch.cat(out1), torch.cat(out2), losses
 
 
+def _choose(
+    W: Tensor, X: Tensor, start: Factors, learned: Factors, cfg: KotmsConfig, acts: ActivationConfig
+) -> tuple[Factors, dict[str, dict[str, list[float]]], list[bool]]:
+    """Per layer, the learned rotation where it lowers the combined error on the inputs X
+    (``cfg.gate``; else always the learned one), with both rotations' errors."""
+    errors = {name: {kind: [] for kind in ERROR_KINDS} for name in ("fixed", "learned")}
+    for name, (R1, R2) in (("fixed", start), ("learned", learned)):
+        for w, x, r1, r2 in zip(W, X, R1, R2):
+            for kind, value in site_errors(w, x, r1, r2, acts.bits, acts.symmetric).items():
+                errors[name][kind].append(value)
+    keep = [not cfg.gate or new < old for new, old in zip(errors["learned"]["combined"], errors["fixed"]["combined"])]
+    pick = torch.tensor(keep)[:, None, None]
+    return (torch.where(pick, learned[0], start[0]), torch.where(pick, learned[1], start[1])), errors, keep
+
+
 def site_rotations(
     model: nn.Module,
     adapter: Adapter,
     cfg: RotationConfig,
     progress: bool = True,
     inputs: dict[tuple[int, str], Tensor] | None = None,
+    activations: ActivationConfig | None = None,
 ) -> tuple[dict[tuple[int, str], Factors], RotationReport]:
     """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type).
 
-    inputs: calibration input samples per (layer, site), for KOTMS's activation term."""
+    inputs: full-precision calibration input rows per (layer, site), needed by KOTMS: the even
+    rows feed its activation term, the odd rows judge the learned rotation against its start
+    under ``activations`` (the quantization the layer-wise solve will use)."""
+    if cfg.site == "kotms" and inputs is None:
+        raise ValueError("learned site rotations need calibration inputs per (layer, site) to judge them")
+    activations = activations or ActivationConfig()
     layers = adapter.decoder_layers(model)
     generator = torch.Generator().manual_seed(cfg.seed)
     report = RotationReport(residual=cfg.residual)
@@ -220,9 +246,12 @@ def site_rotations(
         R1 = torch.stack([f[0][0] for f in factors])
         R2 = torch.stack([f[0][1] for f in factors])
         losses: list[float] = []
+        errors: dict[str, dict[str, list[float]]] = {}
+        learned: list[bool] = []
         if cfg.site == "kotms":
-            X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))]) if inputs else None
-            R1, R2, losses = _learn_chunked(W, R1, R2, cfg.kotms, X)
+            X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))])
+            L1, L2, losses = _learn_chunked(W, R1, R2, cfg.kotms, X[:, 0::2])
+            (R1, R2), errors, learned = _choose(W, X[:, 1::2], (R1, R2), (L1, L2), cfg.kotms, activations)
         Z = kron_apply(W, R1[:, None], R2[:, None])
         before = [trimodality(w) for w in W]  # per layer: bounded memory
         after = [trimodality(z) for z in Z]
@@ -236,6 +265,8 @@ def site_rotations(
             [float(z) for _, z in after],
             losses,
             time.perf_counter() - start,
+            errors,
+            learned,
         )
         report.weights[site.name] = (W[middle].float(), Z[middle].float())
         for index in range(len(layers)):

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from twla.kernels.packing import PackedTernary, dequantize
-from twla.kernels.uniform import fake_quantize
+from twla.kernels.uniform import UNQUANTIZED, ActivationQuant
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -62,9 +62,7 @@ def resolve(device: torch.device) -> str:
 def ternary_linear(
     x: Tensor,
     w: PackedTernary,
-    bits: int = 16,
-    clip: float = 1.0,
-    symmetric: bool = False,
+    act: ActivationQuant = UNQUANTIZED,
     perm: Tensor | None = None,
     inverse_perm: Tensor | None = None,
     wsum: Tensor | None = None,
@@ -73,7 +71,7 @@ def ternary_linear(
     """y = Q_a(x) Ŵᵀ + b for x (M, K) in the layer's (rotated) input basis, in x's dtype.
 
     The weight's groups are columns ``perm`` of the input (``inverse_perm`` undoes it).
-    ``bits`` < 16 quantizes x per token with clipping ratio ``clip``; asymmetric activations
+    ``act`` quantizes x per token (or not, at 16 bits); asymmetric activations
     on the Triton path need ``wsum`` = Σ_k Ŵ_k (:func:`~twla.kernels.reference.weight_sums`).
 
     torch: Ŵ is unpacked to the input order and x̂ fake-quantized (the same values as the
@@ -86,12 +84,13 @@ def ternary_linear(
         if inverse_perm is not None:
             W = W[:, inverse_perm]
         b = None if bias is None else bias.to(x.dtype)
-        return F.linear(fake_quantize(x, bits, clip, symmetric), W.to(x.dtype), b)
+        return F.linear(act(x), W.to(x.dtype), b)
     from twla.kernels.triton_quant import quantize_activations_triton
     from twla.kernels.triton_ternary import ternary_matmul
 
-    if bits >= 16:
+    if not act.quantized:
         y = ternary_matmul(x if perm is None else x[:, perm], w)
     else:
-        y = ternary_matmul(quantize_activations_triton(x, bits, clip, symmetric, w.group_size, perm), w, wsum)
+        q = quantize_activations_triton(x, act.bits, float(act.clip), act.symmetric, w.group_size, perm)
+        y = ternary_matmul(q, w, wsum)
     return (y if bias is None else y + bias).to(x.dtype)

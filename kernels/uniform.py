@@ -12,6 +12,8 @@ tuned through the quantizer; the values are the same either way.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -68,3 +70,34 @@ def fake_quantize(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = Fal
     xf = x.float()
     scale, zero = uniform_grid(xf, bits, clip, symmetric)
     return (scale * (quantize_codes(xf, scale, zero, bits, symmetric) - zero)).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class ActivationQuant:
+    """How a linear layer quantizes its input per token: ``bits`` (16: not at all), clipping
+    ratio ``clip`` = p ∈ (0, 1] (a float, or a scalar tensor while it is being tuned) and the
+    ``symmetric`` or asymmetric grid of the module docstring. Calling it gives x̂."""
+
+    bits: int = 16
+    clip: float | Tensor = 1.0
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in ACTIVATION_BITS:
+            raise ValueError(f"unsupported activation bit-width {self.bits}; choose from {ACTIVATION_BITS}")
+        if self.symmetric and self.bits < 2:
+            raise ValueError("symmetric quantization needs at least 2 bits")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return fake_quantize(x, self.bits, self.clip, self.symmetric)
+
+    def describe(self) -> str:
+        """``act_bits=4, act_clip=0.90[, symmetric]`` for module reprs."""
+        return f"act_bits={self.bits}, act_clip={float(self.clip):.2f}{', symmetric' if self.symmetric else ''}"
+
+
+UNQUANTIZED = ActivationQuant()  # 16-bit inputs: x̂ = x

@@ -73,7 +73,7 @@ def test_allocation_is_applied_and_reported(calib_ids):
     for unit, b in zip(al.units, al.allocation.bits):
         for name in unit.linears:
             module = model.get_submodule(name)
-            assert module.act_bits == b and module.act_clip == module.act_clips[b]
+            assert module.act.bits == b and module.act.clip == module.act_clips[b]
             assert set(module.act_clips) == {2, 4, 6, 8}
     assert {r.name: r.act_bits for r in report.records} == al.bits
     assert activation_bits(report.records) == pytest.approx(al.allocation.mean_bits)
@@ -86,7 +86,7 @@ def test_allocation_is_applied_and_reported(calib_ids):
 
 
 def al_ref_logp(model, calib_ids):
-    saved = {n: m.act_bits for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    saved = {n: m.act.bits for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     set_bits(model, lambda name: 8)
     pos = torch.arange(1, 31, 2)
     with torch.no_grad():

@@ -76,7 +76,7 @@ def test_clip_calibration_picks_the_grid_minimum():
 def test_w158a4_pipeline_quantizes_every_linear_input(calib_ids):
     model, report = quantize(tiny_llama(), QuantConfig.from_method("e2m+gptq+had+a4"), calib_ids, "cpu", progress=False)
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert len(modules) == 14 and all(m.act_bits == 4 and m.rotated for m in modules)
+    assert len(modules) == 14 and all(m.act.bits == 4 and m.rotated for m in modules)
     grid = ActivationConfig().clip_grid
     assert all(r.act_clip in grid and r.act_error["calibrated"] <= r.act_error["clip=1"] for r in report.records)
     seen = []
@@ -94,7 +94,7 @@ def test_per_layer_bits_override(calib_ids):
     model, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
     bits = {r.name: r.act_bits for r in report.records}
     assert bits[name] == 2 and all(b == 8 for n, b in bits.items() if n != name)
-    assert model.get_submodule(name).act_bits == 2
+    assert model.get_submodule(name).act.bits == 2
 
 
 def test_rtn_reference_is_uniform_4_bit(calib_ids):

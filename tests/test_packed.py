@@ -23,7 +23,6 @@ from twla.checkpoint import (
     read_meta,
     save_packed,
 )
-from twla.checkpoint import _linear_spec as _spec
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
 from twla.ternary_linear import TernaryLinear
 
@@ -65,7 +64,7 @@ def test_packed_model_equals_fake_quantized_and_round_trips(spec, calib_ids, tok
     assert files.file_bytes < files.fp16_bytes
     for name, module in loaded.named_modules():
         if isinstance(module, TernaryLinear):
-            assert meta["linears"][name]["act_bits"] == module.act_bits
+            assert meta["linears"][name]["act_bits"] == module.act.bits
             assert (module.rot1 is not None) == ("had" in spec or "kotms" in spec)
 
 
@@ -114,7 +113,7 @@ def test_loading_a_state_dict_refreshes_the_derived_buffers(calib_ids, tokens):
     model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
     pack_model(model, report.weights)
     up = next(m for m in model.modules() if isinstance(m, TernaryLinear) and m.perm is not None)  # order matters
-    fresh = TernaryLinear(**_spec(up))
+    fresh = TernaryLinear.from_settings(up.settings())
     fresh.load_state_dict(up.state_dict())
     assert torch.equal(fresh.inverse_perm, up.inverse_perm) and torch.equal(fresh.wsum, up.wsum)
     assert torch.equal(fresh.dequantize(), up.dequantize())
@@ -230,6 +229,14 @@ def test_checkpoint_config_must_match(saved):
     json.dump({**config, "intermediate_size": 128}, open(config_file, "w"))
     resign(saved)
     with pytest.raises(CheckpointError, match="mlp.gate_proj is 160×64 but the model's config gives 128×64"):
+        load_packed(saved)
+    json.dump(config, open(config_file, "w"))
+    up = "model.layers.0.mlp.up_proj"
+    resign(saved, lambda meta: meta["linears"][up].update(act_bits=5))
+    with pytest.raises(CheckpointError, match=f"invalid settings for {up}: .*activation bit-width 5"):
+        load_packed(saved)
+    resign(saved, lambda meta: meta["linears"][up].pop("act_symmetric"))
+    with pytest.raises(CheckpointError, match=f"invalid settings for {up}: KeyError"):
         load_packed(saved)
     meta_file = os.path.join(saved, "twla_quant.json")
     resign(saved, lambda meta: meta.update(model_type="qwen2"))

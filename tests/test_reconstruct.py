@@ -91,9 +91,9 @@ def test_reconstruction_tunes_clipping_and_packs_to_the_same_outputs():
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     model, report = quantize(tiny_llama(), _recon_config("e2m+gptq+had+a4+recon"), calib, "cpu", progress=False)
     q = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q.act_clip, float) and q.act_clip == q.act_clips[4]
+    assert isinstance(q.act.clip, float) and q.act.clip == q.act_clips[4]
     record = next(r for r in report.records if r.name == "model.layers.0.self_attn.q_proj")
-    assert record.act_clip == q.act_clip
+    assert record.act_clip == q.act.clip
     ids = calib[:2]
     with torch.no_grad():
         expected = model(ids).logits
@@ -145,7 +145,7 @@ def test_end_to_end_lowers_the_kl_it_reports_and_packs_to_the_same_outputs(holdo
     if not holdout:  # the tiny random model's held-out windows share little with its 6 training windows
         assert after < 0.7 * before
     record = next(r for r in report.records if r.name == "model.layers.1.mlp.down_proj")
-    assert record.act_clip == model.model.layers[1].mlp.down_proj.act_clip
+    assert record.act_clip == model.model.layers[1].mlp.down_proj.act.clip
     for name, weight in report.weights.items():
         assert torch.equal(model.get_submodule(name).weight.detach(), weight.dequantize())
     with torch.no_grad():

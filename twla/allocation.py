@@ -167,7 +167,7 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
         def forward(mod, args, out):
             x = mod.rotate_input(args[0].detach()).float()
             steps = torch.cat(
-                [uniform_grid(x, b, mod.act_clips.get(b, 1.0), mod.act_symmetric)[0] for b in options], -1
+                [uniform_grid(x, b, mod.act_clips.get(b, 1.0), mod.act.symmetric)[0] for b in options], -1
             )  # per-token step Δ_t(b) of each option's grid
 
             def backward(grad: Tensor) -> None:

@@ -140,21 +140,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _linear_spec(module: TernaryLinear) -> dict:
-    return {
-        "in_features": module.in_features,
-        "out_features": module.out_features,
-        "group_size": module.group_size,
-        "bias": module.bias is not None,
-        "rotation": [module.rot1.shape[-1], module.rot2.shape[-1]] if module.rot1 is not None else None,
-        "reordered": module.perm is not None,
-        "offset": module.has_offset,
-        "act_bits": module.act_bits,
-        "act_clip": module.act_clip,
-        "act_symmetric": module.act_symmetric,
-    }
-
-
 def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], dtype: torch.dtype | None) -> Tensor:
     """The tensor as stored: α, μ in fp16 (they are fp16-rounded, checked), column orders in
     int16, other floating tensors in ``dtype`` (None: as they are)."""
@@ -223,7 +208,7 @@ def save_packed(
         "method": method,
         "model_type": model.config.model_type,
         "config": dict(config or {}),
-        "linears": {name: _linear_spec(m) for name, m in linears.items()},
+        "linears": {name: m.settings() for name, m in linears.items()},
         "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
         "aliases": aliases,
         "provenance": dict(provenance or {}),
@@ -388,9 +373,9 @@ def load_packed(
                 f"config gives {getattr(old, 'out_features', '?')}×{getattr(old, 'in_features', '?')}"
             )
         try:
-            module = TernaryLinear(**spec)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: invalid settings for {name}: {err}") from err
+            module = TernaryLinear.from_settings(spec)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: invalid settings for {name}: {err!r}") from err
         model.set_submodule(name, module)
     try:
         tensors = load_file(file)

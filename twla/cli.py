@@ -16,9 +16,7 @@ from twla.kernels.dispatch import BACKENDS
 from twla.loading import BUILTIN, DEFAULT_MODEL
 from twla.solvers.bits import compare as solver_bench
 
-METHOD_HELP = "methods: a base weight quantizer plus '+'-joined modifiers (e.g. pt2+gptq+ssr+had+a4+recon)\n" + (
-    method_help()
-)
+METHOD_HELP = f"methods: a base weight quantizer plus '+'-joined modifiers (e.g. {DEFAULT_METHOD})\n" + (method_help())
 DATA_HELP = (
     f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network "
     "and 'datasets'), or a path to a UTF-8 text file; join several with '+'"
@@ -285,7 +283,6 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from twla.checkpoint import is_packed_checkpoint, pack_model, save_packed, storage_dtype
-    from twla.config import TernaryConfig
     from twla.data import calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
     from twla.loading import check_window_length, load_model, model_source, resolve_device
@@ -296,8 +293,7 @@ def _quantize(args: argparse.Namespace) -> None:
     config = QuantConfig.from_method(args.method, _overrides(args, (args.method,)), batch_size=args.batch_size)
     config = config.with_seed(seed)
     config.check_windows(args.nsamples)
-    if not isinstance(config.weights, TernaryConfig):
-        raise ValueError(f"{args.method}: the packed checkpoint format stores ternary weights, not uniform integers")
+    config.check_packable(args.method)
     dtype = storage_dtype(args.dtype)
     device = resolve_device(args.device)
     source = model_source(args.model)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from twla.kernels.uniform import ACTIVATION_BITS
 from twla.solvers.bits import SOLVERS as BIT_SOLVERS
@@ -58,10 +58,18 @@ class TernaryConfig:
         if self.block_size < 1 or self.itf_iters < 0 or self.damp < 0:
             raise ValueError("block_size must be ≥ 1, itf_iters ≥ 0 and damp ≥ 0")
 
+    kind: ClassVar[str] = "ternary"  # the weight format's name in configuration dicts
+    packable: ClassVar[bool] = True  # the packed checkpoint format and the kernels hold it
+
     @property
     def has_offset(self) -> bool:
         """Whether the grid stores a per-(row, block) offset μ besides the scale α."""
         return self.quantizer == "atq" or self.refit
+
+    @property
+    def label(self) -> str:
+        """The weight part of a W·A· scheme label."""
+        return "W1.58"
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,13 @@ class UniformConfig:
     compensate: bool = False
     reorder: bool = False
     damp: float = 0.01
+
+    kind: ClassVar[str] = "uniform"
+    packable: ClassVar[bool] = False  # a reference: fake-quantized only
+
+    @property
+    def label(self) -> str:
+        return f"W{self.bits}"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 6, 8):
@@ -590,7 +605,7 @@ class QuantConfig:
         """A JSON-ready dict of the whole configuration, with its format version and the kind of
         weights; :meth:`from_dict` rebuilds the identical configuration from it."""
         data = asdict(self)
-        data["weights"]["kind"] = "ternary" if isinstance(self.weights, TernaryConfig) else "uniform"
+        data["weights"]["kind"] = self.weights.kind
         return {"version": CONFIG_VERSION, **data}
 
     @classmethod
@@ -638,6 +653,14 @@ class QuantConfig:
             **data,
         )
 
+    def check_packable(self, method: str) -> None:
+        """Refuse to pack weights that the packed checkpoint format does not hold."""
+        if not self.weights.packable:
+            raise ValueError(
+                f"{method} quantizes weights to {self.weights.bits}-bit uniform integers (a reference method); "
+                "the packed checkpoint format stores ternary weights"
+            )
+
     def check_windows(self, windows: int) -> None:
         """Refuse a calibration set too small for the reconstructions' held-out windows."""
         for recon in (self.reconstruction, self.end_to_end):
@@ -676,7 +699,7 @@ def _upgrade_v2(data: dict) -> dict:
 
 
 _UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}  # version → the next version's layout
-WEIGHT_KINDS: dict[str, type] = {"ternary": TernaryConfig, "uniform": UniformConfig}
+WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}
 
 
 def _section(data: dict, name: str, optional: bool = False) -> Mapping | None:

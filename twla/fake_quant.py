@@ -8,12 +8,14 @@ Without a rotation and at 16 bits it is exactly the original linear.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from twla.adapters import Adapter
-from twla.kernels.uniform import fake_quantize
+from twla.kernels.uniform import UNQUANTIZED
 from twla.solvers.kronecker import kron_apply, kron_apply_t
 
 ROTATION_BUFFERS = ("rot1", "rot2")
@@ -38,14 +40,12 @@ class QuantLinear(nn.Module):
         self.rot2: Tensor | None
         self.register_buffer("rot1", None)
         self.register_buffer("rot2", None)
-        self.act_bits = 16
-        self.act_clip = 1.0
-        self.act_symmetric = False
+        self.act = UNQUANTIZED
         self.act_clips: dict[int, float] = {}  # calibrated clipping ratio per bit-width
 
     def set_act_bits(self, bits: int) -> None:
         """Quantize inputs to ``bits`` with that width's calibrated clipping ratio (1 if none)."""
-        self.act_bits, self.act_clip = bits, self.act_clips.get(bits, 1.0)
+        self.act = replace(self.act, bits=bits, clip=self.act_clips.get(bits, 1.0))
 
     @property
     def rotated(self) -> bool:
@@ -76,17 +76,15 @@ class QuantLinear(nn.Module):
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """Q_a(x R): the input the weight actually sees."""
-        return fake_quantize(self.rotate_input(x), self.act_bits, self.act_clip, self.act_symmetric)
+        return self.act(self.rotate_input(x))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         rot = f"{self.rot1.shape[-1]}⊗{self.rot2.shape[-1]}" if self.rotated else "none"
-        sym = ", symmetric" if self.act_symmetric else ""
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rotation={rot}, "
-            f"act_bits={self.act_bits}, act_clip={self.act_clip:.2f}{sym}"
+            f"in_features={self.in_features}, out_features={self.out_features}, rotation={rot}, {self.act.describe()}"
         )
 
 

@@ -22,7 +22,7 @@ activation bit-widths are allocated.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -205,7 +205,8 @@ def _quantize_site(
         }
         clip, act_error = 1.0, None
         if choices:
-            linear.act_clips, linear.act_symmetric = {b: c.clip for b, c in choices.items()}, acts.symmetric
+            linear.act_clips = {b: c.clip for b, c in choices.items()}
+            linear.act = replace(linear.act, symmetric=acts.symmetric)
             linear.set_act_bits(bits)
         if bits < 16:
             chosen = choices[bits]

@@ -22,7 +22,7 @@ rounded to the 16 bits it is stored in.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -118,8 +118,8 @@ class Tunables:
                     grid = {k: v.to(device) for k, v in weight.grid().items()}
                     magnitude = next(iter(grid.values())).abs()  # α or the scale: μ moves in units of α
                     grids[prefix + path] = (weight, {k: Scaled(v, magnitude) for k, v in grid.items()})
-                if config.clips and isinstance(module, QuantLinear) and module.act_bits < 16:
-                    start = torch.tensor(float(module.act_clip), device=device)
+                if config.clips and isinstance(module, QuantLinear) and module.act.quantized:
+                    start = torch.tensor(float(module.act.clip), device=device)
                     clips[module] = Scaled(start, start.clone())
             for site in adapter.sites if config.norms else ():
                 if site.norm:
@@ -139,7 +139,7 @@ class Tunables:
             dtype = root.get_submodule(path).weight.dtype
             values[f"{path}.weight"] = weight.with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
         for module, s in self.clips.items():
-            module.act_clip = s.value()
+            module.act = replace(module.act, clip=s.value())
         return values
 
     def project(self) -> None:
@@ -157,8 +157,8 @@ class Tunables:
         for name, s in self.norms.items():
             root.get_submodule(name.removesuffix(".weight")).weight.copy_(s.value())
         for module, s in self.clips.items():
-            module.act_clips[module.act_bits] = float(s.value())
-            module.set_act_bits(module.act_bits)
+            module.act_clips[module.act.bits] = float(s.value())
+            module.set_act_bits(module.act.bits)
 
 
 def _solve(

@@ -30,6 +30,7 @@ from torch import nn
 from twla.adapters import get_adapter
 from twla.kernels.packing import random_packed
 from twla.kernels.reference import matmul_a16, matmul_int, quantize_activations, weight_sums
+from twla.kernels.uniform import ActivationQuant
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 SHAPES = {  # (N outputs, K inputs)
@@ -181,7 +182,7 @@ def pack_randomly(model: nn.Module, act_bits: int = 16, rotate: bool = False, se
         K, N = old.in_features, old.out_features
         rotation = kron_factors(K) if rotate else None
         with torch.device(device):
-            new = TernaryLinear(K, N, 128, rotation=rotation, act_bits=act_bits)
+            new = TernaryLinear(K, N, 128, rotation=rotation, act=ActivationQuant(act_bits))
         w = random_packed(N, K, device=device, seed=seed * 100003 + index)
         new.packed.copy_(w.packed)
         new.alpha.copy_(w.alpha)

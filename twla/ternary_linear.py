@@ -20,6 +20,7 @@ from twla.fake_quant import online_rotation
 from twla.kernels.dispatch import ternary_linear
 from twla.kernels.packing import PAD_BYTE, PackedTernary, dequantize, pack_ternary
 from twla.kernels.reference import weight_sums
+from twla.kernels.uniform import UNQUANTIZED, ActivationQuant
 
 if TYPE_CHECKING:
     from twla.fake_quant import QuantLinear
@@ -40,9 +41,7 @@ class TernaryLinear(nn.Module):
         rotation: tuple[int, int] | None = None,
         reordered: bool = False,
         offset: bool = True,
-        act_bits: int = 16,
-        act_clip: float = 1.0,
-        act_symmetric: bool = False,
+        act: ActivationQuant = UNQUANTIZED,
     ) -> None:
         super().__init__()
         if group_size < 4 or group_size % 4:
@@ -50,7 +49,7 @@ class TernaryLinear(nn.Module):
         if rotation is not None and rotation[0] * rotation[1] != in_features:
             raise ValueError(f"rotation factors {rotation[0]}×{rotation[1]} do not match {in_features} inputs")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.act_bits, self.act_clip, self.act_symmetric = act_bits, act_clip, act_symmetric
+        self.act = act
         groups = -(-in_features // group_size)
         self.register_buffer("packed", torch.full((-(-in_features // 4), out_features), PAD_BYTE, dtype=torch.uint8))
         self.register_buffer("alpha", torch.zeros(groups, out_features))
@@ -84,9 +83,7 @@ class TernaryLinear(nn.Module):
             rotation,
             reordered,
             weight.has_offset,
-            getattr(linear, "act_bits", 16),
-            getattr(linear, "act_clip", 1.0),
-            getattr(linear, "act_symmetric", False),
+            getattr(linear, "act", UNQUANTIZED),
         )
         w = pack_ternary(weight.codes[:, perm], weight.alpha, weight.mu, weight.block_size)
         with torch.no_grad():
@@ -104,6 +101,30 @@ class TernaryLinear(nn.Module):
         if not torch.equal(module.dequantize(), linear.weight.detach().float().cpu()):
             raise ValueError("the ternary record does not reproduce the layer's weight; was it quantized since?")
         return module.to(linear.weight.device)
+
+    def settings(self) -> dict:
+        """The constructor's arguments as JSON values (a packed checkpoint records them per linear)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "group_size": self.group_size,
+            "bias": self.bias is not None,
+            "rotation": [self.rot1.shape[-1], self.rot2.shape[-1]] if self.rot1 is not None else None,
+            "reordered": self.perm is not None,
+            "offset": self.has_offset,
+            "act_bits": self.act.bits,
+            "act_clip": float(self.act.clip),
+            "act_symmetric": self.act.symmetric,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> TernaryLinear:
+        """An empty layer (placeholder buffers) from :meth:`settings`; KeyError, TypeError or
+        ValueError name what is missing or wrong."""
+        settings = dict(settings)
+        act = ActivationQuant(*(settings.pop(f"act_{key}") for key in ("bits", "clip", "symmetric")))
+        rotation = settings.pop("rotation")
+        return cls(**settings, rotation=None if rotation is None else tuple(rotation), act=act)
 
     @property
     def has_offset(self) -> bool:
@@ -130,9 +151,7 @@ class TernaryLinear(nn.Module):
         y = ternary_linear(
             x.reshape(-1, self.in_features),
             self.packed_weight(),
-            self.act_bits,
-            self.act_clip,
-            self.act_symmetric,
+            self.act,
             self.perm,
             self.inverse_perm,
             self.wsum,
@@ -144,6 +163,5 @@ class TernaryLinear(nn.Module):
         rot = f"{self.rot1.shape[-1]}⊗{self.rot2.shape[-1]}" if self.rot1 is not None else "none"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-            f"reordered={self.perm is not None}, rotation={rot}, act_bits={self.act_bits}, "
-            f"act_clip={self.act_clip:.2f}{', symmetric' if self.act_symmetric else ''}"
+            f"reordered={self.perm is not None}, rotation={rot}, {self.act.describe()}"
         )

@@ -105,3 +105,15 @@ def test_rotation_choice_table_counts_the_kept_rotations_and_averages_the_kept_e
     assert table[2:] == [
         "| pt2+kotms+a4 | mlp_in | 1 of 2 | 0.2000 → 0.1500 | 0.0200 → 0.0200 | 0.2300 → 0.1800 | 0.1700 |"
     ]
+
+
+def test_bench_overrides_reach_the_methods_that_use_them():
+    cfg = BenchConfig(
+        methods=("pt2+recon+e2e", "pt2+had+a4"),
+        overrides={"end_to_end": {"steps": 7}, "weights": {"damp": 0.05}},
+    )
+    e2e, had = cfg.quant_config("pt2+recon+e2e", seed=3), cfg.quant_config("pt2+had+a4")
+    assert (e2e.end_to_end.steps, e2e.end_to_end.seed, e2e.reconstruction.steps) == (7, 3, 50)
+    assert e2e.weights.damp == had.weights.damp == 0.05 and had.end_to_end is None
+    with pytest.raises(ValueError, match="overrides of reconstruction apply to no benched method"):
+        BenchConfig(methods=("pt2+e2e",), overrides={"reconstruction": {"steps": 3}})

@@ -253,12 +253,16 @@ def test_checkpoint_config_must_match(saved):
 
 @pytest.mark.parametrize("spec", ["pt2+gptq+ssr+had+a4+recon+e2e", "e2m+act+reloc+r1+amp-site", "rtn3+gptq+g64+sym+a4"])
 def test_config_dicts_round_trip_and_older_versions_upgrade(spec):
-    """to_dict → JSON → from_dict is the identity; a version-1 dict (flat rotation fields, before the
+    """to_dict → JSON → from_dict is the identity; a version-3 dict (plain ternary weights, no
+    structured fields) rebuilds the same configuration; a version-1 dict (flat rotation fields, before the
     KOTMS and relocation problems were nested) rebuilds the same configuration; a version-2 dict
     (before learned rotations were gated) rebuilds one that keeps every learned rotation."""
     config = QuantConfig.from_method(spec).with_seed(5)
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     v3 = json.loads(json.dumps(config.to_dict()))
+    for key in ("salient", "groups"):  # version 3 had plain ternary weights only
+        v3["weights"].pop(key, None)
+    assert QuantConfig.from_dict({**v3, "version": 3}) == config
     rotation = dict(v3["rotation"])
     kotms, relocation = rotation.pop("kotms"), rotation.pop("relocation")
     flat = {**rotation, **kotms, "relocate": relocation is not None}
@@ -328,7 +332,7 @@ def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
 
 def test_uniform_weights_are_not_packed(calib_ids):
     model, report = quantized("rtn4", calib_ids)
-    with pytest.raises(NotImplementedError, match="stores ternary weights"):
+    with pytest.raises(NotImplementedError, match="stores plain ternary weights"):
         pack_model(model, report.weights)
 
 

@@ -65,7 +65,7 @@ def _recon_config(spec: str, **overrides) -> QuantConfig:
     return replace(config, reconstruction=recon)
 
 
-@pytest.mark.parametrize("spec", ["e2m+gptq+ssr+had+a4+recon", "rtn4+gptq+recon"])
+@pytest.mark.parametrize("spec", ["e2m+gptq+ssr+had+a4+recon", "rtn4+gptq+recon", "pt2+gptq+sal+recon"])
 def test_reconstruction_keeps_codes_and_lowers_the_held_out_block_error(spec):
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     base = spec.removesuffix("+recon")

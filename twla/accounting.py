@@ -2,7 +2,9 @@
 
 Ternary codes cost 2 bits each when 2-bit packed (storage) or log2(3) ≈ 1.58 bits in
 entropy terms; every (row, block) stores a 16-bit α and, for asymmetric grids, a 16-bit
-μ (uniform integer weights: b-bit codes, a 16-bit scale and a b-bit zero point); a
+μ (uniform integer weights: b-bit codes, a 16-bit scale and a b-bit zero point; structured
+ternary: a second code plane in salient columns, a group bit per other weight with two
+magnitude groups, 16-bit α, μ per class and β, and the salient column indices); a
 reordered layer stores its column permutation (16 bits per index). Embeddings, lm_head,
 norms and the online rotation factors are counted separately at 16 bits.
 """
@@ -22,7 +24,9 @@ FP_BITS = 16
 ACCOUNTING_RULES = (
     "bits per quantized linear weight = packed codes (2 bits per ternary code stored, log2 3 in entropy terms; "
     "b bits for b-bit integer weights) + 16-bit α and μ per (row, block of 128 columns, or 64 with g64) "
-    "(integer weights: 16-bit scale + b-bit zero point) + 16 bits per column index when blocks are reordered "
+    "(integer weights: 16-bit scale + b-bit zero point; structured ternary: a second 2-bit plane in salient "
+    "columns, 1 group bit per other weight with two groups, 16-bit α, μ per class and β, ⌈log2 B⌉ bits per "
+    "salient column index) + 16 bits per column index when blocks are reordered "
     "(SSR); embeddings/lm_head, norms and online rotation factors are stored in 16 bits and counted in the "
     "model size only"
 )
@@ -50,8 +54,8 @@ def count_bits(model: nn.Module, adapter: Adapter, weights: dict[str, QuantizedW
     """Bits per quantized weight and model size for a model whose linears are in ``weights``."""
     count = sum(w.codes.numel() for w in weights.values())
     side = sum(w.side_bits() for w in weights.values())
-    code_bits = sum(w.codes.numel() * w.code_bits() for w in weights.values())
-    entropy_bits = sum(w.codes.numel() * w.code_bits(entropy=True) for w in weights.values())
+    code_bits = sum(w.code_bits() for w in weights.values())
+    entropy_bits = sum(w.code_bits(entropy=True) for w in weights.values())
     quantized_ids = {id(model.get_submodule(name).weight) for name in weights}
     embed_ids = {id(model.get_submodule(adapter.embed).weight), id(model.get_submodule(adapter.head).weight)}
     seen: set[int] = set()

@@ -109,10 +109,10 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
     shared: dict[int, Tensor] = {}
     for name, weight in weights.items():
         module = model.get_submodule(name)
-        if not hasattr(weight, "alpha"):
+        if not weight.packable:
             raise NotImplementedError(
-                f"{name}: the packed format stores ternary weights; {weight.bits}-bit uniform weights "
-                "(the rtn reference methods) are not packed"
+                f"{name}: the packed format stores plain ternary weights; {type(weight).__name__} records "
+                "(uniform integer references, structured ternary) are not packed"
             )
         if not isinstance(module, nn.Linear | QuantLinear):
             raise ValueError(f"{name} is a {type(module).__name__}, not a quantized linear; was it packed already?")

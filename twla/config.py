@@ -41,6 +41,9 @@ class TernaryConfig:
     itf_rule / itf_iters: ITF code-update rule (``lsq`` PT²-LLM, ``twn`` TWLA) and iterations.
     refit: stage 2, the exact refit of (α, μ) in the layer-input metric (AGA / E2M).
     compensate: GPTQ error compensation; reorder: SSR block order; damp: λ of H = S + λ·mean(diag S)·I.
+    salient / groups: structured ternary (:mod:`twla.solvers.structured`): per block, the ``salient``
+    most salient columns get a second ternary plane, and the other weights of each row split
+    into ``groups`` magnitude groups with their own (α, μ); 0 and 1 are plain ternary.
     """
 
     quantizer: Quantizer = "atq"
@@ -51,15 +54,39 @@ class TernaryConfig:
     compensate: bool = True
     reorder: bool = False
     damp: float = 0.01
+    salient: int = 0
+    groups: int = 1
 
     def __post_init__(self) -> None:
         check_choice("quantizer", self.quantizer, Quantizer)
         check_choice("ITF rule", self.itf_rule, ItfRule)
         if self.block_size < 1 or self.itf_iters < 0 or self.damp < 0:
             raise ValueError("block_size must be ≥ 1, itf_iters ≥ 0 and damp ≥ 0")
+        if self.salient < 0 or self.groups not in (1, 2):
+            raise ValueError(
+                f"structured ternary needs salient ≥ 0 and groups 1 or 2, got {self.salient}, {self.groups}"
+            )
+        if self.structured and self.quantizer != "atq":
+            raise ValueError(f"structured ternary codes start from ITF (pt2 or e2m), not from {self.quantizer}")
 
     kind: ClassVar[str] = "ternary"  # the weight format's name in configuration dicts
-    packable: ClassVar[bool] = True  # the packed checkpoint format and the kernels hold it
+
+    @property
+    def structured(self) -> bool:
+        """Whether blocks have salient two-plane columns or several magnitude groups."""
+        return self.salient > 0 or self.groups > 1
+
+    @property
+    def packable(self) -> bool:
+        """Whether the packed checkpoint format and the kernels hold these weights (plain ternary)."""
+        return not self.structured
+
+    @property
+    def format(self) -> str:
+        """The weight format in words."""
+        if not self.structured:
+            return "ternary"
+        return f"structured ternary ({self.salient} salient columns per block, {self.groups} magnitude groups)"
 
     @property
     def has_offset(self) -> bool:
@@ -69,7 +96,7 @@ class TernaryConfig:
     @property
     def label(self) -> str:
         """The weight part of a W·A· scheme label."""
-        return "W1.58"
+        return "W1.58s" if self.structured else "W1.58"
 
 
 @dataclass(frozen=True)
@@ -85,6 +112,10 @@ class UniformConfig:
 
     kind: ClassVar[str] = "uniform"
     packable: ClassVar[bool] = False  # a reference: fake-quantized only
+
+    @property
+    def format(self) -> str:
+        return f"{self.bits}-bit uniform integer (a reference method)"
 
     @property
     def label(self) -> str:
@@ -380,6 +411,16 @@ VOCABULARY: tuple[Term, ...] = (
         "(ternary 2.5 instead of 2.25 bits per weight before the column order)",
     ),
     Term(
+        ("struct", "sal"),
+        "weights",
+        ({"salient": 8, "groups": 2}, {"salient": 8}),
+        "structured ternary (TWLA's structured mode; fake-quantized only): per 128-column block the 8 most "
+        "Hessian-salient columns get a second ternary plane (9 levels), and the other weights of each row split "
+        "into 2 magnitude groups with their own α, μ (1 group bit each; about 3.9 stored bits per weight), or "
+        "with `sal` stay in one group (about 2.75 bits)",
+        "structured ternary",
+    ),
+    Term(
         ("had", "rand"),
         "rotation",
         ({"site": "hadamard"}, {"site": "random"}),
@@ -526,6 +567,11 @@ def _flags(mods: list[str], table: dict[str, dict]) -> dict:
 def method_config(spec: str, **overrides: object) -> WeightConfig:
     """The weight quantizer of a method spec such as ``e2m+gptq+ssr``."""
     base, mods = _parse(spec)
+    known = {f.name for f in fields(BASE_METHODS[base])}
+    for mod in mods:
+        foreign = set(WEIGHT_MODIFIERS.get(mod, {})) - known
+        if foreign:
+            raise ValueError(f"{spec!r}: {mod} applies to ternary weights, not to {base}")
     return replace(BASE_METHODS[base], **_flags(mods, WEIGHT_MODIFIERS), **overrides)
 
 
@@ -657,8 +703,8 @@ class QuantConfig:
         """Refuse to pack weights that the packed checkpoint format does not hold."""
         if not self.weights.packable:
             raise ValueError(
-                f"{method} quantizes weights to {self.weights.bits}-bit uniform integers (a reference method); "
-                "the packed checkpoint format stores ternary weights"
+                f"{method} quantizes weights to {self.weights.format}; "
+                "the packed checkpoint format stores plain ternary weights"
             )
 
     def check_windows(self, windows: int) -> None:
@@ -676,7 +722,8 @@ class QuantConfig:
 
 # 2: the KOTMS and relocation problems nested in the rotation section; end_to_end.
 # 3: KOTMS keeps a learned rotation only where it measures better (kotms.gate).
-CONFIG_VERSION = 3
+# 4: ternary weights may be structured (weights.salient, weights.groups).
+CONFIG_VERSION = 4
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -698,7 +745,13 @@ def _upgrade_v2(data: dict) -> dict:
     return {**data, "rotation": rotation}
 
 
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2}  # version → the next version's layout
+def _upgrade_v3(data: dict) -> dict:
+    """A version-3 configuration in the version-4 layout: its ternary weights were plain
+    (salient = 0, groups = 1, the defaults), so nothing changes."""
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3}  # version → the next version's layout
 WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}
 
 

@@ -115,9 +115,9 @@ class Tunables:
                 module = root.get_submodule(prefix + path)
                 if config.grid:
                     weight = weights[f"{adapter.layers}.{index}.{path}"]
-                    grid = {k: v.to(device) for k, v in weight.grid().items()}
-                    magnitude = next(iter(grid.values())).abs()  # α or the scale: μ moves in units of α
-                    grids[prefix + path] = (weight, {k: Scaled(v, magnitude) for k, v in grid.items()})
+                    units = weight.grid_magnitudes()  # e.g. μ moves in units of |α|
+                    grid = {k: Scaled(v.to(device), units[k].to(device)) for k, v in weight.grid().items()}
+                    grids[prefix + path] = (weight, grid)
                 if config.clips and isinstance(module, QuantLinear) and module.act.quantized:
                     start = torch.tensor(float(module.act.clip), device=device)
                     clips[module] = Scaled(start, start.clone())

@@ -1,7 +1,12 @@
 """Test helpers: synthetic inputs and a tiny Llama (imported by the tests; fixtures live in conftest)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from twla.adapters import get_adapter
 
 
 def correlated_inputs(n_tokens: int, m: int, seed: int = 0) -> torch.Tensor:
@@ -31,3 +36,44 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A randomly initialized Llama of :data:`SMALL_CONFIG` with tied embeddings."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**{**SMALL_CONFIG, "tie_word_embeddings": True, **overrides})).eval()
+
+
+def tiny_gemma3(seed: int = 0):
+    """A randomly initialized Gemma-3 text model of :data:`SMALL_CONFIG`'s widths: sandwich norms,
+    QK-norm, RMSNorm scaling by 1 + w (its gains drawn around 0), scaled embeddings, and a global
+    layer between two sliding-window ones (window 8)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        **{**SMALL_CONFIG, "num_hidden_layers": 3},
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+@contextmanager
+def first_blocks(model, count: int = 4) -> Iterator[None]:
+    """Inside: ``model`` seen as its first ``count`` decoder blocks (what ``quantize`` works on);
+    afterwards the full model again, its first blocks changed in place."""
+    adapter = get_adapter(model)
+    blocks = adapter.decoder_layers(model)
+    types = getattr(model.config, "layer_types", None)
+    model.set_submodule(adapter.layers, blocks[:count])
+    model.config.num_hidden_layers = count
+    if types:
+        model.config.layer_types = types[:count]
+    try:
+        yield
+    finally:
+        model.set_submodule(adapter.layers, blocks)
+        model.config.num_hidden_layers = len(blocks)
+        if types:
+            model.config.layer_types = types

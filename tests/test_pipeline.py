@@ -15,7 +15,7 @@ from tests.helpers import SMALL_CONFIG, tiny_llama
 from twla import QuantConfig, quantize
 from twla.accounting import count_bits
 from twla.adapters import get_adapter
-from twla.data import calibration_windows, check_disjoint, evaluation_windows, load_text
+from twla.data import bos_token, calibration_windows, check_disjoint, evaluation_windows, load_text
 from twla.evaluate import perplexity
 from twla.loading import keep_layers, load_model
 
@@ -179,3 +179,23 @@ def test_cuda_quantization_matches_cpu(calib_ids):
     assert {p.device.type for p in gpu.parameters()} == {"cpu"}
     for name in rep_cpu.weights:
         assert torch.equal(rep_cpu.weights[name].codes, rep_gpu.weights[name].codes), name
+
+
+def test_windows_start_with_bos_where_the_tokenizer_puts_one():
+    class Tokenizer:
+        bos_token_id = 7
+
+        def __init__(self, adds: bool) -> None:
+            self.adds = adds
+
+        def __call__(self, text):
+            return {"input_ids": [7, 1] if self.adds else [1]}
+
+    assert bos_token(Tokenizer(True)) == 7 and bos_token(Tokenizer(False)) is None
+    ids = torch.arange(10, 1034)
+    windows = evaluation_windows(ids, seqlen=64, max_tokens=630, bos=7)
+    assert windows.shape == (10, 64) and (windows[:, 0] == 7).all()  # 630 // 63 windows
+    assert torch.equal(windows[:, 1:].flatten(), ids[:630])  # every text token once, in order
+    calib = calibration_windows(ids, 4, 64, seed=3, bos=7)
+    assert calib.shape == (4, 64) and (calib[:, 0] == 7).all()
+    assert torch.equal(evaluation_windows(ids, seqlen=64), ids[:1024].view(16, 64))  # no BOS: unchanged

@@ -7,12 +7,11 @@ the quantized blocks lose.
 """
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 
+from tests.helpers import first_blocks
 from twla import (
     QuantConfig,
     calibration_windows,
@@ -26,25 +25,9 @@ from twla import (
     save_packed,
     tokenize,
 )
-from twla.adapters import get_adapter
 
 pytestmark = pytest.mark.slow
 BLOCKS = 4  # decoder blocks quantized
-
-
-@contextmanager
-def first_blocks(model, count: int = BLOCKS) -> Iterator[None]:
-    """Inside: ``model`` seen as its first ``count`` decoder blocks (what ``quantize`` works on);
-    afterwards the full model again, its first blocks changed in place."""
-    adapter = get_adapter(model)
-    blocks = adapter.decoder_layers(model)
-    model.set_submodule(adapter.layers, blocks[:count])
-    model.config.num_hidden_layers = count
-    try:
-        yield
-    finally:
-        model.set_submodule(adapter.layers, blocks)
-        model.config.num_hidden_layers = len(blocks)
 
 
 @pytest.fixture(scope="module")

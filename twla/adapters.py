@@ -36,6 +36,15 @@ class Adapter:
     head: str
     sites: tuple[Site, ...]
     extras: tuple[str, ...] = ()  # modules besides the embedding that run before layer 0
+    norm_offset: float = 0.0  # an RMSNorm scales by (norm_offset + weight): Gemma's 1 + w
+    # norms applied to a writer's output before the residual add (Gemma's sandwich norms): they
+    # act elementwise on the residual basis, so the stream cannot be rotated offline
+    post_norms: tuple[str, ...] = ()
+
+    @property
+    def residual_rotation(self) -> bool:
+        """Whether the residual stream can be rotated offline with the norms folded."""
+        return not self.post_norms and self.norm_offset == 0
 
     def prefix_modules(self, model: nn.Module) -> list[nn.Module]:
         """Modules that compute layer 0's inputs (embedding, rotary tables)."""
@@ -65,9 +74,28 @@ _LLAMA_LIKE = dict(
     extras=("model.rotary_emb",),
 )
 
+# Gemma-3 (text): QK-norm inside attention, a norm before and after each sublayer, RMSNorm
+# scaling by 1 + w, embeddings scaled by √d inside the embedding module, sliding-window and
+# global layers (their own masks and rotary tables, passed per layer).
+_GEMMA3_SITES = (
+    _LLAMA_SITES[0],
+    _LLAMA_SITES[1],
+    Site("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm"),
+    _LLAMA_SITES[3],
+)
+
 ADAPTERS: dict[str, Adapter] = {
-    family: Adapter(family=family, sites=_LLAMA_SITES, **_LLAMA_LIKE)
-    for family in ("llama", "mistral", "qwen2", "qwen3")
+    **{
+        family: Adapter(family=family, sites=_LLAMA_SITES, **_LLAMA_LIKE)
+        for family in ("llama", "mistral", "qwen2", "qwen3")
+    },
+    "gemma3_text": Adapter(
+        family="gemma3_text",
+        sites=_GEMMA3_SITES,
+        norm_offset=1.0,
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        **_LLAMA_LIKE,
+    ),
 }
 
 

@@ -91,11 +91,11 @@ class CostProbe:
         self.positions = torch.arange(stride - 1, windows.shape[1] - 1, stride)
         self.targets = windows[:, self.positions + 1].to(device)
         self.reset()
-        ((hidden, self.kwargs),) = capture_layer_inputs(model, adapter, windows, windows.shape[0], device)
-        self.inputs = [hidden]
+        captured = capture_layer_inputs(model, adapter, windows, windows.shape[0], device)
+        self.inputs, (self.kwargs,) = list(captured.hidden), captured.kwargs  # one batch: kwargs per layer
         with torch.no_grad():
-            for layer in self.layers:
-                self.inputs.append(layer_output(layer(self.inputs[-1], **self.kwargs)))
+            for layer, kwargs in zip(self.layers, self.kwargs):
+                self.inputs.append(layer_output(layer(self.inputs[-1], **kwargs)))
             self.ref_logp = self.log_probs(self.inputs[-1])
         self.ref_nll = float(F.nll_loss(self.ref_logp.flatten(0, 1), self.targets.flatten()))
         self.passes = 0
@@ -118,8 +118,8 @@ class CostProbe:
     def score(self, start: int = 0) -> float:
         """M of the current assignment, running blocks ``start``..L−1 (earlier ones unchanged)."""
         hidden = self.inputs[start]
-        for layer in self.layers[start:]:
-            hidden = layer_output(layer(hidden, **self.kwargs))
+        for layer, kwargs in zip(self.layers[start:], self.kwargs[start:]):
+            hidden = layer_output(layer(hidden, **kwargs))
         logp = self.log_probs(hidden)
         self.passes += 1
         if self.metric == "kl":
@@ -185,8 +185,8 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
     try:
         with torch.enable_grad():
             hidden = probe.inputs[0].requires_grad_()
-            for layer in probe.layers:
-                hidden = layer_output(layer(hidden, **probe.kwargs))
+            for layer, kwargs in zip(probe.layers, probe.kwargs):
+                hidden = layer_output(layer(hidden, **kwargs))
             loss = F.nll_loss(probe.log_probs(hidden).flatten(0, 1), probe.targets.flatten())
             torch.autograd.grad(loss, probe.inputs[0])
     finally:

@@ -19,6 +19,7 @@ from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
 from twla.config import QuantConfig
 from twla.data import (
     Text,
+    bos_token,
     calibration_windows,
     check_disjoint,
     check_no_overlap,
@@ -214,8 +215,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     eval_text = load_text(cfg.evaluation, role="evaluation")
     check_disjoint(cal_text, eval_text)
     cal_ids = tokenize(source.tokenizer, cal_text)
-    calib = {seed: calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, seed) for seed in cfg.seeds}
-    windows = evaluation_windows(tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens)
+    bos = bos_token(source.tokenizer)
+    calib = {seed: calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, seed, bos) for seed in cfg.seeds}
+    windows = evaluation_windows(tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens, bos)
     check_no_overlap(cal_ids, windows)
     with atomic_directory(cfg.out) as staging:
         origin = {seed: provenance(cal_text, c, seed) for seed, c in calib.items()}

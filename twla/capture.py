@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,23 +20,69 @@ def layer_output(out) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+@dataclass
+class LayerInputs:
+    """The calibration batches entering decoder layer ``index``: hidden states per batch, and per
+    batch the keyword arguments of every decoder layer (position embeddings, attention masks;
+    layers of one kind share the same objects, e.g. Gemma-3's sliding-window and global layers
+    take different ones). Iterating gives (hidden states, this layer's keyword arguments)."""
+
+    hidden: list[Tensor]
+    kwargs: list[list[dict]]
+    index: int = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, dict]]:
+        return iter([(h, kw[self.index]) for h, kw in zip(self.hidden, self.kwargs)])
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @torch.no_grad()
+    def advance(self, layer: nn.Module) -> LayerInputs:
+        """The outputs of ``layer`` (decoder layer ``index``): the inputs of the next layer."""
+        hidden = [layer_output(layer(h, **kw)) for h, kw in self]
+        return LayerInputs(hidden, self.kwargs, self.index + 1)
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer while capturing: records its keyword arguments (and, for
+    layer 0, its input), passes the hidden states through, and stops after the last layer."""
+
+    def __init__(self, index: int, last: bool, record: Callable[[int, Tensor, dict], None]) -> None:
+        super().__init__()
+        self.index, self.last, self.record = index, last, record
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to take their extra inputs as keyword arguments")
+        self.record(self.index, hidden_states, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
-) -> list[tuple[Tensor, dict]]:
-    """Inputs (hidden states and keyword arguments) of decoder layer 0, per batch."""
+) -> LayerInputs:
+    """Inputs of decoder layer 0 per batch, and every layer's keyword arguments: the layers are
+    swapped for recorders for one pass, so only the embedding and the rotary tables run."""
     layers = adapter.decoder_layers(model)
-    captured: list[tuple[Tensor, dict]] = []
+    hidden: list[Tensor] = []
+    kwargs: list[list[dict]] = []
 
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
+    def record(index: int, states: Tensor, kw: dict) -> None:
+        if index == 0:
+            hidden.append(states)
+            kwargs.append([])
+        kwargs[-1].append(kw)
 
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Recorder(i, i == len(layers) - 1, record)
     prefix = adapter.prefix_modules(model)
     for mod in prefix:
         mod.to(device)
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in windows.split(batch_size):
             try:
@@ -43,10 +90,11 @@ def capture_layer_inputs(
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         for mod in prefix:
             mod.to("cpu")
-    return captured
+    return LayerInputs(hidden, kwargs)
 
 
 @dataclass
@@ -61,7 +109,7 @@ class SiteInputs:
 
 @torch.no_grad()
 def collect_statistics(
-    layer: nn.Module, linear: nn.Module, batches: list[tuple[Tensor, dict]], keep: int = 0, statistics: bool = True
+    layer: nn.Module, linear: nn.Module, batches: LayerInputs, keep: int = 0, statistics: bool = True
 ) -> SiteInputs:
     """Accumulate S over all calibration tokens entering ``linear`` (on its device);
     ``statistics=False`` only takes the token sample (S stays zero)."""

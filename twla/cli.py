@@ -283,7 +283,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from twla.checkpoint import is_packed_checkpoint, pack_model, save_packed, storage_dtype
-    from twla.data import calibration_windows, load_text, provenance, tokenize
+    from twla.data import bos_token, calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
     from twla.loading import check_window_length, load_model, model_source, resolve_device
     from twla.pipeline import quantize
@@ -301,7 +301,9 @@ def _quantize(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "packed checkpoint", is_packed_checkpoint, args.overwrite, protect)
     check_window_length(source, args.seqlen, "--seqlen")
     text = load_text(args.calibration, "calibration")
-    calib = calibration_windows(tokenize(source.tokenizer, text), args.nsamples, args.seqlen, seed)
+    calib = calibration_windows(
+        tokenize(source.tokenizer, text), args.nsamples, args.seqlen, seed, bos_token(source.tokenizer)
+    )
     model, tokenizer = load_model(source)
     model, report = quantize(model, config, calib, device, progress=not args.quiet)
     files = save_packed(
@@ -323,7 +325,7 @@ def _eval(args: argparse.Namespace) -> None:
     import torch
 
     from twla.checkpoint import load_packed, packed_bits
-    from twla.data import OVERLAP_LIMIT, calibration_overlap, evaluation_windows, load_text, tokenize
+    from twla.data import OVERLAP_LIMIT, bos_token, calibration_overlap, evaluation_windows, load_text, tokenize
     from twla.evaluate import perplexity
     from twla.kernels.dispatch import kernel_backend
     from twla.loading import resolve_device
@@ -334,7 +336,7 @@ def _eval(args: argparse.Namespace) -> None:
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} holds no tokenizer; it is needed to tokenize the evaluation text")
     ids = tokenize(tokenizer, text)
-    windows = evaluation_windows(ids, args.eval_seqlen, args.eval_tokens or None)
+    windows = evaluation_windows(ids, args.eval_seqlen, args.eval_tokens or None, bos_token(tokenizer))
     shared = calibration_overlap(meta.get("provenance", {}), ids)
     if shared is not None and shared >= OVERLAP_LIMIT:
         print(

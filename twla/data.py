@@ -171,25 +171,45 @@ def tokenize(tokenizer, text: Text) -> Tensor:
     return torch.tensor(tokenizer(text.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at random starts drawn with ``seed``."""
+def bos_token(tokenizer) -> int | None:
+    """The BOS id that ``tokenizer`` puts before a text by default (Gemma's ``<bos>``), or None
+    (SmolLM2 and Llama-style tokenizers configured without one). Windows start with it so the
+    model sees text the way it was trained to."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _prefixed(windows: Tensor, bos: int | None) -> Tensor:
+    return windows if bos is None else torch.cat([torch.full((windows.shape[0], 1), bos), windows], dim=1)
+
+
+def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at random starts drawn with ``seed``; with ``bos``,
+    each is that token followed by ``seqlen − 1`` text tokens."""
     if nsamples < 1 or seqlen < 2:
         raise ValueError("need at least one calibration sample of at least 2 tokens")
-    if ids.numel() < seqlen + 1:
+    span = seqlen - (bos is not None)
+    if ids.numel() < span + 1:
         raise ValueError(
             f"calibration text is too short: {ids.numel()} tokens, need more than seqlen={seqlen}; "
             "give a longer text or a shorter sequence length"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - span, (nsamples,), generator=gen)
+    return _prefixed(torch.stack([ids[s : s + span] for s in starts.tolist()]), bos)
 
 
-def evaluation_windows(ids: Tensor, seqlen: int, max_tokens: int | None = None) -> Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens covering the first ``max_tokens`` tokens."""
+def evaluation_windows(ids: Tensor, seqlen: int, max_tokens: int | None = None, bos: int | None = None) -> Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens covering the first ``max_tokens`` tokens; with
+    ``bos``, each is that token followed by ``seqlen − 1`` text tokens (so every window still
+    scores ``seqlen − 1`` predictions)."""
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    nwin = ids.numel() // seqlen
+    span = seqlen - (bos is not None)
+    nwin = ids.numel() // span if span > 0 else 0
     if nwin < 1:
         raise ValueError(f"evaluation text is too short: {ids.numel()} tokens, need at least one window of {seqlen}")
-    return ids[: nwin * seqlen].view(nwin, seqlen)
+    return _prefixed(ids[: nwin * span].view(nwin, span), bos)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from twla.adapters import Adapter, Site, get_adapter
 from twla.allocation import AllocationReport, allocate, cost_windows
-from twla.capture import SiteInputs, capture_layer_inputs, collect_statistics, layer_output
+from twla.capture import LayerInputs, SiteInputs, capture_layer_inputs, collect_statistics
 from twla.clipping import calibrate_clip
 from twla.config import QuantConfig
 from twla.fake_quant import QuantLinear, wrap_linears
@@ -40,6 +40,7 @@ from twla.rotation import (
     Factors,
     RotationReport,
     apply_residual_rotation,
+    check_residual_rotation,
     install_rotation,
     make_factors,
     site_rotations,
@@ -116,7 +117,7 @@ def check_finite_weights(model: nn.Module, adapter: Adapter) -> None:
 
 
 def _site_inputs(
-    layer: nn.Module, index: int, adapter: Adapter, site: Site, batches: list[tuple[Tensor, dict]], config: QuantConfig
+    layer: nn.Module, index: int, adapter: Adapter, site: Site, batches: LayerInputs, config: QuantConfig
 ) -> SiteInputs:
     """The site's statistics, with a token sample when any of its linears quantizes activations."""
     acts = config.activations
@@ -243,7 +244,7 @@ def _refresh_clips(layer: nn.Module, index: int, adapter: Adapter, records: list
 
 @torch.no_grad()
 def full_precision_samples(
-    model: nn.Module, adapter: Adapter, batches: list[tuple[Tensor, dict]], tokens: int, device: torch.device
+    model: nn.Module, adapter: Adapter, batches: LayerInputs, tokens: int, device: torch.device
 ) -> dict[tuple[int, str], Tensor]:
     """About ``tokens`` input rows of every (layer, site) of the unquantized model (CPU, float32)."""
     samples = {}
@@ -253,7 +254,7 @@ def full_precision_samples(
             first = adapter.site_linears(layer, site)[site.linears[0]]
             inputs = collect_statistics(layer, first, batches, tokens, statistics=False)
             samples[(index, site.name)] = inputs.sample[:tokens].cpu()
-        batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        batches = batches.advance(layer)
         layer.to("cpu")
     return samples
 
@@ -272,6 +273,8 @@ def quantize(
     calibration: token ids, shape (nsamples, seqlen). Returns the model and a report.
     """
     adapter = get_adapter(model)
+    if config.rotation.residual != "none":
+        check_residual_rotation(adapter)
     check_finite_weights(model, adapter)
     if calibration.ndim != 2 or calibration.numel() == 0:
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
@@ -319,7 +322,7 @@ def quantize(
             report.reconstruction.append({"layer": index, **result.to_dict()})
             _refresh_clips(layer, index, adapter, report.records)
             del windows, targets
-        batches = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in batches]
+        batches = batches.advance(layer)
         layer.to("cpu")
     del batches
     if config.end_to_end:

@@ -124,7 +124,8 @@ class Tunables:
             for site in adapter.sites if config.norms else ():
                 if site.norm:
                     gain = root.get_submodule(prefix + site.norm).weight.detach()
-                    norms[f"{prefix}{site.norm}.weight"] = Scaled(gain.clone(), gain.abs().clone())
+                    scale = (gain + adapter.norm_offset).abs()  # the norm scales by offset + w
+                    norms[f"{prefix}{site.norm}.weight"] = Scaled(gain.clone(), scale)
         return cls(grids, norms, clips)
 
     def params(self) -> list[Scaled]:

@@ -131,9 +131,20 @@ def rotate_residual(model: nn.Module, adapter: Adapter, Q1: Tensor, Q2: Tensor) 
                     right(linear.weight)
 
 
+def check_residual_rotation(adapter: Adapter) -> None:
+    """Refuse an offline residual rotation where the norms cannot be folded into the readers."""
+    if not adapter.residual_rotation:
+        raise ValueError(
+            f"{adapter.family}: the residual stream cannot be rotated offline (norms after the sublayers, "
+            f"{', '.join(adapter.post_norms) or 'none'}; RMSNorm scale {adapter.norm_offset:g} + w); "
+            "use the online site rotations (+had, +rand, +kotms) instead of +r1"
+        )
+
+
 def apply_residual_rotation(model: nn.Module, adapter: Adapter, kind: str, seed: int = 0) -> tuple[int, int]:
     """Fold the norms and rotate the residual stream by a fixed ``hadamard`` or ``random``
     Kronecker rotation; the model computes the same function. Returns the factor sizes."""
+    check_residual_rotation(adapter)
     hidden = model.get_submodule(adapter.embed).weight.shape[1]
     (Q1, Q2), sizes = make_factors(hidden, kind, torch.Generator().manual_seed(seed))
     fold_norms(model, adapter)

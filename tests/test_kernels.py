@@ -203,7 +203,8 @@ import importlib, importlib.abc, pkgutil, sys
 
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.startswith("twla.") and not name.startswith("twla.kernels"):
+        # twla/__init__ registers the checkpoint format with transformers; that module imports no twla
+        if name.startswith("twla.") and not name.startswith(("twla.kernels", "twla.hf_quantizer")):
             raise ImportError(f"twla.kernels imported {name}")
         return None
 

@@ -50,7 +50,7 @@ def test_packed_model_equals_fake_quantized_and_round_trips(spec, calib_ids, tok
     bits = count_bits(model, get_adapter(model), report.weights)
     pack_model(model, report.weights)
     linears = [m for m in model.modules() if isinstance(m, TernaryLinear)]
-    assert len(linears) == 14 and all(m.packed.dtype == torch.uint8 for m in linears)
+    assert len(linears) == 14 and all(m.weight.dtype == torch.uint8 for m in linears)
     packed = logits(model, tokens)
     assert torch.equal(packed, fake)  # the torch path computes the same x̂ and Ŵ
     files = save_packed(model, None, str(tmp_path / "ckpt"), spec, {"note": "test"})
@@ -81,7 +81,10 @@ def test_mixed_activation_bits_and_shared_rotations(calib_ids, tokens, tmp_path)
     assert torch.equal(logits(loaded, tokens), fake)
     downs = [meta["linears"][f"model.layers.{i}.mlp.down_proj"] for i in range(2)]
     assert [(d["act_bits"], d["act_clip"]) for d in downs] == [(6, 0.9), (8, 1.0)]
-    assert "model.layers.0.self_attn.k_proj.rot1" in meta["aliases"]  # stored once
+    sources = loaded.config.quantization_config.rotation_sources
+    assert sources["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj"
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.rot1" in stored and "model.layers.0.self_attn.k_proj.rot1" not in stored
     with torch.no_grad():
         loaded.model.layers[0].self_attn.q_proj.rot1.mul_(2)  # shared after loading too
     assert loaded.model.layers[0].self_attn.k_proj.rot1[0, 0] == loaded.model.layers[0].self_attn.q_proj.rot1[0, 0]
@@ -172,12 +175,19 @@ def saved(calib_ids, tmp_path):
     return path
 
 
-def resign(path, edit_meta=lambda meta: None):
-    """Record the files' current digests (after an edit), so only the consistency checks can catch it."""
+def resign(path, edit_meta=lambda meta: None, edit_linears=None):
+    """Record the files' current digests (after an edit), so only the consistency checks can catch it;
+    ``edit_linears`` changes the packed linears' settings in config.json and twla_quant.json alike."""
     from twla.checkpoint import _meta_digest, _sha256
 
     meta = json.load(open(os.path.join(path, "twla_quant.json")))
     edit_meta(meta)
+    if edit_linears is not None:
+        config_file = os.path.join(path, "config.json")
+        config = json.load(open(config_file))
+        for linears in (config["quantization_config"]["linears"], meta["linears"]):
+            edit_linears(linears)
+        json.dump(config, open(config_file, "w"))
     meta["files"] = {name: _sha256(os.path.join(path, name)) for name in meta["files"]}
     meta["digest"] = _meta_digest(meta)
     with open(os.path.join(path, "twla_quant.json"), "w") as fh:
@@ -186,7 +196,7 @@ def resign(path, edit_meta=lambda meta: None):
 
 def _rewrite_tensors(path, change):
     """Change the tensor file and re-sign it."""
-    file = os.path.join(path, "twla_model.safetensors")
+    file = os.path.join(path, "model.safetensors")
     tensors = load_file(file)
     change(tensors)
     save_file(tensors, file)
@@ -194,11 +204,11 @@ def _rewrite_tensors(path, change):
 
 
 def test_corrupt_and_mismatched_checkpoints_are_refused(saved, tmp_path):
-    file = os.path.join(saved, "twla_model.safetensors")
+    file = os.path.join(saved, "model.safetensors")
     data = bytearray(open(file, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(file, "wb").write(bytes(data))
-    with pytest.raises(CheckpointError, match="twla_model.safetensors does not match the SHA-256"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not match the SHA-256"):
         load_packed(saved)
     open(file, "wb").write(bytes(data[: len(data) // 3]))
     with pytest.raises(CheckpointError, match="SHA-256"):
@@ -214,7 +224,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(saved, tmp_path):
     [
         (lambda t: t.pop("model.layers.0.mlp.up_proj.alpha"), "missing"),
         (lambda t: t.update(extra=torch.zeros(1)), "unexpected"),
-        (lambda t: t.update({"model.layers.1.mlp.up_proj.packed": torch.zeros(3, 9, dtype=torch.uint8)}), "shape"),
+        (lambda t: t.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 9, dtype=torch.uint8)}), "shape"),
     ],
 )
 def test_checkpoint_tensors_must_match_the_model(saved, change, message):
@@ -228,15 +238,18 @@ def test_checkpoint_config_must_match(saved):
     config = json.load(open(config_file))
     json.dump({**config, "intermediate_size": 128}, open(config_file, "w"))
     resign(saved)
-    with pytest.raises(CheckpointError, match="mlp.gate_proj is 160×64 but the model's config gives 128×64"):
+    with pytest.raises(CheckpointError, match="mlp.down_proj is 64×160 but the model's config gives 64×128"):
         load_packed(saved)
     json.dump(config, open(config_file, "w"))
     up = "model.layers.0.mlp.up_proj"
-    resign(saved, lambda meta: meta["linears"][up].update(act_bits=5))
+    resign(saved, edit_linears=lambda linears: linears[up].update(act_bits=5))
     with pytest.raises(CheckpointError, match=f"invalid settings for {up}: .*activation bit-width 5"):
         load_packed(saved)
-    resign(saved, lambda meta: meta["linears"][up].pop("act_symmetric"))
+    resign(saved, edit_linears=lambda linears: linears[up].pop("act_symmetric"))
     with pytest.raises(CheckpointError, match=f"invalid settings for {up}: KeyError"):
+        load_packed(saved)
+    resign(saved, lambda meta: meta["linears"][up].update(act_bits=8))
+    with pytest.raises(CheckpointError, match="packed linears of config.json and twla_quant.json disagree"):
         load_packed(saved)
     meta_file = os.path.join(saved, "twla_quant.json")
     resign(saved, lambda meta: meta.update(model_type="qwen2"))

@@ -77,7 +77,7 @@ def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tiny_checkpoint,
     assert "already holds a packed checkpoint; pass --overwrite" in capsys.readouterr().err
     assert listing(out) == first
     assert main([*QUANTIZE, "--model", tiny_checkpoint, "--out", out, "--seed", "1", "--overwrite"]) == 0
-    assert listing(out)["twla_model.safetensors"] != first["twla_model.safetensors"]
+    assert listing(out)["model.safetensors"] != first["model.safetensors"]
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".twla-")]
 
 
@@ -127,20 +127,15 @@ def test_check_output_dir_accepts_new_and_empty_directories(tmp_path):
         check_output_dir(str(tmp_path / "m" / "sub"), "report", lambda p: False, protect=[str(tmp_path / "m")])
 
 
-# 2, 3, 11. Checkpoints: refused by stock transformers, every output-defining file digested,
+# 2, 3, 11. Checkpoints: not taken for dense models, every output-defining file digested,
 # byte-identical for the same seed.
 
 
-def test_stock_transformers_refuses_a_packed_checkpoint(packed, capsys):
-    config = json.load(open(os.path.join(packed, "config.json")))
-    assert config["quantization_config"] == {
-        "quant_method": "twla",
-        "format": "twla-packed",
-        "version": 2,
-        "method": "e2m+gptq+had+a4",
-    }
-    with pytest.raises(OSError, match="no file named model.safetensors"):
-        AutoModelForCausalLM.from_pretrained(packed)
+def test_packed_checkpoint_is_not_taken_for_a_dense_model(packed, capsys):
+    """(Stock transformers without twla refuses it too: tests/test_transformers.py.)"""
+    config = json.load(open(os.path.join(packed, "config.json")))["quantization_config"]
+    assert (config["quant_method"], config["format"], config["version"]) == ("twla", "twla-packed", 3)
+    assert config["method"] == "e2m+gptq+had+a4" and len(config["linears"]) == 14
     with pytest.raises(ValueError, match="is a packed twla checkpoint, not a full-precision model"):
         load_model(packed)
     assert main(["bench", "--model", packed, "--quiet"]) == 2

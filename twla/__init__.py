@@ -21,6 +21,9 @@ kernels on CUDA (the torch reference elsewhere), save, and load back::
     twla.save_packed(twla.pack_model(model, report.weights), tokenizer, "out/model", method="...")
     model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)
 
+``import twla`` also registers the packed format with transformers, so
+``AutoModelForCausalLM.from_pretrained("out/model")`` loads it too (``twla.hf_quantizer``).
+
 These are the names a user needs; everything else is imported from its module (e.g.
 ``twla.config.TernaryConfig``, ``twla.adapters.get_adapter``). Names are imported on first
 use, so the deployment path (``twla.kernels``, packed modules and checkpoints) needs only
@@ -30,6 +33,8 @@ torch, triton, transformers, numpy and safetensors.
 from __future__ import annotations
 
 import importlib
+
+from twla import hf_quantizer as _hf_quantizer  # noqa: F401  (registers the packed format with transformers)
 
 _EXPORTS = {
     "twla.bench": ("BenchConfig", "run_bench"),

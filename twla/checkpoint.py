@@ -1,26 +1,33 @@
 """Packed ternary checkpoints: save a quantized model in 2 bits per weight and load it back.
 
-A checkpoint is a directory written atomically:
+A checkpoint is a directory written atomically, in the layout of a transformers checkpoint:
 
 - ``config.json`` (and ``generation_config.json``): the model's own config, with a
-  ``quantization_config`` naming the twla method and format version;
+  ``quantization_config`` (:func:`quantization_config`: quant_method ``twla``, format and
+  version, the method, each packed linear's shape, group size, activation settings and
+  whether it shares its site's rotation factors);
 - the tokenizer's files;
-- ``twla_model.safetensors``: every tensor once (not named ``model.safetensors``, so stock
-  transformers refuses the directory instead of loading random weights for the packed
-  linears). Each :class:`~twla.ternary_linear.TernaryLinear` stores ``packed`` (uint8 codes
-  c = t + 1, four per byte along the input),
-  ``alpha`` and ``mu`` (fp16, per (group, row)), ``perm`` (int16 column order, when the
-  blocks were reordered), ``rot1``/``rot2`` (the online rotation factors, once per site)
-  and its bias; the unquantized parameters keep their names;
+- ``model.safetensors``: every tensor once (the tied embedding once). Each
+  :class:`~twla.ternary_linear.TernaryLinear` stores ``weight`` (uint8 codes c = t + 1, four
+  per byte along the input, shape (⌈K/4⌉, N)), ``alpha`` and ``mu`` (fp16, per (group,
+  row)), ``perm`` (int16 column order, when the blocks were reordered), ``rot1``/``rot2``
+  (the online rotation factors, on the first linear of a site) and its bias; the
+  unquantized parameters keep their names. A loader that does not know the format meets a
+  ``weight`` whose shape no dense linear has, and refuses (stock transformers without
+  ``import twla``), instead of running random weights;
 - ``twla_quant.json``: format and version, the method and its config, each packed
-  linear's shape, group size and activation settings, tensors that share storage, the
-  calibration's provenance, the bits counted from the tensor file, the SHA-256 of
-  every file that determines the model's outputs, and a digest of its own content;
+  linear's settings, the calibration's provenance, the bits counted from the tensor file,
+  the SHA-256 of every file that determines the model's outputs, and a digest of its own
+  content;
 - ``twla_report.json`` (optional): run metadata such as timings, outside the digests, so that
   the same seed gives a byte-identical checkpoint.
 
-Loading rebuilds the transformers model from its config with ternary modules in place of
-the packed linears; a changed, truncated, edited or mismatched file is refused, naming it.
+Loading is ``AutoModelForCausalLM.from_pretrained`` with the quantizer of
+:mod:`twla.hf_quantizer` (registered by ``import twla``): it builds the model from its config
+with empty ternary modules in place of the packed linears (:func:`prepare_packed_model`),
+reads the tensors, then shares rotation factors and derives the kernels' buffers
+(:func:`finish_packed_model`). A changed, truncated, edited or mismatched file is refused
+before any tensor is read, naming it.
 """
 
 from __future__ import annotations
@@ -36,32 +43,28 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from twla.adapters import get_adapter
 from twla.fake_quant import QuantLinear
+from twla.hf_quantizer import QUANT_METHOD
 from twla.io import atomic_directory, check_output_dir, json_format
 from twla.loading import QUANT_FILE
 from twla.ternary_linear import TernaryLinear
-
-try:
-    from transformers.initialization import no_init_weights
-except ImportError:  # transformers < 5
-    from transformers.modeling_utils import no_init_weights
 
 if TYPE_CHECKING:
     from twla.config import QuantConfig
     from twla.weights import QuantizedWeight
 
 FORMAT = "twla-packed"
-VERSION = 2
-TENSOR_FILE = "twla_model.safetensors"
+VERSION = 3
+TENSOR_FILE = "model.safetensors"
 REPORT_FILE = "twla_report.json"
 CONFIG_FILES = ("config.json", "generation_config.json")  # digested with the tensors
-CODE_TENSORS = ("packed", "alpha", "mu", "perm")  # what a packed linear's weight costs
-ROTATION_TENSORS = ("rot1", "rot2")
+CODE_TENSORS = ("weight", "alpha", "mu", "perm")  # what a packed linear's weight costs
+ROTATION_TENSORS = ("rot1", "rot2")  # counted apart from the weights' bits
 _ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
@@ -106,7 +109,7 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
     """Replace each quantized linear named in ``weights`` (``QuantReport.weights``) by a
     :class:`TernaryLinear` on its packed codes, in place; returns the model. Rotation factors
     shared by a site's linears stay shared."""
-    shared: dict[int, Tensor] = {}
+    owners: dict[int, TernaryLinear] = {}  # id of a site's rotation factor → the first linear packed with it
     for name, weight in weights.items():
         module = model.get_submodule(name)
         if not weight.packable:
@@ -117,19 +120,13 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
         if not isinstance(module, nn.Linear | QuantLinear):
             raise ValueError(f"{name} is a {type(module).__name__}, not a quantized linear; was it packed already?")
         packed = TernaryLinear.from_quantized(module, weight)
-        for factor in ROTATION_TENSORS:
-            source = getattr(module, factor, None)
-            if source is not None:
-                setattr(packed, factor, shared.setdefault(id(source), getattr(packed, factor)))
+        rotation = getattr(module, "rot1", None)
+        if rotation is not None:
+            owner = owners.setdefault(id(rotation), packed)
+            if owner is not packed:
+                packed.share_rotation(owner)
         model.set_submodule(name, packed)
     return model
-
-
-def _share(model: nn.Module, alias: str, source: str) -> None:
-    """Make the parameter or buffer ``alias`` the same tensor as ``source`` (as when saved)."""
-    owner, _, leaf = alias.rpartition(".")
-    source_owner, _, source_leaf = source.rpartition(".")
-    setattr(model.get_submodule(owner), leaf, getattr(model.get_submodule(source_owner), source_leaf))
 
 
 def _sha256(path: str) -> str:
@@ -157,6 +154,51 @@ def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], d
     return t.contiguous()
 
 
+def packed_linears(model: nn.Module) -> dict[str, TernaryLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+
+
+def quantization_config(model: nn.Module, method: str = "") -> dict:
+    """The ``quantization_config`` of a packed model's ``config.json``: everything
+    ``from_pretrained`` needs to build its packed modules (each linear's settings, and which
+    linear of a site holds the rotation factors the others share)."""
+    linears = packed_linears(model)
+    owners = {id(m.rot1): name for name, m in linears.items() if m.rot1 is not None and not m.shares_rotation}
+    sources = {}
+    for name, m in linears.items():
+        if m.shares_rotation:
+            if id(m.rot1) not in owners:
+                raise ValueError(f"{name} shares rotation factors that no packed linear stores")
+            sources[name] = owners[id(m.rot1)]
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "linears": {name: m.settings() for name, m in linears.items()},
+        "rotation_sources": sources,
+    }
+
+
+def packed_state_dict(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The tensors of a packed model as stored (:func:`_storage_tensor`), each once: a tensor
+    that shares storage with an earlier one is left out when the model ties it on loading
+    (the tied embedding), and refused otherwise."""
+    linears = packed_linears(model)
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    tensors: dict[str, Tensor] = {}
+    first: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        signature = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and signature in first:
+            if first[signature] not in (tied.get(key), *[k for k, v in tied.items() if v == key]):
+                raise ValueError(f"{key} shares its storage with {first[signature]}, but the model does not tie them")
+            continue
+        first[signature] = key
+        tensors[key] = _storage_tensor(key, t, linears, dtype)
+    return tensors
+
+
 def save_packed(
     model: PreTrainedModel,
     tokenizer,
@@ -180,7 +222,7 @@ def save_packed(
     model is bit-identical. Returns the sizes counted from the file.
     """
     check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    linears = packed_linears(model)
     if not linears:
         raise ValueError("the model has no packed ternary linears; call pack_model(model, report.weights) first")
     unpacked = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
@@ -192,16 +234,7 @@ def save_packed(
         for site_linear in adapter.linear_names():
             if not isinstance(layer.get_submodule(site_linear), TernaryLinear):
                 raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; pack every layer")
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    first: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
-        signature = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() and signature in first:
-            aliases[key] = first[signature]
-            continue
-        first[signature] = key
-        tensors[key] = _storage_tensor(key, t, linears, dtype)
+    tensors = packed_state_dict(model, dtype)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -210,17 +243,11 @@ def save_packed(
         "config": dict(config or {}),
         "linears": {name: m.settings() for name, m in linears.items()},
         "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
-        "aliases": aliases,
         "provenance": dict(provenance or {}),
     }
     with atomic_directory(path) as tmp:
         saved_config = copy.deepcopy(model.config)
-        saved_config.quantization_config = {
-            "quant_method": "twla",
-            "format": FORMAT,
-            "version": VERSION,
-            "method": method,
-        }
+        saved_config.quantization_config = quantization_config(model, method)
         saved_config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -273,7 +300,7 @@ def read_meta(path: str) -> dict:
             f"{file}: format version {meta.get('version')} is not supported (this is {VERSION}); "
             "quantize the model again with this version"
         )
-    missing = {"linears", "aliases", "files", "digest", "model_type", "embeddings"} - set(meta)
+    missing = {"linears", "files", "digest", "model_type", "embeddings"} - set(meta)
     if missing:
         raise CheckpointError(f"{file} is incomplete: no {', '.join(sorted(missing))}")
     if _meta_digest(meta) != meta["digest"]:
@@ -329,13 +356,8 @@ def packed_bits(path: str) -> PackedBits:
     return _count_bits(path, read_meta(path))
 
 
-def load_packed(
-    path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> tuple[PreTrainedModel, object, dict]:
-    """Rebuild ``(model, tokenizer, meta)`` from a packed checkpoint; ``dtype`` is that of the
-    unquantized parameters and activations (α, μ and codes keep their own)."""
-    meta = read_meta(path)
-    file = os.path.join(path, TENSOR_FILE)
+def check_files(path: str, meta: Mapping) -> None:
+    """Refuse a checkpoint whose files differ from the SHA-256 digests in its ``twla_quant.json``."""
     for name, digest in meta["files"].items():
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError(f"{path!r} has no {name}")
@@ -346,23 +368,35 @@ def load_packed(
             )
     if TENSOR_FILE not in meta["files"]:
         raise CheckpointError(f"{path}: {QUANT_FILE} records no digest of {TENSOR_FILE}")
-    config = AutoConfig.from_pretrained(path)
-    quantization = getattr(config, "quantization_config", None)
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "twla":
-        del config.quantization_config  # describes the packed files; the model is rebuilt dense, then packed
-    if config.model_type != meta["model_type"]:
+
+
+def prepare_packed_model(model: PreTrainedModel, settings: Mapping, files: list[str]) -> None:
+    """Before ``from_pretrained`` reads the tensors of a packed checkpoint: check its files
+    (against their digests when ``twla_quant.json`` is there, and the tensor names and shapes
+    against the model), and put empty :class:`TernaryLinear` modules in place of the packed
+    linears, on the device the model is being built on (no dense weights are allocated)."""
+    path = os.path.dirname(files[0])
+    if settings.get("format") != FORMAT or settings.get("version") != VERSION:
         raise CheckpointError(
-            f"{path}: config.json describes a {config.model_type!r} model but the packed weights are for "
-            f"{meta['model_type']!r}"
+            f"{path}: packed format {settings.get('format')!r} version {settings.get('version')} is not supported "
+            f"(this is {FORMAT!r} version {VERSION}); quantize the model again with this version"
         )
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in meta["linears"].items():
+    if os.path.isfile(os.path.join(path, QUANT_FILE)):
+        meta = read_meta(path)
+        check_files(path, meta)
+        if meta["model_type"] != model.config.model_type:
+            raise CheckpointError(
+                f"{path}: config.json describes a {model.config.model_type!r} model but the packed weights are for "
+                f"{meta['model_type']!r}"
+            )
+        if meta["linears"] != settings.get("linears"):
+            raise CheckpointError(f"{path}: the packed linears of config.json and {QUANT_FILE} disagree")
+    for name, spec in settings["linears"].items():
         try:
             old = model.get_submodule(name)
         except AttributeError as err:
             raise CheckpointError(
-                f"{path}: packed linear {name} does not exist in the {config.model_type} model"
+                f"{path}: packed linear {name} does not exist in the {model.config.model_type} model"
             ) from err
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (
             spec["in_features"],
@@ -373,36 +407,58 @@ def load_packed(
                 f"config gives {getattr(old, 'out_features', '?')}×{getattr(old, 'in_features', '?')}"
             )
         try:
-            module = TernaryLinear.from_settings(spec)
+            with torch.device(old.weight.device):
+                module = TernaryLinear.from_settings(spec)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: invalid settings for {name}: {err!r}") from err
         model.set_submodule(name, module)
-    try:
-        tensors = load_file(file)
-    except SafetensorError as err:
-        raise CheckpointError(f"{file} is corrupt: {err}") from err
-    for alias, source in meta["aliases"].items():
-        if source not in tensors:
-            raise CheckpointError(f"{path}: {alias} shares {source}, which the file does not hold")
-        tensors[alias] = tensors[source]
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    _check_tensor_names(model, files)
+
+
+def _check_tensor_names(model: PreTrainedModel, files: list[str]) -> None:
+    """Every tensor the packed model stores is in ``files`` with its shape, and nothing else."""
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as fh:
+                shapes.update({key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()})
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is corrupt: {err}") from err
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    missing = sorted(set(expected) - set(shapes) - set(tied))
+    unexpected = sorted(set(shapes) - set(expected))
+    path = os.path.dirname(files[0])
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match its model: missing {missing[:4]}{'…' if len(missing) > 4 else ''}, "
             f"unexpected {unexpected[:4]}{'…' if len(unexpected) > 4 else ''}"
         )
-    for key, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(t.shape)} in the file but {tuple(expected[key].shape)} in the model"
-            )
-    model.load_state_dict(tensors)  # TernaryLinear.refresh runs as a load hook
-    for alias, source in meta["aliases"].items():
-        _share(model, alias, source)
-    model.eval()
-    if device is not None:
-        model.to(device)
+    for key, shape in shapes.items():
+        if shape != expected[key]:
+            raise CheckpointError(f"{path}: {key} has shape {shape} in the file but {expected[key]} in the model")
+
+
+def finish_packed_model(model: PreTrainedModel, settings: Mapping) -> None:
+    """After ``from_pretrained`` has read the tensors: share each site's rotation factors and
+    compute the buffers derived from the stored ones."""
+    for name, source in settings.get("rotation_sources", {}).items():
+        model.get_submodule(name).share_rotation(model.get_submodule(source))
+    for module in packed_linears(model).values():
+        if not module.has_offset:  # μ = 0 is not stored
+            module.mu = torch.zeros_like(module.alpha)
+        module.refresh()
+
+
+def load_packed(
+    path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, object, dict]:
+    """Rebuild ``(model, tokenizer, meta)`` from a packed checkpoint, through
+    ``AutoModelForCausalLM.from_pretrained`` (which ``import twla`` teaches the packed format);
+    ``dtype`` is that of the unquantized parameters and activations (α, μ and codes keep
+    their own). ``meta`` is the checkpoint's ``twla_quant.json``."""
+    meta = read_meta(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     has_tokenizer = any(f.startswith(("tokenizer", "vocab", "merges")) for f in os.listdir(path))
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     return model, tokenizer, meta

@@ -178,13 +178,13 @@ def pack_randomly(model: nn.Module, act_bits: int = 16, rotate: bool = False, se
     layers = get_adapter(model).decoder_layers(model)
     linears = [(n, m) for n, m in layers.named_modules() if isinstance(m, nn.Linear | TernaryLinear)]
     for index, (name, old) in enumerate(linears):
-        device = old.packed.device if isinstance(old, TernaryLinear) else old.weight.device
+        device = old.weight.device
         K, N = old.in_features, old.out_features
         rotation = kron_factors(K) if rotate else None
         with torch.device(device):
             new = TernaryLinear(K, N, 128, rotation=rotation, act=ActivationQuant(act_bits))
         w = random_packed(N, K, device=device, seed=seed * 100003 + index)
-        new.packed.copy_(w.packed)
+        new.weight.copy_(w.packed)
         new.alpha.copy_(w.alpha)
         new.mu.copy_(w.mu)
         if rotation:

@@ -29,8 +29,11 @@ if TYPE_CHECKING:
 
 class TernaryLinear(nn.Module):
     """A linear layer on packed ternary codes with an optional online rotation and
-    per-token activation quantization. Buffers ``packed``, ``alpha``, ``mu`` (and ``perm``,
-    ``rot1``, ``rot2`` when present) are what a packed checkpoint stores; μ only with offsets."""
+    per-token activation quantization. Buffers ``weight`` (the packed codes, uint8 (⌈K/4⌉, N):
+    a stock dense loader meets a shape it cannot take), ``alpha``, ``mu`` (and ``perm``,
+    ``rot1``, ``rot2`` when present) are what a packed checkpoint stores; μ only with offsets,
+    the rotation factors only on the first linear of a site (the others share them,
+    :meth:`share_rotation`)."""
 
     def __init__(
         self,
@@ -42,6 +45,7 @@ class TernaryLinear(nn.Module):
         reordered: bool = False,
         offset: bool = True,
         act: ActivationQuant = UNQUANTIZED,
+        shared_rotation: bool = False,
     ) -> None:
         super().__init__()
         if group_size < 4 or group_size % 4:
@@ -51,12 +55,15 @@ class TernaryLinear(nn.Module):
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.act = act
         groups = -(-in_features // group_size)
-        self.register_buffer("packed", torch.full((-(-in_features // 4), out_features), PAD_BYTE, dtype=torch.uint8))
+        self.register_buffer("weight", torch.full((-(-in_features // 4), out_features), PAD_BYTE, dtype=torch.uint8))
         self.register_buffer("alpha", torch.zeros(groups, out_features))
         self.register_buffer("mu", torch.zeros(groups, out_features), persistent=offset)  # μ = 0 without offsets
         self.register_buffer("perm", torch.arange(in_features) if reordered else None)
-        self.register_buffer("rot1", torch.eye(rotation[0]) if rotation else None)
-        self.register_buffer("rot2", torch.eye(rotation[1]) if rotation else None)
+        if shared_rotation and rotation is None:
+            raise ValueError("a shared rotation needs the rotation's factor sizes")
+        for factor, size in zip(("rot1", "rot2"), rotation or (None, None), strict=True):
+            placeholder = None if size is None else torch.eye(size)
+            self.register_buffer(factor, placeholder, persistent=not shared_rotation)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         # derived from the stored buffers (exact for the placeholders: identity order, Ŵ = 0);
         # recomputed by refresh(), which loading a state dict calls
@@ -87,7 +94,7 @@ class TernaryLinear(nn.Module):
         )
         w = pack_ternary(weight.codes[:, perm], weight.alpha, weight.mu, weight.block_size)
         with torch.no_grad():
-            module.packed.copy_(w.packed)
+            module.weight.copy_(w.packed)
             module.alpha.copy_(w.alpha)
             module.mu.copy_(w.mu)
             if reordered:
@@ -115,6 +122,7 @@ class TernaryLinear(nn.Module):
             "act_bits": self.act.bits,
             "act_clip": float(self.act.clip),
             "act_symmetric": self.act.symmetric,
+            "shared_rotation": self.shares_rotation,
         }
 
     @classmethod
@@ -130,6 +138,22 @@ class TernaryLinear(nn.Module):
     def has_offset(self) -> bool:
         return "mu" not in self._non_persistent_buffers_set
 
+    @property
+    def shares_rotation(self) -> bool:
+        """Whether the rotation factors belong to another linear of the site (not stored here)."""
+        return "rot1" in self._non_persistent_buffers_set
+
+    def share_rotation(self, source: TernaryLinear) -> None:
+        """Use ``source``'s rotation factors (the same tensors) and stop storing them here."""
+        if (
+            source.rot1 is None
+            or self.rot1 is None
+            or source.rot1.shape + source.rot2.shape != self.rot1.shape + self.rot2.shape
+        ):
+            raise ValueError("shared rotation factors must have the same sizes on both linears")
+        self.rot1, self.rot2 = source.rot1, source.rot2
+        self._non_persistent_buffers_set.update(("rot1", "rot2"))
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the derived buffers (inverse permutation, weight sums) after the stored ones
@@ -138,7 +162,7 @@ class TernaryLinear(nn.Module):
         self.wsum = weight_sums(self.packed_weight())
 
     def packed_weight(self) -> PackedTernary:
-        return PackedTernary(self.packed, self.alpha, self.mu, self.in_features, self.group_size)
+        return PackedTernary(self.weight, self.alpha, self.mu, self.in_features, self.group_size)
 
     def dequantize(self) -> Tensor:
         """Ŵ (N, K) in float32, in the layer's (rotated) input order."""

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from twla.checkpoint import load_packed, read_config
 from twla.cli import main
 from twla.config import VOCABULARY, QuantConfig, method_table
 from twla.report import MethodRow, markdown_report
+from twla.tasks import build_tasks, evaluate_tasks
 
 
 def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
@@ -42,6 +44,10 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert set(a4["shaping"]) == {"attn_in", "attn_out", "mlp_in", "mlp_out"} and a4["activations"]["calibrated"] > 0
     text = (out / "report.md").read_text()
     assert "| e2m+gptq | W1.58A16 | none |" in text and "tri-modality" in text
+    for row in report["rows"]:  # zero-shot accuracy and continuations for every row
+        assert set(row["accuracy"]) == {"lastword", "nextsent"} and 0 <= row["accuracy"]["nextsent"]["mean"] <= 1
+        assert row["accuracy"]["lastword"]["items"] == 80 and len(row["samples"]) == 3
+    assert "| lastword acc | nextsent acc_norm |" in text and "## Continuations" in text
     mixed = report["rows"][4]
     assert mixed["scheme"] == "W1.58A2-8 mixed" and mixed["act_bits"] <= 4.0 + 1e-9
     assert mixed["allocation"]["allocation"]["bits"] and mixed["allocation"]["agreement"]["entries"] == 2 * 3
@@ -95,6 +101,59 @@ def test_quantize_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
     assert "not a packed twla checkpoint" in capsys.readouterr().err
 
 
+TOY_TASK = """task: toychoice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_generate_and_zero_shot_eval_commands(tiny_checkpoint, tmp_path, capsys):
+    out = str(tmp_path / "q")
+    quantize = ["quantize", "--model", tiny_checkpoint, "--method", "pt2+gptq+ssr", "--nsamples", "4", "--seqlen", "64"]
+    assert main([*quantize, "--out", out, "--quiet"]) == 0
+    capsys.readouterr()
+    # FP answer beside the quantized one: the checkpoint records the model it came from
+    assert main(["generate", out, "--prompt", "It is a truth", "--max-new-tokens", "5", "--compare"]) == 0
+    printed = capsys.readouterr().out
+    assert f"── full precision ({os.path.abspath(tiny_checkpoint)}) ──" in printed
+    assert "── quantized (pt2+gptq+ssr) ──" in printed and printed.count("tokens/s on cpu") == 2
+    assert "the two answers are" in printed
+    assert main(["generate", tiny_checkpoint, "--prompt", "Hello", "--max-new-tokens", "3", "--sample"]) == 0
+    assert "(full precision) ──" in capsys.readouterr().out
+    assert main(["generate", tiny_checkpoint, "--prompt", "Hello", "--compare"]) == 2
+    assert "--compare needs a packed checkpoint" in capsys.readouterr().err
+    # built-in tasks print the same accuracy that scoring the loaded model gives
+    assert main(["eval", out, "--eval-tokens", "256", "--eval-seqlen", "64", "--tasks", "nextsent", "--quiet"]) == 0
+    model, tokenizer, _ = load_packed(out)
+    expected = evaluate_tasks(model, tokenizer, build_tasks(["nextsent"]), None, torch.device("cpu"))[0]
+    assert f"pt2+gptq+ssr: {expected.describe()}" in capsys.readouterr().out
+    # lm-evaluation-harness tasks: a task over local files runs; one whose data is not cached is refused
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"ctx": c, "choices": [" a", " b"], "label": 0}) + "\n" for c in "xyz"))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "toy.yaml").write_text(TOY_TASK.format(data=data))
+    harness = ["eval", out, "--eval-tokens", "256", "--eval-seqlen", "64", "--quiet", "--tasks"]
+    assert main([*harness, "toychoice", "--include-path", str(tmp_path / "tasks")]) == 0
+    assert "toychoice (lm-evaluation-harness) acc,none" in capsys.readouterr().out
+    assert main([*harness, "hellaswag", "--limit", "2"]) == 2
+    assert "data must already be in the datasets cache" in capsys.readouterr().err
+    assert main([*harness, "no_such_task"]) == 2
+    assert "knows no task no_such_task" in capsys.readouterr().err
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["bench", "--model", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
@@ -133,6 +192,11 @@ def test_bench_refuses_shared_text(tiny_checkpoint, tmp_path, capsys):
     args = ["bench", "--model", tiny_checkpoint, "--calibration", "emma", "--evaluation", "emma", "--quiet"]
     assert main([*args, "--seqlen", "64", "--eval-seqlen", "64", "--out", str(tmp_path / "r")]) == 2
     assert "share text" in capsys.readouterr().err
+    args = ["bench", "--model", tiny_checkpoint, "--calibration", "persuasion", "--quiet", "--seqlen", "64"]
+    assert main([*args, "--eval-seqlen", "64", "--out", str(tmp_path / "r")]) == 2  # a task's book
+    assert "task lastword is built from persuasion, which is in the calibration text" in capsys.readouterr().err
+    assert main([*args, "--eval-seqlen", "64", "--out", str(tmp_path / "r"), "--tasks", "lastword,lastword"]) == 2
+    assert "give distinct built-in tasks" in capsys.readouterr().err
 
 
 def test_help_runs(capsys):

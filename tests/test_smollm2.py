@@ -10,6 +10,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from tests.helpers import first_blocks
 from twla import (
@@ -111,3 +112,25 @@ def test_mixed_precision_activations_on_real_model(smollm2, data, tmp_path):
     assert {spec["act_bits"] for spec in meta["linears"].values()} == set(al.allocation.bits)
     assert perplexity(loaded, windows, device="cpu").ppl == pytest.approx(blocks_ppl, rel=1e-6)
     assert meta["bits"]["bits_per_weight"] < 2.3
+
+
+def test_packed_smollm2_through_transformers_generates_what_load_packed_does(smollm2, data, tmp_path):
+    """``import twla`` + ``AutoModelForCausalLM.from_pretrained`` on a packed SmolLM2 (its first
+    blocks quantized, as a model of their own): the tokens of twla.load_packed and of the
+    fake-quantized model, for a chat prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from twla.generation import encode_prompt
+
+    _, tokenizer = smollm2
+    calib, _ = data
+    model, report = quantized(QuantConfig.from_method("pt2+gptq+ssr+had+a4"), calib)
+    ids = encode_prompt(tokenizer, "What is the capital of France?")
+    with first_blocks(model):
+        fake = model.generate(ids, attention_mask=ids.ne(-1), max_new_tokens=16, do_sample=False)
+        save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "w158a4"), "pt2+gptq+ssr+had+a4")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "w158a4"))
+    reference, _, _ = load_packed(str(tmp_path / "w158a4"))
+    out = hf.generate(ids, attention_mask=ids.ne(-1), max_new_tokens=16, do_sample=False)
+    assert torch.equal(out, reference.generate(ids, attention_mask=ids.ne(-1), max_new_tokens=16, do_sample=False))
+    assert torch.equal(out, fake)

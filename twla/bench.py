@@ -29,8 +29,17 @@ from twla.data import (
     tokenize,
 )
 from twla.evaluate import perplexity
+from twla.generation import continuations
 from twla.io import atomic_directory, check_output_dir, json_format
-from twla.loading import DEFAULT_MODEL, ModelSource, check_window_length, load_model, model_source, resolve_device
+from twla.loading import (
+    DEFAULT_MODEL,
+    ModelSource,
+    check_window_length,
+    load_model,
+    model_reference,
+    model_source,
+    resolve_device,
+)
 from twla.pipeline import LayerRecord, quantize
 from twla.plots import (
     plot_allocations,
@@ -41,6 +50,7 @@ from twla.plots import (
     plot_weight_histograms,
 )
 from twla.report import REPORT_FORMAT, MethodRow, report_dict, write_report
+from twla.tasks import DEFAULT_TASKS, TASKS, Task, TaskResult, build_tasks, check_tasks_disjoint, evaluate_tasks
 
 DEFAULT_METHOD = "pt2+gptq+ssr+had+a4+recon+e2e"  # the default W1.58A4 method; `twla quantize` uses it
 # The main job's rows: they fit its time budget (about 35 minutes on 2 CPU cores).
@@ -141,6 +151,7 @@ class BenchConfig:
     # {"weights": {"damp": 0.05}, "end_to_end": {"steps": 100}}; each applies to the methods that use it
     overrides: dict = field(default_factory=dict)
     overwrite: bool = False  # replace a bench report written earlier at ``out``
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # built-in zero-shot tasks scored for every row (twla.tasks)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -174,6 +185,9 @@ class BenchConfig:
             raise ValueError(f"--save names methods that are not benched: {', '.join(sorted(unknown))}")
         for spec in self.save:
             QuantConfig.from_method(spec).check_packable(spec)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"--tasks: give distinct built-in tasks among {', '.join(TASKS)}, got {list(self.tasks)}")
 
     def quant_config(self, spec: str, seed: int = 0) -> QuantConfig:
         """The configuration of one benched method at ``seed``, with this run's overrides."""
@@ -195,7 +209,14 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
     dtype = storage_dtype(cfg.save_dtype)
     seed = cfg.seeds[0]
     files = save_packed(
-        pack_model(model, report.weights), tokenizer, staged, spec, qcfg.to_dict(), run.provenance[seed], dtype=dtype
+        pack_model(model, report.weights),
+        tokenizer,
+        staged,
+        spec,
+        qcfg.to_dict(),
+        run.provenance[seed],
+        dtype=dtype,
+        source=model_reference(cfg.model),
     )
     loaded, _, _ = load_packed(staged)
     result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
@@ -219,9 +240,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     calib = {seed: calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, seed, bos) for seed in cfg.seeds}
     windows = evaluation_windows(tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens, bos)
     check_no_overlap(cal_ids, windows)
+    tasks = build_tasks(cfg.tasks)
+    check_tasks_disjoint(tasks, cal_text.parts)
     with atomic_directory(cfg.out) as staging:
         origin = {seed: provenance(cal_text, c, seed) for seed, c in calib.items()}
-        run = _Run(source, calib, windows, cal_text, eval_text, device, staging, origin)
+        run = _Run(source, calib, windows, cal_text, eval_text, device, staging, origin, tasks, bos)
         result = _bench(cfg, run, progress)
     if progress:
         print(f"\nReport written to {cfg.out}/ ({', '.join(sorted(os.listdir(cfg.out)))})")
@@ -240,6 +263,8 @@ class _Run:
     device: torch.device
     staging: str  # the report directory being written
     provenance: dict[int, dict]  # per seed
+    tasks: list[Task]
+    bos: int | None  # the token every window starts with, if the tokenizer adds one
 
 
 def spread(values: list[float]) -> dict:
@@ -247,6 +272,27 @@ def spread(values: list[float]) -> dict:
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
     return {"mean": mean, "std": var**0.5, "min": min(values), "max": max(values), "n": len(values)}
+
+
+def accuracy(scores: dict[int, list[TaskResult]]) -> dict[str, dict] | None:
+    """A row's accuracy per task: mean and std of the headline metric over seeds, and the first
+    seed's items, standard error and metrics."""
+    if not scores or not next(iter(scores.values())):
+        return None
+    first = next(iter(scores.values()))
+    out = {}
+    for k, result in enumerate(first):
+        values = spread([results[k].value for results in scores.values()])
+        out[result.task] = {
+            "metric": result.metric,
+            "mean": values["mean"],
+            "std": values["std"],
+            "seeds": values["n"],
+            "items": result.items,
+            "stderr": result.stderr,
+            "metrics": result.metrics,
+        }
+    return out
 
 
 def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_seconds: float) -> MethodRow:
@@ -316,21 +362,42 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
             print(f"{label}: perplexity {result.ppl:.3f} on {result.describe()}", flush=True)
         return result, time.perf_counter() - start
 
+    def score(label: str, model) -> list[TaskResult]:
+        """Accuracy on the built-in tasks; the continuations of the report's prompts come with the first seed."""
+        results = evaluate_tasks(model, tokenizer, run.tasks, run.bos, run.device, progress)
+        if progress and results:
+            print(f"{label}: " + "; ".join(r.describe() for r in results), flush=True)
+        return results
+
+    def samples(model) -> list[str]:
+        texts = continuations(model.to(run.device), tokenizer)
+        model.to("cpu")
+        return texts
+
     fp, fp_seconds = evaluate("full precision", model)
     fp_bits = count_bits(model, adapter, {})
     rows = [MethodRow("fp", "W16A16", "none", fp.ppl, 16.0, 16.0, 16.0, fp_bits.fp16_size_bytes / 2**20, fp_seconds)]
+    rows[0].accuracy = accuracy({0: score("full precision", model)})
+    rows[0].samples = samples(model)
     histograms, rotation_weights = {}, {}
     for i, spec in enumerate(cfg.methods):
-        row, per_seed = None, {}
+        row, per_seed, scores = None, {}, {}
         for j, seed in enumerate(cfg.seeds):
             if i or j:
                 model, _ = load_model(run.source)
             qcfg = cfg.quant_config(spec, seed)
             model, report = quantize(model, qcfg, run.calib[seed], run.device, progress)
-            result, eval_seconds = evaluate(spec if len(cfg.seeds) == 1 else f"{spec} (seed {seed})", model)
-            per_seed[seed] = {"ppl": result.ppl, "quant_seconds": report.seconds}
+            label = spec if len(cfg.seeds) == 1 else f"{spec} (seed {seed})"
+            result, eval_seconds = evaluate(label, model)
+            scores[seed] = score(label, model)
+            per_seed[seed] = {
+                "ppl": result.ppl,
+                "quant_seconds": report.seconds,
+                "accuracy": {r.task: r.value for r in scores[seed]},
+            }
             if row is None:  # the first seed's model is reported in detail, plotted and saved
                 row = _method_row(spec, qcfg, model, report, result.ppl, eval_seconds)
+                row.samples = samples(model)
                 histograms[spec] = report.weights[hist_name].dequantize()
                 if report.rotation:
                     rotation_weights[spec] = report.rotation.weights
@@ -341,6 +408,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
         row.ppl_spread = spread([r["ppl"] for r in per_seed.values()])
         row.ppl, row.seeds = row.ppl_spread["mean"], per_seed
         row.quant_seconds = _mean([r["quant_seconds"] for r in per_seed.values()])
+        row.accuracy = accuracy(scores)
         rows.append(row)
 
     setup = {
@@ -351,6 +419,8 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
         f"seeds {', '.join(map(str, cfg.seeds))}"
         + "".join(f"; {s}.{k} = {v} where used" for s, given in cfg.overrides.items() for k, v in given.items()),
         "accounting": ACCOUNTING_RULES,
+        "task_setup": "; ".join(f"{t.name}: {len(t.items)} items from {t.corpus}, {t.metric}" for t in run.tasks)
+        + (" (twla.tasks: scored by log-likelihood, binomial standard error ±√(p(1−p)/n))" if run.tasks else ""),
         "host": platform.node(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -209,6 +209,7 @@ def save_packed(
     report: Mapping | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    source: str = "",
 ) -> PackedBits:
     """Write the packed checkpoint of ``model`` (after :func:`pack_model`) to ``path``, atomically.
 
@@ -219,7 +220,9 @@ def save_packed(
     ``path`` is replaced only with ``overwrite``; anything else there is never touched.
     ``dtype`` (e.g. ``torch.float16``) stores the unquantized floating tensors (embeddings,
     norms, biases, rotation factors) in that type; None keeps them as they are, so the loaded
-    model is bit-identical. Returns the sizes counted from the file.
+    model is bit-identical. ``source`` names the full-precision model it was quantized from
+    (:func:`twla.loading.model_reference`; ``twla generate --compare`` loads it). Returns the
+    sizes counted from the file.
     """
     check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite)
     linears = packed_linears(model)
@@ -240,6 +243,7 @@ def save_packed(
         "version": VERSION,
         "method": method,
         "model_type": model.config.model_type,
+        "model": source,
         "config": dict(config or {}),
         "linears": {name: m.settings() for name, m in linears.items()},
         "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),

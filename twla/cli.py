@@ -1,4 +1,5 @@
-"""Command line: ``twla bench`` (the main job), ``twla quantize``, ``twla eval``, ``twla kernels``, ``twla solvers``."""
+"""Command line: ``twla bench`` (the main job), ``twla quantize``, ``twla eval``, ``twla generate``,
+``twla kernels``, ``twla solvers``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from twla.data import CORPORA, HUB_DATASETS
 from twla.kernels.dispatch import BACKENDS
 from twla.loading import BUILTIN, DEFAULT_MODEL
 from twla.solvers.bits import compare as solver_bench
+from twla.tasks import DEFAULT_TASKS, TASKS
 
 METHOD_HELP = f"methods: a base weight quantizer plus '+'-joined modifiers (e.g. {DEFAULT_METHOD})\n" + (method_help())
 DATA_HELP = (
@@ -173,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated seeds: every method runs once per seed and the report gives mean ± std "
         "(default: --seed, or 0)",
     )
+    bench.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help=f"comma-separated built-in zero-shot tasks scored for every row ({', '.join(TASKS)}; "
+        f"default {','.join(DEFAULT_TASKS)}; '' for none)",
+    )
     bench.add_argument("--out", default="runs/latest", help="report directory (default runs/latest)")
     bench.add_argument(
         "--save",
@@ -225,7 +233,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_int_at_least(1), default=8, help="sequences per forward pass (default 8)"
     )
     evaluate.add_argument("--kernels", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
+    evaluate.add_argument(
+        "--tasks",
+        default="",
+        help=f"comma-separated zero-shot tasks: built-in ({', '.join(TASKS)}; offline) or lm-evaluation-harness "
+        "tasks (e.g. hellaswag, arc_easy; needs twla[lm-eval] and the task's data in the datasets cache)",
+    )
+    evaluate.add_argument("--limit", type=_int_at_least(1), default=None, help="harness tasks: at most N documents")
+    evaluate.add_argument("--include-path", default=None, help="harness tasks: a directory of task definitions")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    gen = sub.add_parser(
+        "generate",
+        help="write text with a packed checkpoint or a full-precision model (streamed, tokens/s)",
+        description=textwrap.fill(
+            "Continue a prompt with SOURCE (a packed checkpoint, or a model as for --model) and print the "
+            "tokens as they come and the decoding speed. Instruct models get the prompt as a user turn of "
+            "their chat template. --compare also runs the full-precision model the checkpoint was quantized "
+            "from and prints both answers."
+        ),
+    )
+    gen.add_argument("source", help="packed checkpoint directory, built-in model, local checkpoint or hub id")
+    gen.add_argument("--prompt", required=True, help="the text to continue (or the user's message)")
+    gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=64, help="at most this many (default 64)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    gen.add_argument("--top-p", type=float, default=0.9, help="sampling nucleus (default 0.9)")
+    gen.add_argument("--seed", type=_int_at_least(0), default=0, help="sampling seed (default 0)")
+    chat = gen.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=None, help="use the chat template")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="continue the plain prompt")
+    gen.add_argument("--compare", action="store_true", help="also answer with the full-precision model")
+    gen.add_argument(
+        "--fp-model", default=None, help="full-precision model for --compare (default: the one the checkpoint records)"
+    )
+    gen.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    gen.add_argument("--kernels", default="auto", choices=BACKENDS, help="kernel backend (default auto)")
 
     kernels = sub.add_parser(
         "kernels",
@@ -277,6 +321,7 @@ def _bench(args: argparse.Namespace) -> None:
         save_dtype=args.save_dtype,
         overrides=_overrides(args, benched),
         overwrite=args.overwrite,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
     )
     run_bench(cfg, progress=not args.quiet)
 
@@ -285,7 +330,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.checkpoint import is_packed_checkpoint, pack_model, save_packed, storage_dtype
     from twla.data import bos_token, calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
-    from twla.loading import check_window_length, load_model, model_source, resolve_device
+    from twla.loading import check_window_length, load_model, model_reference, model_source, resolve_device
     from twla.pipeline import quantize
 
     # everything that can be refused is checked before the model's weights are read
@@ -316,6 +361,7 @@ def _quantize(args: argparse.Namespace) -> None:
         report=report.to_dict(),
         dtype=dtype,
         overwrite=args.overwrite,
+        source=model_reference(args.model),
     )
     print(f"{args.method}: quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}")
     print(files.describe())
@@ -329,6 +375,7 @@ def _eval(args: argparse.Namespace) -> None:
     from twla.evaluate import perplexity
     from twla.kernels.dispatch import kernel_backend
     from twla.loading import resolve_device
+    from twla.tasks import build_tasks, check_tasks_disjoint, evaluate_tasks
 
     device = resolve_device(args.device)
     text = load_text(args.evaluation, "evaluation")
@@ -344,10 +391,76 @@ def _eval(args: argparse.Namespace) -> None:
             f"the evaluation text {text.name}: this perplexity is measured on text the model was calibrated on",
             file=sys.stderr,
         )
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    builtin = build_tasks([t for t in names if t in TASKS])
+    check_tasks_disjoint(builtin, meta.get("provenance", {}).get("calibration", {}).get("sources", ()))
+    harness = [t for t in names if t not in TASKS]
+    label = meta["method"] or args.checkpoint
     with kernel_backend(args.kernels):
         result = perplexity(model, windows, text.name, args.batch_size, device, not args.quiet)
-    print(f"{meta['method'] or args.checkpoint}: perplexity {result.ppl:.4f} on {result.describe()}")
+        print(f"{label}: perplexity {result.ppl:.4f} on {result.describe()}")
+        for task in evaluate_tasks(model, tokenizer, builtin, bos_token(tokenizer), device, not args.quiet):
+            print(f"{label}: {task.describe()}")
+        if harness:
+            from twla.harness import run_harness
+
+            for task, metrics in run_harness(
+                model.to(device), tokenizer, harness, args.batch_size, device, args.limit, args.include_path
+            ).items():
+                values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                print(f"{label}: {task} (lm-evaluation-harness) {values}")
     print(packed_bits(args.checkpoint).describe())
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from twla.checkpoint import is_packed_checkpoint, load_packed
+    from twla.generation import encode_prompt, generate
+    from twla.kernels.dispatch import kernel_backend
+    from twla.loading import load_model, model_source, resolve_device
+
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    packed = is_packed_checkpoint(args.source)
+    if (args.compare or args.fp_model) and not packed:
+        raise ValueError(f"--compare needs a packed checkpoint; {args.source!r} is not one")
+    models = []  # (label, model, tokenizer), the full-precision one first
+    if packed:
+        model, tokenizer, meta = load_packed(args.source, dtype=dtype)
+        if tokenizer is None:
+            raise ValueError(f"{args.source} holds no tokenizer; it is needed to encode the prompt")
+        if args.compare:
+            fp = args.fp_model or meta.get("model")
+            if not fp:
+                raise ValueError(f"{args.source} does not record its full-precision model; name it with --fp-model")
+            source = model_source(fp)  # checked before any weights are read
+            fp_model, fp_tokenizer = load_model(source, dtype=dtype)
+            models.append((f"full precision ({fp})", fp_model, fp_tokenizer))
+        models.append((f"quantized ({meta['method'] or args.source})", model, tokenizer))
+    else:
+        model, tokenizer = load_model(model_source(args.source), dtype=dtype)
+        models.append((f"{args.source} (full precision)", model, tokenizer))
+    answers = []
+    for label, model, tokenizer in models:
+        ids = encode_prompt(tokenizer, args.prompt, args.chat)
+        print(f"── {label} ──", flush=True)
+        with kernel_backend(args.kernels):
+            out = generate(
+                model.to(device),
+                tokenizer,
+                ids,
+                args.max_new_tokens,
+                args.sample,
+                args.temperature,
+                args.top_p,
+                args.seed,
+                stream=True,
+            )
+        print(f"[{out.new_tokens} tokens in {out.seconds:.2f} s: {out.tokens_per_second:.1f} tokens/s on {device}]\n")
+        answers.append((label, out))
+    if len(answers) > 1:
+        same = answers[0][1].text == answers[1][1].text
+        print("the two answers are " + ("identical" if same else "different"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "quantize": _quantize,
             "eval": _eval,
+            "generate": _generate,
             "kernels": speed.run,
             "solvers": solver_bench.run,
         }

@@ -99,6 +99,12 @@ class ModelSource:
         return getattr(self.config, "max_position_embeddings", None)
 
 
+def model_reference(name_or_path: str) -> str:
+    """How a checkpoint records the model it came from: a built-in name or hub id as given, a
+    local directory as its absolute path."""
+    return name_or_path if name_or_path in BUILTIN or not os.path.isdir(name_or_path) else os.path.abspath(name_or_path)
+
+
 def model_source(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
     """Resolve a built-in name, a local directory or a hub id and read its config and tokenizer,
     checking that the architecture is supported (cheap: no weights are read)."""

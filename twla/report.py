@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from twla.config import method_parts
+from twla.generation import REPORT_PROMPTS, REPORT_TOKENS
 from twla.io import write_json, write_text
 
 REPORT_FORMAT = "twla-bench-report"  # marks report.json, so a later run knows the directory is its own
@@ -24,7 +25,10 @@ class MethodRow:
     reconstruction: per-block errors before / after; end_to_end: held-out mean KL before / after
     the end-to-end reconstruction; shaping: per-site rotation scores;
     allocation: ILA-AMP costs and choice; bits: the bit accounting; config: the QuantConfig
-    dict; layers: per-layer records; packed: the saved checkpoint, reloaded and evaluated.
+    dict; layers: per-layer records; packed: the saved checkpoint, reloaded and evaluated;
+    accuracy: per built-in task, its headline metric (mean and std over seeds, the first seed's
+    items, binomial standard error and every metric; :mod:`twla.tasks`); samples: the first
+    seed's greedy continuations of :data:`twla.generation.REPORT_PROMPTS`.
     """
 
     method: str
@@ -52,6 +56,8 @@ class MethodRow:
     config: dict | None = None
     layers: list[dict] = field(default_factory=list)
     packed: dict | None = None
+    accuracy: dict[str, dict] | None = None
+    samples: list[str] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MethodRow:
@@ -93,16 +99,43 @@ def _ppl_cell(row: MethodRow) -> str:
     return _cell(row.ppl, "{:.2f}")
 
 
+def _tasks(rows: list[MethodRow]) -> dict[str, str]:
+    """Task name → headline metric, over every row's accuracy, in order of appearance."""
+    return {task: acc["metric"] for row in rows for task, acc in (row.accuracy or {}).items()}
+
+
+def _accuracy_cell(row: MethodRow, task: str) -> str:
+    acc = (row.accuracy or {}).get(task)
+    if acc is None:
+        return "–"
+    return f"{acc['mean']:.3f}" + (f" ± {acc['std']:.3f}" if acc["seeds"] > 1 else "")
+
+
 def markdown_table(rows: list[MethodRow]) -> str:
-    head = "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = [
-        "| "
-        + " | ".join(_ppl_cell(row) if key == "ppl" else _cell(getattr(row, key), fmt) for key, _, fmt in COLUMNS)
-        + " |"
-        for row in rows
-    ]
-    return "\n".join([head, rule, *body])
+    """The main table; after the perplexity, one column per built-in task's accuracy."""
+    tasks = _tasks(rows)
+    titles = [title for _, title, _ in COLUMNS]
+    at = titles.index("perplexity") + 1
+    titles[at:at] = [f"{task} {metric}" for task, metric in tasks.items()]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "|".join("---" for _ in titles) + "|"]
+    for row in rows:
+        cells = [_ppl_cell(row) if key == "ppl" else _cell(getattr(row, key), fmt) for key, _, fmt in COLUMNS]
+        cells[at:at] = [_accuracy_cell(row, task) for task in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def samples_table(rows: list[MethodRow], prompts: tuple[str, ...]) -> str:
+    """Each prompt with every model's continuation."""
+    lines = []
+    for k, prompt in enumerate(prompts):
+        lines += [f"**{prompt}** …", "", "| method | continuation |", "|---|---|"]
+        for row in rows:
+            if row.samples:
+                text = " ".join(row.samples[k].split()).replace("|", "\\|")
+                lines.append(f"| {row.method} | {text} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def seed_table(rows: list[MethodRow]) -> str:
@@ -329,6 +362,8 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
         f"Bit accounting: {setup['accounting']}",
         markdown_table(rows),
     ]
+    if setup.get("task_setup"):
+        parts.append(f"Zero-shot accuracy: {setup['task_setup']}")
     if len(setup["seeds"]) > 1:
         parts += [
             f"## Perplexity per seed (calibration windows and random choices; {len(setup['seeds'])} seeds)",
@@ -379,6 +414,11 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
         ]
     if any(row.packed for row in rows):
         parts += ["## Packed checkpoints (2-bit codes; saved, loaded back and evaluated)", packed_table(rows)]
+    if any(row.samples for row in rows):
+        parts += [
+            f"## Continuations (greedy, {REPORT_TOKENS} new tokens, first seed)",
+            samples_table(rows, REPORT_PROMPTS),
+        ]
     return "\n\n".join(parts)
 
 

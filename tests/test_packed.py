@@ -111,6 +111,25 @@ def test_biased_architecture_round_trips(calib_ids, tokens, tmp_path):
         assert torch.allclose(logits(loaded, tokens), fake, atol=1e-4 * fake.abs().max())
 
 
+@pytest.mark.parametrize("spec", ["pt2+gptq+ssr+had+a4+recon", "pt2+gptq+r1+had+a4"])
+def test_fused_projection_architecture_round_trips(spec, calib_ids, tokens, tmp_path):
+    """Phi-3 computes q/k/v in one linear and gate/up in another: each is one linear of its site."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    from tests.helpers import SMALL_CONFIG
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**SMALL_CONFIG, pad_token_id=0)).eval()
+    dense = logits(model, tokens)
+    model, report = quantize(model, QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+    fake = logits(model, tokens)
+    assert len(report.weights) == 8 and "model.layers.1.self_attn.qkv_proj" in report.weights
+    assert (fake - dense).abs().mean() < 0.5 * dense.abs().mean()  # quantized, not broken
+    save_packed(pack_model(model, report.weights), None, str(tmp_path / "phi3"))
+    loaded, _, meta = load_packed(str(tmp_path / "phi3"))
+    assert meta["model_type"] == "phi3" and torch.equal(logits(loaded, tokens), fake)
+
+
 def test_loading_a_state_dict_refreshes_the_derived_buffers(calib_ids, tokens):
     """A TernaryLinear filled by load_state_dict recomputes its inverse order and weight sums."""
     model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)

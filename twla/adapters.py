@@ -84,11 +84,20 @@ _GEMMA3_SITES = (
     _LLAMA_SITES[3],
 )
 
+# Phi-3: q/k/v in one fused linear and gate/up in another; otherwise Llama's layout
+_PHI3_SITES = (
+    Site("attn_in", ("self_attn.qkv_proj",), "input_layernorm"),
+    _LLAMA_SITES[1],
+    Site("mlp_in", ("mlp.gate_up_proj",), "post_attention_layernorm"),
+    _LLAMA_SITES[3],
+)
+
 ADAPTERS: dict[str, Adapter] = {
     **{
         family: Adapter(family=family, sites=_LLAMA_SITES, **_LLAMA_LIKE)
         for family in ("llama", "mistral", "qwen2", "qwen3")
     },
+    "phi3": Adapter(family="phi3", sites=_PHI3_SITES, **_LLAMA_LIKE),
     "gemma3_text": Adapter(
         family="gemma3_text",
         sites=_GEMMA3_SITES,

@@ -86,6 +86,10 @@ def test_save_pretrained_writes_a_checkpoint_that_loads_back_bit_identically(pac
     ids = torch.arange(20).unsqueeze(0)
     assert torch.equal(again(ids).logits, model(ids).logits)
     assert isinstance(again.config.quantization_config, TwlaConfig)
+    half = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)  # codes stay uint8
+    assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8 and half.dtype == torch.float16
+    reference = model(ids).logits
+    assert (half(ids).logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 def test_stock_transformers_refuses_a_packed_checkpoint(packed):

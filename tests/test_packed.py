@@ -387,3 +387,13 @@ assert not blocked, blocked
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "torch.Size([1, 3, 256])" in result.stdout and "GPU rows" in result.stdout
+
+
+def test_storage_shared_outside_the_models_tied_weights_is_refused(calib_ids, tmp_path):
+    """Every tensor is stored once; sharing that loading would not restore (not a tied weight) is an error."""
+    model, report = quantized("pt2+gptq+ssr", calib_ids)
+    pack_model(model, report.weights)
+    model.model.norm.weight = model.model.layers[0].input_layernorm.weight
+    with pytest.raises(ValueError, match="model.norm.weight shares its storage with .*input_layernorm.weight"):
+        save_packed(model, None, str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()

@@ -191,8 +191,9 @@ def packed_state_dict(model: PreTrainedModel, dtype: torch.dtype | None = None) 
     for key, t in model.state_dict().items():
         signature = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and signature in first:
-            if first[signature] not in (tied.get(key), *[k for k, v in tied.items() if v == key]):
-                raise ValueError(f"{key} shares its storage with {first[signature]}, but the model does not tie them")
+            earlier = first[signature]
+            if tied.get(key) != earlier and tied.get(earlier) != key:  # tied: target → source
+                raise ValueError(f"{key} shares its storage with {earlier}, but the model does not tie them")
             continue
         first[signature] = key
         tensors[key] = _storage_tensor(key, t, linears, dtype)

@@ -165,6 +165,20 @@ def test_perplexity_of_uniform_model_is_vocab_size(tiny_model):
     assert result.ppl == pytest.approx(256, rel=1e-4) and result.tokens == 3 * 15
 
 
+def test_perplexity_bounds_the_logits_of_a_forward_pass(tiny_model, monkeypatch):
+    """A large vocabulary gets fewer windows per forward pass; the result does not change."""
+    import twla.evaluate
+
+    windows = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
+    whole = perplexity(tiny_model, windows, batch_size=8)
+    calls = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda ids, **kw: calls.append(len(ids)) or forward(ids, **kw))
+    monkeypatch.setattr(twla.evaluate, "LOGITS_LIMIT", 2 * 16 * 256)  # two windows' logits
+    split = perplexity(tiny_model, windows, batch_size=8)
+    assert calls == [2, 2, 1] and split.tokens == whole.tokens and split.nll == pytest.approx(whole.nll, rel=1e-6)
+
+
 def test_scales_are_stored_in_16_bits(tiny_model, calib_ids):
     _, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
     for tw in report.weights.values():

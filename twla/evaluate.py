@@ -23,6 +23,9 @@ class Perplexity:
         return f"{self.text}: {self.windows} windows × {self.seqlen} tokens ({self.tokens} predicted)"
 
 
+LOGITS_LIMIT = 2**28  # logits per forward pass (1 GiB in float32)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -32,9 +35,14 @@ def perplexity(
     device: str | torch.device | None = None,
     progress: bool = False,
 ) -> Perplexity:
-    """exp of the mean token NLL of ``model`` over the (nwin, seqlen) token ``windows``."""
+    """exp of the mean token NLL of ``model`` over the (nwin, seqlen) token ``windows``, in
+    batches of ``batch_size`` windows, fewer when their logits would exceed
+    :data:`LOGITS_LIMIT` elements (a 262k-token vocabulary: 4 GiB of float32 logits for 8 × 512
+    positions)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = max(1, min(batch_size, LOGITS_LIMIT // (windows.shape[1] * vocab)))
     total, count = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
         batch = batch.to(device)

@@ -239,6 +239,7 @@ def save_packed(
             if not isinstance(layer.get_submodule(site_linear), TernaryLinear):
                 raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; pack every layer")
     tensors = packed_state_dict(model, dtype)
+    settings = quantization_config(model, method)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -246,13 +247,13 @@ def save_packed(
         "model_type": model.config.model_type,
         "model": source,
         "config": dict(config or {}),
-        "linears": {name: m.settings() for name, m in linears.items()},
+        "linears": settings["linears"],
         "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
         "provenance": dict(provenance or {}),
     }
     with atomic_directory(path) as tmp:
         saved_config = copy.deepcopy(model.config)
-        saved_config.quantization_config = quantization_config(model, method)
+        saved_config.quantization_config = settings
         saved_config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

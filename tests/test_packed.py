@@ -355,7 +355,7 @@ def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("twla.checkpoint.save_file", fail)
+    monkeypatch.setattr("twla.checkpoint.write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         save_packed(model, None, saved, overwrite=True)
     assert read_meta(saved)["digest"] == before  # the old checkpoint is untouched

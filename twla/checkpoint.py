@@ -37,21 +37,21 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
 
 from twla.adapters import get_adapter
 from twla.fake_quant import QuantLinear
 from twla.hf_quantizer import QUANT_METHOD
 from twla.io import atomic_directory, check_output_dir, json_format
 from twla.loading import QUANT_FILE
+from twla.shards import ITEMSIZE, TensorSource, write_safetensors
 from twla.ternary_linear import TernaryLinear
 
 if TYPE_CHECKING:
@@ -65,7 +65,6 @@ REPORT_FILE = "twla_report.json"
 CONFIG_FILES = ("config.json", "generation_config.json")  # digested with the tensors
 CODE_TENSORS = ("weight", "alpha", "mu", "perm")  # what a packed linear's weight costs
 ROTATION_TENSORS = ("rot1", "rot2")  # counted apart from the weights' bits
-_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 
 
 STORAGE_DTYPES = ("keep", "float16", "bfloat16")  # for the unquantized tensors of a checkpoint
@@ -158,11 +157,9 @@ def packed_linears(model: nn.Module) -> dict[str, TernaryLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
 
 
-def quantization_config(model: nn.Module, method: str = "") -> dict:
-    """The ``quantization_config`` of a packed model's ``config.json``: everything
-    ``from_pretrained`` needs to build its packed modules (each linear's settings, and which
-    linear of a site holds the rotation factors the others share)."""
-    linears = packed_linears(model)
+def linear_settings(linears: Mapping[str, TernaryLinear]) -> tuple[dict, dict]:
+    """Each packed linear's settings, and for each linear that shares its site's rotation factors
+    the linear that stores them (both by full name, in the order given)."""
     owners = {id(m.rot1): name for name, m in linears.items() if m.rot1 is not None and not m.shares_rotation}
     sources = {}
     for name, m in linears.items():
@@ -170,34 +167,54 @@ def quantization_config(model: nn.Module, method: str = "") -> dict:
             if id(m.rot1) not in owners:
                 raise ValueError(f"{name} shares rotation factors that no packed linear stores")
             sources[name] = owners[id(m.rot1)]
+    return {name: m.settings() for name, m in linears.items()}, sources
+
+
+def quantization_config(
+    model: nn.Module | None = None, method: str = "", settings: tuple[dict, dict] | None = None
+) -> dict:
+    """The ``quantization_config`` of a packed model's ``config.json``: everything
+    ``from_pretrained`` needs to build its packed modules (each linear's settings, and which
+    linear of a site holds the rotation factors the others share), from the model's packed
+    linears or from ``settings`` (:func:`linear_settings`)."""
+    linears, sources = settings if settings is not None else linear_settings(packed_linears(model))
     return {
         "quant_method": QUANT_METHOD,
         "format": FORMAT,
         "version": VERSION,
         "method": method,
-        "linears": {name: m.settings() for name, m in linears.items()},
+        "linears": linears,
         "rotation_sources": sources,
     }
 
 
-def packed_state_dict(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """The tensors of a packed model as stored (:func:`_storage_tensor`), each once: a tensor
-    that shares storage with an earlier one is left out when the model ties it on loading
-    (the tied embedding), and refused otherwise."""
-    linears = packed_linears(model)
-    tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+def stored_tensors(
+    items: Iterable[tuple[str, Tensor]],
+    linears: Mapping[str, TernaryLinear],
+    tied: Mapping[str, str],
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """The tensors ``items`` (state-dict entries) as stored (:func:`_storage_tensor`), each once: a
+    tensor that shares storage with an earlier one is left out when ``tied`` ties them (target →
+    source, as the model ties them on loading), and refused otherwise."""
     tensors: dict[str, Tensor] = {}
     first: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
+    for key, t in items:
         signature = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and signature in first:
             earlier = first[signature]
-            if tied.get(key) != earlier and tied.get(earlier) != key:  # tied: target → source
+            if tied.get(key) != earlier and tied.get(earlier) != key:
                 raise ValueError(f"{key} shares its storage with {earlier}, but the model does not tie them")
             continue
         first[signature] = key
         tensors[key] = _storage_tensor(key, t, linears, dtype)
     return tensors
+
+
+def packed_state_dict(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The tensors of a packed model as stored, each once (:func:`stored_tensors`; the tied embedding once)."""
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return stored_tensors(model.state_dict().items(), packed_linears(model), tied, dtype)
 
 
 def save_packed(
@@ -238,41 +255,71 @@ def save_packed(
         for site_linear in adapter.linear_names():
             if not isinstance(layer.get_submodule(site_linear), TernaryLinear):
                 raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; pack every layer")
-    tensors = packed_state_dict(model, dtype)
-    settings = quantization_config(model, method)
+    with atomic_directory(path) as tmp:
+        return write_packed(
+            tmp,
+            model.config,
+            getattr(model, "generation_config", None),
+            tokenizer,
+            {key: TensorSource.of(t) for key, t in packed_state_dict(model, dtype).items()},
+            quantization_config(model, method),
+            sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
+            config=config,
+            provenance=provenance,
+            report=report,
+            source=source,
+        )
+
+
+def write_packed(
+    directory: str,
+    model_config: PretrainedConfig,
+    generation_config: GenerationConfig | None,
+    tokenizer,
+    tensors: Mapping[str, TensorSource],
+    settings: Mapping,
+    embeddings: list[str],
+    config: Mapping | None = None,
+    provenance: Mapping | None = None,
+    report: Mapping | None = None,
+    source: str = "",
+) -> PackedBits:
+    """Write the files of a packed checkpoint into ``directory`` (the staging directory of an
+    atomic write): ``config.json`` with ``settings`` (:func:`quantization_config`), the generation
+    config, the tokenizer, ``model.safetensors`` from ``tensors`` (read one at a time) and
+    ``twla_quant.json`` with the digests; ``embeddings`` names the embedding and head tensors."""
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "method": method,
-        "model_type": model.config.model_type,
+        "method": settings["method"],
+        "model_type": model_config.model_type,
         "model": source,
         "config": dict(config or {}),
         "linears": settings["linears"],
-        "embeddings": sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
+        "embeddings": embeddings,
         "provenance": dict(provenance or {}),
     }
-    with atomic_directory(path) as tmp:
-        saved_config = copy.deepcopy(model.config)
-        saved_config.quantization_config = settings
-        saved_config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, TENSOR_FILE), metadata={"format": "pt"})
-        meta["files"] = {
-            name: _sha256(os.path.join(tmp, name))
-            for name in (TENSOR_FILE, *CONFIG_FILES)
-            if os.path.isfile(os.path.join(tmp, name))
-        }
-        bits = _count_bits(tmp, meta)
-        meta["bits"] = asdict(bits)
-        meta["digest"] = _meta_digest(meta)
-        with open(os.path.join(tmp, QUANT_FILE), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2, default=str)
-        if report is not None:
-            with open(os.path.join(tmp, REPORT_FILE), "w", encoding="utf-8") as fh:
-                json.dump(dict(report), fh, indent=2, default=str)
+    saved_config = copy.deepcopy(model_config)
+    saved_config.quantization_config = dict(settings)
+    saved_config.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    write_safetensors(os.path.join(directory, TENSOR_FILE), tensors, metadata={"format": "pt"})
+    meta["files"] = {
+        name: _sha256(os.path.join(directory, name))
+        for name in (TENSOR_FILE, *CONFIG_FILES)
+        if os.path.isfile(os.path.join(directory, name))
+    }
+    bits = _count_bits(directory, meta)
+    meta["bits"] = asdict(bits)
+    meta["digest"] = _meta_digest(meta)
+    with open(os.path.join(directory, QUANT_FILE), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=2, default=str)
+    if report is not None:
+        with open(os.path.join(directory, REPORT_FILE), "w", encoding="utf-8") as fh:
+            json.dump(dict(report), fh, indent=2, default=str)
     return bits
 
 
@@ -335,7 +382,7 @@ def _count_bits(path: str, meta: Mapping) -> PackedBits:
         for key in fh.keys():
             view = fh.get_slice(key)
             numel = math.prod(view.get_shape())
-            nbytes = numel * _ITEMSIZE[view.get_dtype()]
+            nbytes = numel * ITEMSIZE[view.get_dtype()]
             owner, _, leaf = key.rpartition(".")
             if owner in linears and leaf in CODE_TENSORS:
                 groups["linear"] += nbytes

@@ -8,7 +8,7 @@ import os
 import sys
 import textwrap
 
-from twla import speed
+from twla import scale, speed
 from twla.bench import DEFAULT_METHOD, DEFAULT_SAVE, METHOD_SETS, BenchConfig, resolve_methods, run_bench
 from twla.checkpoint import STORAGE_DTYPES
 from twla.config import EndToEndConfig, QuantConfig, ReconstructionConfig, method_help
@@ -218,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage type of the unquantized tensors (embeddings, norms, rotation factors; default float16; "
         "keep = as loaded, bit-identical)",
     )
+    mode = quant.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_true",
+        default=None,
+        help="read, quantize and write one decoder layer at a time (the default for a checkpoint directory or a "
+        "built-in model when the method has no whole-model stage: +e2e, +amp, +kotms)",
+    )
+    mode.add_argument("--in-memory", dest="stream", action="store_false", help="load the whole model first")
 
     evaluate = sub.add_parser(
         "eval",
@@ -278,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_arguments(kernels)
 
+    scaling = sub.add_parser(
+        "scale",
+        help="benchmark peak memory and time of quantization against depth and width (layer by layer vs in memory)",
+        description=scale.DESCRIPTION,
+    )
+    scale.add_arguments(scaling)
+
     solvers = sub.add_parser(
         "solvers", help="benchmark the activation bit-allocation solvers", description=solver_bench.DESCRIPTION
     )
@@ -331,7 +348,8 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.data import bos_token, calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
     from twla.loading import check_window_length, load_model, model_reference, model_source, resolve_device
-    from twla.pipeline import quantize
+    from twla.pipeline import check_streamable, quantize, whole_model_stages
+    from twla.streaming import quantize_checkpoint
 
     # everything that can be refused is checked before the model's weights are read
     seed = args.seed or 0
@@ -342,6 +360,7 @@ def _quantize(args: argparse.Namespace) -> None:
     dtype = storage_dtype(args.dtype)
     device = resolve_device(args.device)
     source = model_source(args.model)
+    reference = model_reference(args.model)
     protect = [source.path] if source.local else []
     check_output_dir(args.out, "packed checkpoint", is_packed_checkpoint, args.overwrite, protect)
     check_window_length(source, args.seqlen, "--seqlen")
@@ -349,20 +368,34 @@ def _quantize(args: argparse.Namespace) -> None:
     calib = calibration_windows(
         tokenize(source.tokenizer, text), args.nsamples, args.seqlen, seed, bos_token(source.tokenizer)
     )
-    model, tokenizer = load_model(source)
-    model, report = quantize(model, config, calib, device, progress=not args.quiet)
-    files = save_packed(
-        pack_model(model, report.weights),
-        tokenizer,
-        args.out,
-        args.method,
-        config.to_dict(),
-        provenance=provenance(text, calib, seed),
-        report=report.to_dict(),
-        dtype=dtype,
-        overwrite=args.overwrite,
-        source=model_reference(args.model),
+    stages = whole_model_stages(config)
+    if args.stream:
+        check_streamable(config, "drop --stream")
+    if args.stream and not source.local:
+        raise ValueError(f"--stream reads a local checkpoint directory; {args.model!r} is a hub id")
+    stream = source.local and not stages if args.stream is None else args.stream
+    print(
+        f"{args.method}: "
+        + ("one decoder layer at a time" if stream else f"whole model in memory ({', '.join(stages) or 'as asked'})")
     )
+    saved = dict(provenance=provenance(text, calib, seed), dtype=dtype, overwrite=args.overwrite)
+    if stream:
+        report, files = quantize_checkpoint(
+            source, config, calib, args.out, args.method, device, not args.quiet, reference=reference, **saved
+        )
+    else:
+        model, tokenizer = load_model(source)
+        model, report = quantize(model, config, calib, device, progress=not args.quiet)
+        files = save_packed(
+            pack_model(model, report.weights),
+            tokenizer,
+            args.out,
+            args.method,
+            config.to_dict(),
+            report=report.to_dict(),
+            source=reference,
+            **saved,
+        )
     print(f"{args.method}: quantized in {report.seconds:.1f} s; saved to {os.path.abspath(args.out)}")
     print(files.describe())
 
@@ -476,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": _eval,
             "generate": _generate,
             "kernels": speed.run,
+            "scale": scale.run,
             "solvers": solver_bench.run,
         }
         commands[args.command](args)

@@ -88,15 +88,22 @@ class QuantLinear(nn.Module):
         )
 
 
+def wrap_layer(layer: nn.Module, index: int, adapter: Adapter) -> dict[str, QuantLinear]:
+    """Replace every site linear of decoder layer ``index`` by a :class:`QuantLinear` (sharing its
+    parameters), in place; returns them by full name. Already wrapped linears are kept."""
+    modules: dict[str, QuantLinear] = {}
+    for path in adapter.linear_names():
+        module = layer.get_submodule(path)
+        if not isinstance(module, QuantLinear):
+            module = QuantLinear(module)
+            layer.set_submodule(path, module)
+        modules[f"{adapter.layers}.{index}.{path}"] = module
+    return modules
+
+
 def wrap_linears(model: nn.Module, adapter: Adapter) -> dict[str, QuantLinear]:
-    """Replace every site linear of every decoder layer by a :class:`QuantLinear` (sharing its
-    parameters), in place; returns them by full name. Already wrapped layers are kept."""
+    """:func:`wrap_layer` for every decoder layer of ``model``."""
     modules: dict[str, QuantLinear] = {}
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for path in adapter.linear_names():
-            module = layer.get_submodule(path)
-            if not isinstance(module, QuantLinear):
-                module = QuantLinear(module)
-                layer.set_submodule(path, module)
-            modules[f"{adapter.layers}.{index}.{path}"] = module
+        modules.update(wrap_layer(layer, index, adapter))
     return modules

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,16 +34,19 @@ from twla.allocation import AllocationReport, allocate, cost_windows
 from twla.capture import LayerInputs, SiteInputs, capture_layer_inputs, collect_statistics
 from twla.clipping import calibrate_clip
 from twla.config import QuantConfig
-from twla.fake_quant import QuantLinear, wrap_linears
+from twla.fake_quant import QuantLinear, wrap_layer
 from twla.loading import resolve_device
 from twla.reconstruct import block_targets, reconstruct_block, reconstruct_model, split_windows, teacher_log_probs
 from twla.rotation import (
     Factors,
     RotationReport,
-    apply_residual_rotation,
     check_residual_rotation,
     install_rotation,
     make_factors,
+    record_shaping,
+    residual_factors,
+    rotate_residual_ends,
+    rotate_residual_layer,
     site_rotations,
 )
 from twla.solvers.kronecker import rotate_metric
@@ -259,6 +263,34 @@ def full_precision_samples(
     return samples
 
 
+class LayerStream(Protocol):
+    """Where :func:`quantize` gets each decoder layer from and where it puts it when done, for a
+    model whose layers are not all in memory (:mod:`twla.streaming`): ``load`` gives layer
+    ``index`` with its weights on the CPU, ``release`` takes it once quantized."""
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int, layer: nn.Module, report: QuantReport) -> None: ...
+
+
+def whole_model_stages(config: QuantConfig) -> list[str]:
+    """The stages of ``config`` that need every decoder layer at once (not possible layer by layer)."""
+    stages = {
+        "end-to-end reconstruction (+e2e)": config.end_to_end is not None,
+        "mixed-precision allocation (+amp)": config.allocation is not None,
+        "learned site rotations (+kotms)": config.rotation.site == "kotms",
+    }
+    return [name for name, used in stages.items() if used]
+
+
+def check_streamable(config: QuantConfig, advice: str = "quantize this method with the whole model in memory") -> None:
+    """Refuse a configuration with a stage that needs every decoder layer at once."""
+    stages = whole_model_stages(config)
+    if stages:
+        verb = "needs" if len(stages) == 1 else "need"
+        raise ValueError(f"{' and '.join(stages)} {verb} every decoder layer at once; {advice}")
+
+
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -266,16 +298,22 @@ def quantize(
     calibration: Tensor,
     device: str | torch.device | None = None,
     progress: bool = True,
+    stream: LayerStream | None = None,
 ) -> tuple[nn.Module, QuantReport]:
     """Quantize every linear layer of the decoder blocks in place (fake-quantized weights;
     with rotations or activation quantization the linears become :class:`QuantLinear`).
 
     calibration: token ids, shape (nsamples, seqlen). Returns the model and a report.
+    stream: the decoder layers come from and go to it one at a time (``model`` holds them
+    without weights, on the meta device); the stream checks their weights before the work.
     """
     adapter = get_adapter(model)
     if config.rotation.residual != "none":
         check_residual_rotation(adapter)
-    check_finite_weights(model, adapter)
+    if stream is not None:
+        check_streamable(config)
+    if stream is None:
+        check_finite_weights(model, adapter)
     if calibration.ndim != 2 or calibration.numel() == 0:
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:
@@ -288,10 +326,21 @@ def quantize(
     if config.end_to_end:
         teacher = teacher_log_probs(model, calibration, config.end_to_end.stride, device, progress)
     rot = config.rotation
-    if rot.residual != "none":
-        apply_residual_rotation(model, adapter, rot.residual, rot.seed)
-    if rot.online or config.activations.quantized or config.allocation:
-        wrap_linears(model, adapter)
+    residual = residual_factors(model, adapter, rot.residual, rot.seed) if rot.residual != "none" else None
+    if residual is not None:
+        rotate_residual_ends(model, adapter, *residual)
+    wrap = rot.online or config.activations.quantized or config.allocation is not None
+    layers = adapter.decoder_layers(model)
+
+    def prepare(layer: nn.Module, index: int) -> None:
+        if residual is not None:
+            rotate_residual_layer(layer, index, adapter, *residual)
+        if wrap:
+            wrap_layer(layer, index, adapter)
+
+    if stream is None:
+        for index, layer in enumerate(layers):
+            prepare(layer, index)
     rotations: dict[tuple[int, str], Factors] = {}
     capture_start = time.perf_counter()
     batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device)
@@ -302,8 +351,13 @@ def quantize(
             samples = full_precision_samples(model, adapter, batches, 2 * rot.kotms.activation_tokens, device)
         rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples, config.activations)
     report.rotation_seconds = time.perf_counter() - start - capture_seconds
-    layers = adapter.decoder_layers(model)
-    for index, layer in enumerate(tqdm(layers, desc="quantize layers", disable=not progress)):
+    for index in tqdm(range(len(layers)), desc="quantize layers", disable=not progress):
+        layer = layers[index]
+        if stream is not None:
+            layer = stream.load(index)
+            prepare(layer, index)
+        if report.rotation is not None:
+            record_shaping(report.rotation, layer, index, adapter, rotations, len(layers) // 2)
         layer.to(device)
         if config.reconstruction:
             windows = split_windows(batches)
@@ -324,6 +378,8 @@ def quantize(
             del windows, targets
         batches = batches.advance(layer)
         layer.to("cpu")
+        if stream is not None:
+            stream.release(index, layer, report)
     del batches
     if config.end_to_end:
         result = reconstruct_model(

@@ -88,47 +88,46 @@ def _untie_head(model: nn.Module, adapter: Adapter) -> None:
             model.config.get_text_config().tie_word_embeddings = False
 
 
+def _fold(gamma: nn.Parameter, linears: list[nn.Module]) -> None:
+    """W ← W diag(γ) for every linear reading the norm's output, γ ← 1."""
+    for linear in linears:
+        if isinstance(linear, QuantLinear) and linear.rotated:
+            raise RuntimeError("fold norms before installing online rotations")
+        linear.weight.mul_(gamma.to(linear.weight.dtype))
+    gamma.fill_(1.0)
+
+
+def _rotate_right(p: Tensor, Q1: Tensor, Q2: Tensor) -> None:
+    """p ← p Q for a tensor whose rows live in the residual space."""
+    p.copy_(kron_apply(p.double(), Q1, Q2).to(p.dtype))
+
+
 @torch.no_grad()
-def fold_norms(model: nn.Module, adapter: Adapter) -> None:
-    """Fold every RMSNorm scale into the linears reading its output (W ← W diag(γ), γ ← 1)."""
+def rotate_residual_ends(model: nn.Module, adapter: Adapter, Q1: Tensor, Q2: Tensor) -> None:
+    """The residual rotation outside the decoder layers: untie the head, fold the final norm into
+    it, and rotate the embedding and the head (E ← E Q, lm_head ← lm_head diag(γ) Q)."""
     _untie_head(model, adapter)
-    readers: list[tuple[nn.Parameter, list[nn.Module]]] = []
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        for site in adapter.sites:
-            if site.norm is not None:
-                gamma = _norm_scale(layer.get_submodule(site.norm), f"layer {index} {site.norm}")
-                readers.append((gamma, list(adapter.site_linears(layer, site).values())))
-    final = _norm_scale(model.get_submodule(adapter.final_norm), adapter.final_norm)
-    readers.append((final, [model.get_submodule(adapter.head)]))
-    for gamma, linears in readers:
-        for linear in linears:
-            if isinstance(linear, QuantLinear) and linear.rotated:
-                raise RuntimeError("fold norms before installing online rotations")
-            linear.weight.mul_(gamma.to(linear.weight.dtype))
-        gamma.fill_(1.0)
+    head = model.get_submodule(adapter.head)
+    _fold(_norm_scale(model.get_submodule(adapter.final_norm), adapter.final_norm), [head])
+    _rotate_right(model.get_submodule(adapter.embed).weight, Q1, Q2)
+    _rotate_right(head.weight, Q1, Q2)
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, adapter: Adapter, Q1: Tensor, Q2: Tensor) -> None:
-    """Rotate the residual stream by Q = Q₁ ⊗ Q₂ (norms must be folded first)."""
-
-    def right(p: Tensor) -> None:  # rows of p live in the residual space: p ← p Q
-        p.copy_(kron_apply(p.double(), Q1, Q2).to(p.dtype))
-
-    def left(p: Tensor) -> None:  # p ← Qᵀ p for a writer's weight (its outputs live in the residual space)
-        p.copy_(kron_apply(p.double().T, Q1, Q2).T.to(p.dtype))
-
-    right(model.get_submodule(adapter.embed).weight)
-    right(model.get_submodule(adapter.head).weight)
-    for layer in adapter.decoder_layers(model):
-        for site in adapter.sites:
-            for linear in adapter.site_linears(layer, site).values():
-                if site.writes_residual:
-                    left(linear.weight)
-                    if linear.bias is not None:
-                        right(linear.bias[None])
-                elif site.norm is not None:
-                    right(linear.weight)
+def rotate_residual_layer(layer: nn.Module, index: int, adapter: Adapter, Q1: Tensor, Q2: Tensor) -> None:
+    """The residual rotation of one decoder layer: fold each norm's scale into the linears reading
+    it, then readers W ← W Q, writers W ← Qᵀ W (and their bias b ← b Q)."""
+    for site in adapter.sites:
+        linears = list(adapter.site_linears(layer, site).values())
+        if site.norm is not None:
+            _fold(_norm_scale(layer.get_submodule(site.norm), f"layer {index} {site.norm}"), linears)
+        for linear in linears:
+            if site.writes_residual:
+                linear.weight.copy_(kron_apply(linear.weight.double().T, Q1, Q2).T.to(linear.weight.dtype))
+                if linear.bias is not None:
+                    _rotate_right(linear.bias[None], Q1, Q2)
+            elif site.norm is not None:
+                _rotate_right(linear.weight, Q1, Q2)
 
 
 def check_residual_rotation(adapter: Adapter) -> None:
@@ -141,15 +140,21 @@ def check_residual_rotation(adapter: Adapter) -> None:
         )
 
 
+def residual_factors(model: nn.Module, adapter: Adapter, kind: str, seed: int = 0) -> Factors:
+    """The fixed residual rotation Q = Q₁ ⊗ Q₂ (``hadamard`` or ``random``) for the model's width."""
+    check_residual_rotation(adapter)
+    hidden = model.get_submodule(adapter.embed).weight.shape[1]
+    return make_factors(hidden, kind, torch.Generator().manual_seed(seed))[0]
+
+
 def apply_residual_rotation(model: nn.Module, adapter: Adapter, kind: str, seed: int = 0) -> tuple[int, int]:
     """Fold the norms and rotate the residual stream by a fixed ``hadamard`` or ``random``
     Kronecker rotation; the model computes the same function. Returns the factor sizes."""
-    check_residual_rotation(adapter)
-    hidden = model.get_submodule(adapter.embed).weight.shape[1]
-    (Q1, Q2), sizes = make_factors(hidden, kind, torch.Generator().manual_seed(seed))
-    fold_norms(model, adapter)
-    rotate_residual(model, adapter, Q1, Q2)
-    return sizes
+    Q1, Q2 = residual_factors(model, adapter, kind, seed)
+    rotate_residual_ends(model, adapter, Q1, Q2)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        rotate_residual_layer(layer, index, adapter, Q1, Q2)
+    return Q1.shape[0], Q2.shape[0]
 
 
 # ---------------------------------------------------------------- per-site rotations
@@ -169,10 +174,10 @@ class SiteShaping:
     site: str
     factors: tuple[int, int]
     kind: str
-    fit_error_before: list[float]
-    fit_error_after: list[float]
-    zero_fraction_before: list[float]
-    zero_fraction_after: list[float]
+    fit_error_before: list[float] = field(default_factory=list)
+    fit_error_after: list[float] = field(default_factory=list)
+    zero_fraction_before: list[float] = field(default_factory=list)
+    zero_fraction_after: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     errors: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -227,6 +232,20 @@ def _choose(
     return (torch.where(pick, learned[0], start[0]), torch.where(pick, learned[1], start[1])), errors, keep
 
 
+def start_factors(model: nn.Module, adapter: Adapter, cfg: RotationConfig) -> dict[tuple[int, str], Factors]:
+    """The fixed rotation of every (layer, site), or KOTMS's start: drawn from ``cfg.seed`` site by
+    site, layer by layer. Only the linears' shapes are read, so the layers' weights need not be loaded."""
+    layers = adapter.decoder_layers(model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    kind = {"kotms": cfg.init, "none": "identity"}.get(cfg.site, cfg.site)
+    factors = {}
+    for site in adapter.sites:
+        for index, layer in enumerate(layers):
+            m = adapter.site_linears(layer, site)[site.linears[0]].in_features
+            factors[(index, site.name)] = make_factors(m, kind, generator, cfg.factors.get(m))[0]
+    return factors
+
+
 def site_rotations(
     model: nn.Module,
     adapter: Adapter,
@@ -235,54 +254,61 @@ def site_rotations(
     inputs: dict[tuple[int, str], Tensor] | None = None,
     activations: ActivationConfig | None = None,
 ) -> tuple[dict[tuple[int, str], Factors], RotationReport]:
-    """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type).
+    """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type,
+    which reads every layer's weights).
 
     inputs: full-precision calibration input rows per (layer, site), needed by KOTMS: the even
     rows feed its activation term, the odd rows judge the learned rotation against its start
-    under ``activations`` (the quantization the layer-wise solve will use)."""
+    under ``activations`` (the quantization the layer-wise solve will use). The report's per-layer
+    fit errors are filled by :func:`record_shaping` as each layer is quantized."""
     if cfg.site == "kotms" and inputs is None:
         raise ValueError("learned site rotations need calibration inputs per (layer, site) to judge them")
     activations = activations or ActivationConfig()
     layers = adapter.decoder_layers(model)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    start = time.perf_counter()
+    rotations = start_factors(model, adapter, cfg)
     report = RotationReport(residual=cfg.residual)
-    rotations: dict[tuple[int, str], Factors] = {}
-    kind = {"kotms": cfg.init, "none": "identity"}.get(cfg.site, cfg.site)
-    middle = len(layers) // 2
-    for site in tqdm(adapter.sites, desc=f"rotations ({cfg.site})", disable=not progress):
+    for site in adapter.sites:
+        R1, R2 = rotations[(0, site.name)]
+        report.sites[site.name] = SiteShaping(
+            site.name, (R1.shape[0], R2.shape[0]), cfg.site, seconds=time.perf_counter() - start
+        )
+    if cfg.site != "kotms":
+        return rotations, report
+    for site in tqdm(adapter.sites, desc="rotations (kotms)", disable=not progress):
         start = time.perf_counter()
         W = torch.stack([site_weight(layer, adapter, site) for layer in layers])  # (L, n, m)
-        factors = [make_factors(W.shape[2], kind, generator, cfg.factors.get(W.shape[2])) for _ in layers]
-        sizes = factors[0][1]
-        R1 = torch.stack([f[0][0] for f in factors])
-        R2 = torch.stack([f[0][1] for f in factors])
-        losses: list[float] = []
-        errors: dict[str, dict[str, list[float]]] = {}
-        learned: list[bool] = []
-        if cfg.site == "kotms":
-            X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))])
-            L1, L2, losses = _learn_chunked(W, R1, R2, cfg.kotms, X[:, 0::2])
-            (R1, R2), errors, learned = _choose(W, X[:, 1::2], (R1, R2), (L1, L2), cfg.kotms, activations)
-        Z = kron_apply(W, R1[:, None], R2[:, None])
-        before = [trimodality(w) for w in W]  # per layer: bounded memory
-        after = [trimodality(z) for z in Z]
-        report.sites[site.name] = SiteShaping(
-            site.name,
-            sizes,
-            cfg.site,
-            [float(f) for f, _ in before],
-            [float(f) for f, _ in after],
-            [float(z) for _, z in before],
-            [float(z) for _, z in after],
-            losses,
-            time.perf_counter() - start,
-            errors,
-            learned,
-        )
-        report.weights[site.name] = (W[middle].float(), Z[middle].float())
+        R1 = torch.stack([rotations[(i, site.name)][0] for i in range(len(layers))])
+        R2 = torch.stack([rotations[(i, site.name)][1] for i in range(len(layers))])
+        X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))])
+        L1, L2, losses = _learn_chunked(W, R1, R2, cfg.kotms, X[:, 0::2])
+        (R1, R2), errors, learned = _choose(W, X[:, 1::2], (R1, R2), (L1, L2), cfg.kotms, activations)
+        shaping = report.sites[site.name]
+        shaping.losses, shaping.errors, shaping.learned = losses, errors, learned
+        shaping.seconds = time.perf_counter() - start
         for index in range(len(layers)):
             rotations[(index, site.name)] = (R1[index], R2[index])
     return rotations, report
+
+
+@torch.no_grad()
+def record_shaping(
+    report: RotationReport, layer: nn.Module, index: int, adapter: Adapter, rotations: dict, middle: int
+) -> None:
+    """Tri-modality of layer ``index``'s site weights before and after their rotation (call before
+    the layer is quantized); the middle layer's weights are kept for plots."""
+    for site in adapter.sites:
+        W = site_weight(layer, adapter, site)
+        Z = kron_apply(W, *rotations[(index, site.name)])
+        shaping = report.sites[site.name]
+        for (fit, zero), fits, zeros in (
+            (trimodality(W), shaping.fit_error_before, shaping.zero_fraction_before),
+            (trimodality(Z), shaping.fit_error_after, shaping.zero_fraction_after),
+        ):
+            fits.append(float(fit))
+            zeros.append(float(zero))
+        if index == middle:
+            report.weights[site.name] = (W.float(), Z.float())
 
 
 def install_rotation(layer: nn.Module, adapter: Adapter, site: Site, R1: Tensor | None, R2: Tensor | None) -> None:

@@ -1,0 +1,182 @@
+"""Quantizing a checkpoint one decoder layer at a time: the same checkpoint as in memory, bounded memory."""
+
+import filecmp
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.helpers import tiny_llama
+from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
+from twla.cli import main
+from twla.config import QuantConfig
+from twla.loading import load_model, model_source, save_checkpoint
+from twla.pipeline import quantize
+from twla.shards import CheckpointTensors, TensorSource, write_safetensors
+from twla.streaming import StreamedLayers, quantize_checkpoint
+
+METHOD = "pt2+gptq+ssr+had+a4+recon"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(smollm2, tmp_path_factory) -> str:
+    """A tiny random Llama of 3 layers, untied, saved in several safetensors shards."""
+    _, tokenizer = smollm2
+    path = str(tmp_path_factory.mktemp("stream") / "ckpt")
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256, num_hidden_layers=3)
+    model.save_pretrained(path, max_shard_size="3MB")
+    tokenizer.save_pretrained(path)
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib() -> torch.Tensor:
+    return torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _in_memory(path: str, method: str, calib: torch.Tensor, out: str, dtype=None) -> None:
+    config = QuantConfig.from_method(method).with_seed(0)
+    source = model_source(path)
+    model, tokenizer = load_model(source)
+    model, report = quantize(model, config, calib, "cpu", progress=False)
+    save_packed(pack_model(model, report.weights), tokenizer, out, method, config.to_dict(), dtype=dtype, source="m")
+
+
+def _same_files(a: str, b: str) -> list[str]:
+    """Files that differ between two checkpoints (the run report, with timings, aside)."""
+    names = (set(os.listdir(a)) | set(os.listdir(b))) - {"twla_report.json"}
+    return sorted(n for n in names if not os.path.isfile(os.path.join(b, n)) or not filecmp.cmp(
+        os.path.join(a, n), os.path.join(b, n), shallow=False
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method,dtype",
+    [(METHOD, "keep"), ("pt2+gptq+ssr+r1+had+a4", "float16"), ("e2m+gptq+ssr+g64+had+reloc+a4", "keep")],
+)
+def test_streaming_gives_the_same_checkpoint_bytes_as_in_memory(checkpoint, calib, tmp_path, method, dtype):
+    memory, streamed = str(tmp_path / "memory"), str(tmp_path / "streamed")
+    _in_memory(checkpoint, method, calib, memory, storage_dtype(dtype))
+    config = QuantConfig.from_method(method).with_seed(0)
+    report, bits = quantize_checkpoint(
+        checkpoint, config, calib, streamed, method, "cpu", False, dtype=storage_dtype(dtype), reference="m"
+    )
+    assert _same_files(memory, streamed) == []
+    assert set(os.listdir(streamed)) == set(os.listdir(memory)) | {"twla_report.json"}  # no scratch files left
+    assert len(report.records) == 3 * 7 and not report.weights  # each layer's codes went to disk
+    model, _, _ = load_packed(streamed)
+    assert bits.bits_per_weight > 1.58 and model(calib[:1]).logits.isfinite().all()
+
+
+def test_only_one_decoder_layer_holds_weights_at_a_time(checkpoint, calib, tmp_path, monkeypatch):
+    materialized = []
+    load = StreamedLayers.load
+
+    def counting(self, index):
+        layer = load(self, index)
+        layers = self.adapter.decoder_layers(self.model)
+        materialized.append([i for i, m in enumerate(layers) if any(not p.is_meta for p in m.parameters())])
+        return layer
+
+    monkeypatch.setattr(StreamedLayers, "load", counting)
+    config = QuantConfig.from_method(METHOD).with_seed(0)
+    quantize_checkpoint(checkpoint, config, calib, str(tmp_path / "out"), METHOD, "cpu", False)
+    assert materialized == [[0], [1], [2]]
+
+
+def test_an_interrupted_streaming_run_leaves_the_old_checkpoint(checkpoint, calib, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    config = QuantConfig.from_method("pt2+gptq+ssr").with_seed(0)
+    quantize_checkpoint(checkpoint, config, calib, out, "pt2+gptq+ssr", "cpu", False)
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    release = StreamedLayers.release
+
+    def interrupted(self, index, layer, report):
+        if index == 1:
+            raise KeyboardInterrupt
+        release(self, index, layer, report)
+
+    monkeypatch.setattr(StreamedLayers, "release", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(checkpoint, config, calib, out, "pt2+gptq+ssr", "cpu", False, overwrite=True)
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the staging directory is gone
+
+
+@pytest.mark.parametrize("method", ["pt2+gptq+ssr+had+a4+e2e", "pt2+gptq+had+amp", "pt2+gptq+kotms+a4"])
+def test_whole_model_stages_are_refused_before_any_work(checkpoint, calib, tmp_path, method):
+    config = QuantConfig.from_method(method)
+    with pytest.raises(ValueError, match="every decoder layer at once"):
+        quantize_checkpoint(checkpoint, config, calib, str(tmp_path / "out"), method)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_checkpoints_are_refused_before_any_work(smollm2, calib, tmp_path):
+    _, tokenizer = smollm2
+    config = QuantConfig.from_method("pt2+gptq+ssr")
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    save_checkpoint(model, tokenizer, str(tmp_path / "nan"))
+    with pytest.raises(ValueError, match="layer 1 mlp.up_proj: weight contains NaN"):
+        quantize_checkpoint(str(tmp_path / "nan"), config, calib, str(tmp_path / "out"))
+    save_checkpoint(
+        tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, str(tmp_path / "bin")
+    )
+    os.remove(tmp_path / "bin" / "model.safetensors")
+    torch.save({}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="no safetensors weights"):
+        quantize_checkpoint(str(tmp_path / "bin"), config, calib, str(tmp_path / "out"))
+    renamed = str(tmp_path / "renamed")
+    save_checkpoint(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, renamed)
+    tensors = CheckpointTensors(renamed)
+    save_file({k.replace("model.", "base."): tensors.get(k) for k in tensors.keys()}, f"{renamed}/model.safetensors")
+    with pytest.raises(ValueError, match="tensor names differ"):
+        quantize_checkpoint(renamed, config, calib, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_tensor_files_are_written_as_safetensors_writes_them(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16]
+    tensors = {f"layers.{i}.w": (10 * torch.randn(3, 5, generator=g)).to(d) for i, d in enumerate(dtypes)}
+    tensors |= {
+        "codes": torch.randint(0, 255, (7,), dtype=torch.uint8),
+        "empty": torch.zeros(0),
+        "s": torch.tensor(2.0),
+    }
+    save_file(tensors, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    shuffled = {k: TensorSource.of(tensors[k]) for k in sorted(tensors, reverse=True)}
+    write_safetensors(str(tmp_path / "b.safetensors"), shuffled, {"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    read = CheckpointTensors.of_files([str(tmp_path / "b.safetensors")])
+    assert all(torch.equal(read.get(k), t) for k, t in tensors.items())
+
+
+def test_quantize_command_streams_a_checkpoint_directory(checkpoint, tmp_path, capsys):
+    args = ["quantize", "--model", checkpoint, "--method", METHOD, "--nsamples", "8", "--seqlen", "32", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "streamed")]) == 0
+    assert "one decoder layer at a time" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "memory"), "--in-memory"]) == 0
+    assert "whole model in memory" in capsys.readouterr().out
+    assert _same_files(str(tmp_path / "memory"), str(tmp_path / "streamed")) == []
+    assert main([*args[:4], "pt2+gptq+ssr+had+a4+e2e", *args[5:], "--stream", "--out", str(tmp_path / "e2e")]) == 2
+    assert "needs every decoder layer at once; drop --stream" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
+    """Peak RSS of real runs (each in its own process) at 2 and 8 layers of SmolLM2's width."""
+    from twla.scale import measure, synthetic_checkpoint
+
+    peaks = {}
+    for depth in (2, 8):
+        path = str(tmp_path / f"d{depth}")
+        synthetic_checkpoint(path, 576, depth, 8192)
+        for mode in ("stream", "memory"):
+            peaks[(mode, depth)] = measure(path, mode, "pt2+gptq+ssr", 4, 64, str(tmp_path))["peak_rss_mb"]
+    print(peaks)
+    assert peaks[("stream", 8)] < 1.05 * peaks[("stream", 2)]
+    assert peaks[("memory", 8)] - peaks[("memory", 2)] > 2 * abs(peaks[("stream", 8)] - peaks[("stream", 2)])

@@ -1,0 +1,220 @@
+"""Quantizing a checkpoint layer by layer, with only one decoder layer's weights in memory.
+
+The model is built from its config with every parameter on the meta device; the embedding,
+final norm and head are read once. :func:`twla.pipeline.quantize` then asks for each decoder
+layer in turn: its tensors are read from the checkpoint's memory-mapped safetensors files,
+it is quantized with the usual schedule, packed, written to a scratch file inside the output's
+staging directory, and dropped back to the meta device. At the end the packed tensors are
+copied one at a time into ``model.safetensors``. Peak host memory is one layer, the
+embeddings and the calibration activations, whatever the depth; the output is the same
+checkpoint, byte for byte, as quantizing the whole model in memory and saving it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from twla.adapters import Adapter, get_adapter
+from twla.checkpoint import (
+    PackedBits,
+    is_packed_checkpoint,
+    linear_settings,
+    pack_model,
+    packed_linears,
+    quantization_config,
+    stored_tensors,
+    write_packed,
+)
+from twla.config import QuantConfig
+from twla.io import atomic_directory, check_output_dir
+from twla.loading import ModelSource, model_source
+from twla.pipeline import QuantReport, check_streamable, quantize
+from twla.shards import CheckpointTensors, TensorSource, write_safetensors
+
+SCRATCH = ".twla-layers"  # packed layers inside the staging directory, removed before it is published
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init); buffers
+    stay real, so tables computed at construction (rotary frequencies) are as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _assign(module: nn.Module, key: str, tensor: Tensor) -> None:
+    owner, _, leaf = key.rpartition(".")
+    parent = module.get_submodule(owner)
+    if leaf in parent._parameters:
+        parent._parameters[leaf] = nn.Parameter(tensor, requires_grad=parent._parameters[leaf].requires_grad)
+    else:
+        parent._buffers[leaf] = tensor
+
+
+def _layer_prefix(adapter: Adapter, index: int) -> str:
+    return f"{adapter.layers}.{index}."
+
+
+def _check_tensors(model: PreTrainedModel, adapter: Adapter, tensors: CheckpointTensors) -> None:
+    """Every tensor the model needs is in the checkpoint with its shape (a tied head may be
+    missing), and the site linears' weights are finite: checked before any work, one tensor at
+    a time."""
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in tensors and k not in tied)
+    if missing:
+        raise ValueError(
+            f"{tensors.path!r} lacks {len(missing)} tensors of the {model.config.model_type} model (e.g. "
+            f"{missing[0]}): its tensor names differ from the model's; quantize it in memory instead (--in-memory)"
+        )
+    for key, t in expected.items():
+        if key in tensors and tensors.shape(key) != tuple(t.shape):
+            raise ValueError(
+                f"{tensors.path!r}: {key} has shape {tensors.shape(key)}, the config gives {tuple(t.shape)}"
+            )
+    for index in range(len(adapter.decoder_layers(model))):
+        for path in adapter.linear_names():
+            key = f"{_layer_prefix(adapter, index)}{path}.weight"
+            if not torch.isfinite(tensors.get(key)).all():
+                raise ValueError(f"layer {index} {path}: weight contains NaN or inf values; refusing to quantize")
+
+
+def empty_model(source: ModelSource, tensors: CheckpointTensors, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of ``source`` with its decoder layers on the meta device and everything else
+    (embedding, final norm, head, rotary tables) read from ``tensors`` in ``dtype``."""
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+    model.eval()
+    adapter = get_adapter(model)
+    _check_tensors(model, adapter, tensors)
+    layers = adapter.layers + "."
+    for key, t in model.state_dict().items():
+        if not key.startswith(layers) and key in tensors:
+            _assign(model, key, tensors.get(key, dtype if t.is_floating_point() else None))
+    model.tie_weights()
+    meta = [k for k, t in model.state_dict().items() if not k.startswith(layers) and t.is_meta]
+    if meta:
+        raise ValueError(f"{tensors.path!r}: no tensor for {', '.join(meta)}")
+    generation = os.path.join(source.path, "generation_config.json")
+    if os.path.isfile(generation):
+        model.generation_config = GenerationConfig.from_pretrained(source.path)
+    return model
+
+
+class StreamedLayers:
+    """The :class:`twla.pipeline.LayerStream` of a checkpoint: loads each decoder layer from its
+    tensors, and when it is quantized, packs it, writes its stored tensors to ``scratch`` and
+    frees it. ``settings`` and ``files`` accumulate what the packed checkpoint needs."""
+
+    def __init__(
+        self, model: PreTrainedModel, tensors: CheckpointTensors, scratch: str, dtype: torch.dtype | None
+    ) -> None:
+        self.model, self.tensors, self.scratch, self.dtype = model, tensors, scratch, dtype
+        self.adapter = get_adapter(model)
+        self.linears: dict[str, dict] = {}
+        self.sources: dict[str, str] = {}
+        self.files: list[str] = []
+        os.makedirs(scratch, exist_ok=True)
+
+    def load(self, index: int) -> nn.Module:
+        layer = self.adapter.decoder_layers(self.model)[index]
+        prefix = _layer_prefix(self.adapter, index)
+        state = {}
+        for key, t in layer.state_dict().items():
+            state[key] = self.tensors.get(prefix + key, torch.float32 if t.is_floating_point() else None)
+        layer.load_state_dict(state, assign=True)
+        return layer
+
+    def release(self, index: int, layer: nn.Module, report: QuantReport) -> None:
+        prefix = _layer_prefix(self.adapter, index)
+        pack_model(
+            self.model, {name: report.weights.pop(name) for name in list(report.weights) if name.startswith(prefix)}
+        )
+        linears = {prefix + name: m for name, m in packed_linears(layer).items()}
+        settings, sources = linear_settings(linears)
+        self.linears.update(settings)
+        self.sources.update(sources)
+        stored = stored_tensors(layer.state_dict(prefix=prefix).items(), linears, {}, self.dtype)
+        file = os.path.join(self.scratch, f"layer-{index:05d}.safetensors")
+        write_safetensors(file, {key: TensorSource.of(t) for key, t in stored.items()}, {})
+        self.files.append(file)
+        layer.to("meta")
+
+    def packed_tensors(self) -> Mapping[str, TensorSource]:
+        """Every stored tensor of the packed model: the ends from memory, the layers from ``scratch``."""
+        layers = self.adapter.layers + "."
+        tied = self.model.get_expanded_tied_weights_keys(all_submodels=True)
+        ends = ((k, t) for k, t in self.model.state_dict().items() if not k.startswith(layers))
+        sources = {key: TensorSource.of(t) for key, t in stored_tensors(ends, {}, tied, self.dtype).items()}
+        scratch = CheckpointTensors.of_files(self.files)
+        sources.update({key: scratch.source(key) for key in scratch.keys()})
+        return sources
+
+
+def quantize_checkpoint(
+    source: str | ModelSource,
+    config: QuantConfig,
+    calibration: Tensor,
+    path: str,
+    method: str = "",
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    provenance: Mapping | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    reference: str = "",
+) -> tuple[QuantReport, PackedBits]:
+    """Quantize the checkpoint directory ``source`` with ``config`` layer by layer and write its
+    packed checkpoint to ``path`` (atomically: an interrupted run leaves ``path`` as it was).
+
+    The arguments are those of :func:`twla.pipeline.quantize` and :func:`twla.checkpoint.save_packed`
+    (``reference`` is save_packed's ``source``); the checkpoint is the one that quantizing the whole
+    model in memory and saving it would give. Methods with a stage that needs every layer at once
+    (:func:`twla.pipeline.whole_model_stages`) are refused."""
+    source = source if isinstance(source, ModelSource) else model_source(source)
+    if not source.local:
+        raise ValueError(
+            f"{source.path!r} is not a local checkpoint directory; layer-by-layer loading reads local files"
+        )
+    check_streamable(config)
+    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite, [source.path])
+    tensors = CheckpointTensors(source.path)
+    model = empty_model(source, tensors)
+    adapter = get_adapter(model)
+    with atomic_directory(path) as tmp:
+        stream = StreamedLayers(model, tensors, os.path.join(tmp, SCRATCH), dtype)
+        model, report = quantize(model, config, calibration, device, progress, stream=stream)
+        bits = write_packed(
+            tmp,
+            model.config,
+            model.generation_config,
+            source.tokenizer,
+            stream.packed_tensors(),
+            quantization_config(method=method, settings=(stream.linears, stream.sources)),
+            sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
+            config=config.to_dict(),
+            provenance=provenance,
+            report=report.to_dict(),
+            source=reference,
+        )
+        shutil.rmtree(stream.scratch)
+    return report, bits

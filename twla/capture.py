@@ -30,9 +30,12 @@ class LayerInputs:
     hidden: list[Tensor]
     kwargs: list[list[dict]]
     index: int = 0
+    device: torch.device | None = None  # set: the hidden states wait on the host and go there batch by batch
 
     def __iter__(self) -> Iterator[tuple[Tensor, dict]]:
-        return iter([(h, kw[self.index]) for h, kw in zip(self.hidden, self.kwargs)])
+        return (
+            (h if self.device is None else h.to(self.device), kw[self.index]) for h, kw in zip(self.hidden, self.kwargs)
+        )
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -40,8 +43,8 @@ class LayerInputs:
     @torch.no_grad()
     def advance(self, layer: nn.Module) -> LayerInputs:
         """The outputs of ``layer`` (decoder layer ``index``): the inputs of the next layer."""
-        hidden = [layer_output(layer(h, **kw)) for h, kw in self]
-        return LayerInputs(hidden, self.kwargs, self.index + 1)
+        hidden = [layer_output(layer(h, **kw)).to(stored.device) for (h, kw), stored in zip(self, self.hidden)]
+        return LayerInputs(hidden, self.kwargs, self.index + 1, self.device)
 
 
 class _Recorder(nn.Module):
@@ -63,17 +66,18 @@ class _Recorder(nn.Module):
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
+    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device, offload: bool = False
 ) -> LayerInputs:
     """Inputs of decoder layer 0 per batch, and every layer's keyword arguments: the layers are
-    swapped for recorders for one pass, so only the embedding and the rotary tables run."""
+    swapped for recorders for one pass, so only the embedding and the rotary tables run.
+    offload: keep the hidden states in host memory between layers (moved to ``device`` per batch)."""
     layers = adapter.decoder_layers(model)
     hidden: list[Tensor] = []
     kwargs: list[list[dict]] = []
 
     def record(index: int, states: Tensor, kw: dict) -> None:
         if index == 0:
-            hidden.append(states)
+            hidden.append(states.cpu() if offload else states)
             kwargs.append([])
         kwargs[-1].append(kw)
 
@@ -94,7 +98,7 @@ def capture_layer_inputs(
             layers[i] = layer
         for mod in prefix:
             mod.to("cpu")
-    return LayerInputs(hidden, kwargs)
+    return LayerInputs(hidden, kwargs, device=device if offload else None)
 
 
 @dataclass
@@ -115,7 +119,7 @@ def collect_statistics(
     ``statistics=False`` only takes the token sample (S stays zero)."""
     m = linear.in_features
     S = torch.zeros(m, m, dtype=torch.float64, device=linear.weight.device)
-    total = sum(hidden.shape[:-1].numel() for hidden, _ in batches)
+    total = sum(hidden.shape[:-1].numel() for hidden in batches.hidden)
     stride = max(1, total // keep) if keep else 0
     rows: list[Tensor] = []
     count = 0

@@ -228,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         "built-in model when the method has no whole-model stage: +e2e, +amp, +kotms)",
     )
     mode.add_argument("--in-memory", dest="stream", action="store_false", help="load the whole model first")
+    quant.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="keep the calibration activations between layers in host memory, not on the GPU (same result)",
+    )
 
     evaluate = sub.add_parser(
         "eval",
@@ -381,11 +386,20 @@ def _quantize(args: argparse.Namespace) -> None:
     saved = dict(provenance=provenance(text, calib, seed), dtype=dtype, overwrite=args.overwrite)
     if stream:
         report, files = quantize_checkpoint(
-            source, config, calib, args.out, args.method, device, not args.quiet, reference=reference, **saved
+            source,
+            config,
+            calib,
+            args.out,
+            args.method,
+            device,
+            not args.quiet,
+            reference=reference,
+            offload=args.offload_activations,
+            **saved,
         )
     else:
         model, tokenizer = load_model(source)
-        model, report = quantize(model, config, calib, device, progress=not args.quiet)
+        model, report = quantize(model, config, calib, device, not args.quiet, offload=args.offload_activations)
         files = save_packed(
             pack_model(model, report.weights),
             tokenizer,

@@ -299,6 +299,7 @@ def quantize(
     device: str | torch.device | None = None,
     progress: bool = True,
     stream: LayerStream | None = None,
+    offload: bool = False,
 ) -> tuple[nn.Module, QuantReport]:
     """Quantize every linear layer of the decoder blocks in place (fake-quantized weights;
     with rotations or activation quantization the linears become :class:`QuantLinear`).
@@ -306,6 +307,8 @@ def quantize(
     calibration: token ids, shape (nsamples, seqlen). Returns the model and a report.
     stream: the decoder layers come from and go to it one at a time (``model`` holds them
     without weights, on the meta device); the stream checks their weights before the work.
+    offload: the calibration activations between layers wait in host memory, not on ``device``
+    (the results are the same).
     """
     adapter = get_adapter(model)
     if config.rotation.residual != "none":
@@ -343,7 +346,7 @@ def quantize(
             prepare(layer, index)
     rotations: dict[tuple[int, str], Factors] = {}
     capture_start = time.perf_counter()
-    batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device)
+    batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device, offload)
     capture_seconds = time.perf_counter() - capture_start
     if rot.site != "none":
         samples = None

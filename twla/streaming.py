@@ -182,6 +182,7 @@ def quantize_checkpoint(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     reference: str = "",
+    offload: bool = False,
 ) -> tuple[QuantReport, PackedBits]:
     """Quantize the checkpoint directory ``source`` with ``config`` layer by layer and write its
     packed checkpoint to ``path`` (atomically: an interrupted run leaves ``path`` as it was).
@@ -202,7 +203,7 @@ def quantize_checkpoint(
     adapter = get_adapter(model)
     with atomic_directory(path) as tmp:
         stream = StreamedLayers(model, tensors, os.path.join(tmp, SCRATCH), dtype)
-        model, report = quantize(model, config, calibration, device, progress, stream=stream)
+        model, report = quantize(model, config, calibration, device, progress, stream, offload)
         bits = write_packed(
             tmp,
             model.config,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_gemma3, tiny_llama
 from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
 from twla.cli import main
 from twla.config import QuantConfig
@@ -81,6 +81,21 @@ def test_streaming_gives_the_same_checkpoint_bytes_as_in_memory(checkpoint, cali
     assert len(report.records) == 3 * 7 and not report.weights  # each layer's codes went to disk
     model, _, _ = load_packed(streamed)
     assert bits.bits_per_weight > 1.58 and model(calib[:1]).logits.isfinite().all()
+
+
+def test_streaming_gemma3_gives_the_same_checkpoint_bytes(smollm2, calib, tmp_path):
+    """Sandwich norms, QK-norm, scaled embeddings and sliding-window layers, read layer by layer."""
+    _, tokenizer = smollm2
+    path = str(tmp_path / "gemma")
+    model = tiny_gemma3()
+    model.resize_token_embeddings(len(tokenizer))
+    save_checkpoint(model, tokenizer, path)
+    memory, streamed = str(tmp_path / "memory"), str(tmp_path / "streamed")
+    method = "pt2+gptq+ssr+had+a4"
+    _in_memory(path, method, calib, memory)
+    config = QuantConfig.from_method(method).with_seed(0)
+    quantize_checkpoint(path, config, calib, streamed, method, "cpu", False, reference="m")
+    assert _same_files(memory, streamed) == []
 
 
 def test_only_one_decoder_layer_holds_weights_at_a_time(checkpoint, calib, tmp_path, monkeypatch):

@@ -21,6 +21,12 @@ kernels on CUDA (the torch reference elsewhere), save, and load back::
     twla.save_packed(twla.pack_model(model, report.weights), tokenizer, "out/model", method="...")
     model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)
 
+A checkpoint directory can also be quantized straight into a packed checkpoint, one decoder
+layer in memory at a time (layer-wise methods: no ``+e2e``, ``+amp`` or ``+kotms``)::
+
+    config = twla.QuantConfig.from_method("pt2+gptq+ssr+had+a4+recon")
+    report, bits = twla.quantize_checkpoint("./my-llama", config, calib, "out/model", method="...")
+
 ``import twla`` also registers the packed format with transformers, so
 ``AutoModelForCausalLM.from_pretrained("out/model")`` loads it too (``twla.hf_quantizer``).
 
@@ -46,6 +52,7 @@ _EXPORTS = {
     "twla.loading": ("load_model",),
     "twla.pipeline": ("quantize",),
     "twla.solvers.bits": ("InfeasibleBudgetError", "solve_bits"),
+    "twla.streaming": ("quantize_checkpoint",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -38,6 +38,7 @@ HEAD = "| width | depth | mode | peak RSS MB | s / layer | total s | packed MB |
 def synthetic_checkpoint(path: str, hidden: int, depth: int, vocab: int, seed: int = 0) -> None:
     """A random Llama of the given width and depth, saved to ``path`` in 64 MB safetensors shards."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from twla.loading import model_source
 
@@ -54,7 +55,13 @@ def synthetic_checkpoint(path: str, hidden: int, depth: int, vocab: int, seed: i
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path, max_shard_size="64MB")
+    progress_bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path, max_shard_size="64MB")
+    finally:
+        if progress_bars:
+            hf_logging.enable_progress_bar()
     model_source("smollm2-135m").tokenizer.save_pretrained(path)  # any tokenizer: the ids are random
 
 

@@ -2,6 +2,7 @@
 
 import filecmp
 import os
+import shutil
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_whole_model_stages_are_refused_before_any_work(checkpoint, calib, tmp_p
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_bad_checkpoints_are_refused_before_any_work(smollm2, calib, tmp_path):
+def test_bad_checkpoints_are_refused_before_any_work(smollm2, checkpoint, calib, tmp_path):
     _, tokenizer = smollm2
     config = QuantConfig.from_method("pt2+gptq+ssr")
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
@@ -163,6 +164,12 @@ def test_bad_checkpoints_are_refused_before_any_work(smollm2, calib, tmp_path):
     save_file({k.replace("model.", "base."): tensors.get(k) for k in tensors.keys()}, f"{renamed}/model.safetensors")
     with pytest.raises(ValueError, match="tensor names differ"):
         quantize_checkpoint(renamed, config, calib, str(tmp_path / "out"))
+    truncated = str(tmp_path / "truncated")
+    shutil.copytree(checkpoint, truncated)
+    shard = sorted(f for f in os.listdir(truncated) if f.endswith(".safetensors"))[-1]
+    os.truncate(os.path.join(truncated, shard), os.path.getsize(os.path.join(truncated, shard)) - 100)
+    with pytest.raises(ValueError, match=shard):
+        quantize_checkpoint(truncated, config, calib, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -113,13 +113,18 @@ class SiteInputs:
 
 @torch.no_grad()
 def collect_statistics(
-    layer: nn.Module, linear: nn.Module, batches: LayerInputs, keep: int = 0, statistics: bool = True
+    layer: nn.Module,
+    linear: nn.Module,
+    batches: LayerInputs | list[tuple[Tensor, dict]],
+    keep: int = 0,
+    statistics: bool = True,
 ) -> SiteInputs:
     """Accumulate S over all calibration tokens entering ``linear`` (on its device);
     ``statistics=False`` only takes the token sample (S stays zero)."""
     m = linear.in_features
     S = torch.zeros(m, m, dtype=torch.float64, device=linear.weight.device)
-    total = sum(hidden.shape[:-1].numel() for hidden in batches.hidden)
+    stored = batches.hidden if isinstance(batches, LayerInputs) else [hidden for hidden, _ in batches]
+    total = sum(hidden.shape[:-1].numel() for hidden in stored)
     stride = max(1, total // keep) if keep else 0
     rows: list[Tensor] = []
     count = 0

@@ -65,6 +65,16 @@ def synthetic_checkpoint(path: str, hidden: int, depth: int, vocab: int, seed: i
     model_source("smollm2-135m").tokenizer.save_pretrained(path)  # any tokenizer: the ids are random
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory since its exec (VmHWM; ru_maxrss would carry the
+    parent's high-water mark over fork and exec)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(args: argparse.Namespace) -> None:
     """One measured run (in its own process): quantize ``args.checkpoint`` and print a JSON line."""
     from twla.checkpoint import pack_model, save_packed
@@ -88,7 +98,7 @@ def _child(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             {
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": _peak_rss_mb(),
                 "seconds": seconds,
                 "seconds_per_layer": sum(r.seconds for r in report.records) / layers,
                 "packed_mb": bits.file_bytes / 2**20,

@@ -113,11 +113,16 @@ class QuantReport:
         }
 
 
+def check_finite(weight: Tensor, index: int, path: str) -> None:
+    """Refuse the weight of linear ``path`` of decoder layer ``index`` if it holds NaN or inf."""
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"layer {index} {path}: weight contains NaN or inf values; refusing to quantize")
+
+
 def check_finite_weights(model: nn.Module, adapter: Adapter) -> None:
     for i, layer in enumerate(adapter.decoder_layers(model)):
         for path in adapter.linear_names():
-            if not torch.isfinite(layer.get_submodule(path).weight).all():
-                raise ValueError(f"layer {i} {path}: weight contains NaN or inf values; refusing to quantize")
+            check_finite(layer.get_submodule(path).weight, i, path)
 
 
 def _site_inputs(

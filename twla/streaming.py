@@ -36,7 +36,7 @@ from twla.checkpoint import (
 from twla.config import QuantConfig
 from twla.io import atomic_directory, check_output_dir
 from twla.loading import ModelSource, model_source
-from twla.pipeline import QuantReport, check_streamable, quantize
+from twla.pipeline import QuantReport, check_finite, check_streamable, quantize
 from twla.shards import CheckpointTensors, TensorSource, write_safetensors
 
 SCRATCH = ".twla-layers"  # packed layers inside the staging directory, removed before it is published
@@ -93,9 +93,7 @@ def _check_tensors(model: PreTrainedModel, adapter: Adapter, tensors: Checkpoint
             )
     for index in range(len(adapter.decoder_layers(model))):
         for path in adapter.linear_names():
-            key = f"{_layer_prefix(adapter, index)}{path}.weight"
-            if not torch.isfinite(tensors.get(key)).all():
-                raise ValueError(f"layer {index} {path}: weight contains NaN or inf values; refusing to quantize")
+            check_finite(tensors.get(f"{_layer_prefix(adapter, index)}{path}.weight"), index, path)
 
 
 def empty_model(source: ModelSource, tensors: CheckpointTensors, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

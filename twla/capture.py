@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,21 +48,33 @@ class LayerInputs:
         return LayerInputs(hidden, self.kwargs, self.index + 1, self.device)
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer while capturing: records its keyword arguments (and, for
-    layer 0, its input), passes the hidden states through, and stops after the last layer."""
+class _Standin(nn.Module):
+    """Stands in for decoder layer ``index``: its output is ``run(index, hidden states, keyword
+    arguments)``."""
 
-    def __init__(self, index: int, last: bool, record: Callable[[int, Tensor, dict], None]) -> None:
+    def __init__(self, index: int, run: Callable[[int, Tensor, dict], Tensor]) -> None:
         super().__init__()
-        self.index, self.last, self.record = index, last, record
+        self.index, self.run = index, run
 
-    def forward(self, hidden_states: Tensor, *args, **kwargs):
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         if args:
             raise TypeError("decoder layers are expected to take their extra inputs as keyword arguments")
-        self.record(self.index, hidden_states, kwargs)
-        if self.last:
-            raise _Stop
-        return hidden_states
+        return self.run(self.index, hidden_states, kwargs)
+
+
+@contextmanager
+def layers_replaced(model: nn.Module, adapter: Adapter, run: Callable[[int, Tensor, dict], Tensor]) -> Iterator[None]:
+    """Inside, the model's decoder layers are stand-ins whose outputs come from ``run`` (the model's
+    own forward does everything else: embedding, masks, rotary tables, final norm, head)."""
+    layers = adapter.decoder_layers(model)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Standin(i, run)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
 
 
 @torch.no_grad()
@@ -71,31 +84,30 @@ def capture_layer_inputs(
     """Inputs of decoder layer 0 per batch, and every layer's keyword arguments: the layers are
     swapped for recorders for one pass, so only the embedding and the rotary tables run.
     offload: keep the hidden states in host memory between layers (moved to ``device`` per batch)."""
-    layers = adapter.decoder_layers(model)
+    last = len(adapter.decoder_layers(model)) - 1
     hidden: list[Tensor] = []
     kwargs: list[list[dict]] = []
 
-    def record(index: int, states: Tensor, kw: dict) -> None:
+    def record(index: int, states: Tensor, kw: dict) -> Tensor:
         if index == 0:
             hidden.append(states.cpu() if offload else states)
             kwargs.append([])
         kwargs[-1].append(kw)
+        if index == last:
+            raise _Stop
+        return states
 
-    originals = list(layers)
-    for i in range(len(layers)):
-        layers[i] = _Recorder(i, i == len(layers) - 1, record)
     prefix = adapter.prefix_modules(model)
     for mod in prefix:
         mod.to(device)
     try:
-        for batch in windows.split(batch_size):
-            try:
-                model(batch.to(device), use_cache=False)
-            except _Stop:
-                pass
+        with layers_replaced(model, adapter, record):
+            for batch in windows.split(batch_size):
+                try:
+                    model(batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
         for mod in prefix:
             mod.to("cpu")
     return LayerInputs(hidden, kwargs, device=device if offload else None)

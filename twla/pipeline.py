@@ -22,6 +22,8 @@ activation bit-widths are allocated.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
@@ -31,12 +33,26 @@ from tqdm.auto import tqdm
 
 from twla.adapters import Adapter, Site, get_adapter
 from twla.allocation import AllocationReport, allocate, cost_windows
-from twla.capture import LayerInputs, SiteInputs, capture_layer_inputs, collect_statistics
+from twla.capture import (
+    LayerInputs,
+    SiteInputs,
+    capture_layer_inputs,
+    collect_statistics,
+    layer_output,
+    layers_replaced,
+)
 from twla.clipping import calibrate_clip
 from twla.config import QuantConfig
 from twla.fake_quant import QuantLinear, wrap_layer
 from twla.loading import resolve_device
-from twla.reconstruct import block_targets, reconstruct_block, reconstruct_model, split_windows, teacher_log_probs
+from twla.reconstruct import (
+    KeptLayers,
+    block_targets,
+    reconstruct_block,
+    reconstruct_model,
+    split_windows,
+    teacher_log_probs,
+)
 from twla.rotation import (
     Factors,
     RotationReport,
@@ -268,20 +284,24 @@ def full_precision_samples(
     return samples
 
 
-class LayerStream(Protocol):
+class LayerStream(KeptLayers, Protocol):
     """Where :func:`quantize` gets each decoder layer from and where it puts it when done, for a
     model whose layers are not all in memory (:mod:`twla.streaming`): ``load`` gives layer
-    ``index`` with its weights on the CPU, ``release`` takes it once quantized."""
+    ``index`` with its full-precision weights on the CPU, ``unload`` drops it again, ``release``
+    takes it once quantized (for good, or with ``keep`` until end-to-end reconstruction has
+    tuned it: then ``reload`` brings it back and ``finish`` takes it for good)."""
 
     def load(self, index: int) -> nn.Module: ...
 
-    def release(self, index: int, layer: nn.Module, report: QuantReport) -> None: ...
+    def release(self, index: int, layer: nn.Module, report: QuantReport, keep: bool) -> None: ...
+
+    def finish(self, index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None: ...
 
 
 def whole_model_stages(config: QuantConfig) -> list[str]:
-    """The stages of ``config`` that need every decoder layer at once (not possible layer by layer)."""
+    """The stages of ``config`` that need every decoder layer in memory at once (not possible layer
+    by layer; end-to-end reconstruction is, by reloading each layer for every pass)."""
     stages = {
-        "end-to-end reconstruction (+e2e)": config.end_to_end is not None,
         "mixed-precision allocation (+amp)": config.allocation is not None,
         "learned site rotations (+kotms)": config.rotation.site == "kotms",
     }
@@ -294,6 +314,19 @@ def check_streamable(config: QuantConfig, advice: str = "quantize this method wi
     if stages:
         verb = "needs" if len(stages) == 1 else "need"
         raise ValueError(f"{' and '.join(stages)} {verb} every decoder layer at once; {advice}")
+
+
+def _full_precision_layers(stream: LayerStream, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
+    """A decoder layer stand-in that loads full-precision layer i from ``stream``, runs it and drops it."""
+
+    def run(index: int, hidden: Tensor, kwargs: dict) -> Tensor:
+        layer = stream.load(index)
+        try:
+            return layer_output(layer.to(device)(hidden, **kwargs))
+        finally:
+            stream.unload(index, layer)
+
+    return run
 
 
 @torch.no_grad()
@@ -332,7 +365,10 @@ def quantize(
     start = time.perf_counter()
     teacher = None
     if config.end_to_end:
-        teacher = teacher_log_probs(model, calibration, config.end_to_end.stride, device, progress)
+        with (
+            nullcontext() if stream is None else layers_replaced(model, adapter, _full_precision_layers(stream, device))
+        ):
+            teacher = teacher_log_probs(model, calibration, config.end_to_end.stride, device, progress)
     rot = config.rotation
     residual = residual_factors(model, adapter, rot.residual, rot.seed) if rot.residual != "none" else None
     if residual is not None:
@@ -387,15 +423,19 @@ def quantize(
         batches = batches.advance(layer)
         layer.to("cpu")
         if stream is not None:
-            stream.release(index, layer, report)
+            stream.release(index, layer, report, keep=config.end_to_end is not None)
     del batches
     if config.end_to_end:
+
+        def done(index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+            _refresh_clips(layer, index, adapter, report.records)
+            if stream is not None:
+                stream.finish(index, layer, weights)
+
         result = reconstruct_model(
-            model, adapter, calibration, teacher, report.weights, config.end_to_end, device, progress
+            model, adapter, calibration, teacher, report.weights, config.end_to_end, device, progress, done, stream
         )
         report.end_to_end = result.to_dict()
-        for index, layer in enumerate(layers):
-            _refresh_clips(layer, index, adapter, report.records)
     if config.allocation:
         report.allocation = allocate(model, adapter, calibration, config.allocation, device, progress)
         for record in report.records:

@@ -21,16 +21,18 @@ rounded to the 16 bits it is stored in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from twla.adapters import Adapter
-from twla.capture import layer_output
+from twla.capture import layer_output, layers_replaced
 from twla.config import EndToEndConfig, ReconstructionConfig
 from twla.fake_quant import QuantLinear
 from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
@@ -88,15 +90,26 @@ def teacher_log_probs(
         model.to("cpu")
 
 
+class KeptLayers(Protocol):
+    """Quantized decoder layers kept out of memory (:mod:`twla.streaming`): ``reload`` gives layer
+    ``index`` on the CPU with its quantized weights (by full linear name), ``unload`` drops it again."""
+
+    def reload(self, index: int) -> tuple[nn.Module, dict[str, QuantizedWeight]]: ...
+
+    def unload(self, index: int, layer: nn.Module) -> None: ...
+
+
 @dataclass
 class Tunables:
     """The continuous parameters θ of some quantized blocks, addressed by module path under a
     root module (a decoder block, or the whole model): grids by linear path, RMSNorm gains by
-    parameter path, clipping ratios by module."""
+    parameter path, clipping ratios by module; ``weights`` are the quantized weights the grids
+    belong to, by linear path."""
 
-    grids: dict[str, tuple[QuantizedWeight, dict[str, Scaled]]]
+    grids: dict[str, dict[str, Scaled]]
     norms: dict[str, Scaled]
     clips: dict[QuantLinear, Scaled]
+    weights: dict[str, QuantizedWeight]
 
     @classmethod
     def gather(
@@ -104,20 +117,22 @@ class Tunables:
         root: nn.Module,
         blocks: dict[str, int],
         adapter: Adapter,
-        weights: dict[str, QuantizedWeight],
+        weights: Mapping[str, QuantizedWeight],
         config: ReconstructionConfig,
     ) -> Tunables:
-        """θ of the blocks {path prefix under ``root`` (``""`` or ``"model.layers.3."``): index}."""
+        """θ of the blocks {path prefix under ``root`` (``""`` or ``"model.layers.3."``): index};
+        ``weights`` by full linear name."""
         device = next(root.parameters()).device
-        grids, norms, clips = {}, {}, {}
+        grids, norms, clips, found = {}, {}, {}, {}
         for prefix, index in blocks.items():
             for path in adapter.linear_names():
                 module = root.get_submodule(prefix + path)
                 if config.grid:
-                    weight = weights[f"{adapter.layers}.{index}.{path}"]
+                    weight = found[prefix + path] = weights[f"{adapter.layers}.{index}.{path}"]
                     units = weight.grid_magnitudes()  # e.g. μ moves in units of |α|
-                    grid = {k: Scaled(v.to(device), units[k].to(device)) for k, v in weight.grid().items()}
-                    grids[prefix + path] = (weight, grid)
+                    grids[prefix + path] = {
+                        k: Scaled(v.to(device), units[k].to(device)) for k, v in weight.grid().items()
+                    }
                 if config.clips and isinstance(module, QuantLinear) and module.act.quantized:
                     start = torch.tensor(float(module.act.clip), device=device)
                     clips[module] = Scaled(start, start.clone())
@@ -126,19 +141,19 @@ class Tunables:
                     gain = root.get_submodule(prefix + site.norm).weight.detach()
                     scale = (gain + adapter.norm_offset).abs()  # the norm scales by offset + w
                     norms[f"{prefix}{site.norm}.weight"] = Scaled(gain.clone(), scale)
-        return cls(grids, norms, clips)
+        return cls(grids, norms, clips, found)
 
     def params(self) -> list[Scaled]:
-        grids = [s for _, grid in self.grids.values() for s in grid.values()]
+        grids = [s for grid in self.grids.values() for s in grid.values()]
         return grids + [*self.norms.values(), *self.clips.values()]
 
     def overrides(self, root: nn.Module) -> dict[str, Tensor]:
         """The parameter values of θ for :func:`functional_call` on ``root`` (clipping ratios are set
         on their modules directly)."""
         values = {name: s.value() for name, s in self.norms.items()}
-        for path, (weight, grid) in self.grids.items():
+        for path, grid in self.grids.items():
             dtype = root.get_submodule(path).weight.dtype
-            values[f"{path}.weight"] = weight.with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
+            values[f"{path}.weight"] = self.weights[path].with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
         for module, s in self.clips.items():
             module.act = replace(module.act, clip=s.value())
         return values
@@ -151,7 +166,8 @@ class Tunables:
     def write_back(self, root: nn.Module) -> None:
         """Store θ: grids into the quantized weights and the modules' dequantized weights, gains
         into the norms, clipping ratios into the modules' per-bit-width ratios."""
-        for path, (weight, grid) in self.grids.items():
+        for path, grid in self.grids.items():
+            weight = self.weights[path]
             weight.set_grid(**{k: s.value() for k, s in grid.items()})
             linear = root.get_submodule(path)
             linear.weight.copy_(weight.dequantize(linear.weight.dtype).to(linear.weight.device))
@@ -164,22 +180,23 @@ class Tunables:
 
 def _solve(
     root: nn.Module,
-    tunables: Tunables,
+    params: list[Scaled],
+    project: Callable[[], None],
     error: Callable[[int], tuple[Tensor, Tensor]],
     windows: int,
     config: ReconstructionConfig,
     stream: int,
     progress: bool = False,
 ) -> ReconstructionResult:
-    """Tune θ on all windows but the last ``config.holdout`` (which judge the iterates), with
-    ``root``'s own parameters frozen, and write the best θ back."""
+    """Tune ``params`` on all windows but the last ``config.holdout`` (which judge the iterates),
+    with ``root``'s own parameters frozen; on return they hold their best values."""
     holdout = min(config.holdout, windows - 1)
     flags = {p: p.requires_grad for p in root.parameters()}
     root.requires_grad_(False)
     try:
         with torch.enable_grad():
-            result = reconstruct(
-                tunables.params(),
+            return reconstruct(
+                params,
                 error,
                 list(range(windows - holdout)),
                 list(range(windows - holdout, windows)),
@@ -189,14 +206,12 @@ def _solve(
                 config.eval_every,
                 config.patience,
                 torch.Generator().manual_seed(config.seed * 100_003 + stream),
-                tunables.project,
+                project,
                 progress,
             )
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    tunables.write_back(root)
-    return result
 
 
 def reconstruct_block(
@@ -218,7 +233,52 @@ def reconstruct_block(
         out = layer_output(functional_call(layer, tunables.overrides(layer), (hidden,), kwargs))
         return ((out - targets[i]) ** 2).sum(), ((targets[i] - hidden) ** 2).sum()
 
-    return _solve(layer, tunables, error, len(windows), config, index)
+    result = _solve(layer, tunables.params(), tunables.project, error, len(windows), config, index)
+    tunables.write_back(layer)
+    return result
+
+
+Done = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
+
+
+def _layer_weights(weights: Mapping[str, QuantizedWeight], adapter: Adapter, index: int) -> dict[str, QuantizedWeight]:
+    """Layer ``index``'s quantized weights, by linear path within the layer."""
+    prefix = f"{adapter.layers}.{index}."
+    return {name.removeprefix(prefix): w for name, w in weights.items() if name.startswith(prefix)}
+
+
+def _kept_blocks(
+    adapter: Adapter, kept: KeptLayers, count: int, config: EndToEndConfig, device: torch.device
+) -> tuple[list[Tunables], Callable[[int, Tensor, dict], Tensor]]:
+    """θ of every kept block (gathered one block at a time), and a decoder layer stand-in that
+    reloads block i, runs it with its θ and drops it again. Under autograd the block is
+    checkpointed: the backward pass reloads it and recomputes its forward, so only one block's
+    weights are ever in memory."""
+    tunables = []
+    for index in range(count):
+        layer, weights = kept.reload(index)
+        tunables.append(Tunables.gather(layer.to(device), {"": index}, adapter, weights, config))
+        tunables[-1].weights = {}
+        kept.unload(index, layer)
+
+    def block(index: int, hidden: Tensor, kwargs: dict) -> Tensor:
+        t = tunables[index]
+
+        def run(h: Tensor) -> Tensor:
+            layer, weights = kept.reload(index)
+            t.weights = _layer_weights(weights, adapter, index)
+            try:
+                return layer_output(functional_call(layer.to(device), t.overrides(layer), (h,), kwargs))
+            finally:
+                t.weights = {}
+                kept.unload(index, layer)
+
+        if not torch.is_grad_enabled():
+            return run(hidden)
+        h = hidden if hidden.requires_grad else hidden.detach().requires_grad_()
+        return checkpoint(run, h, use_reentrant=True, preserve_rng_state=False)
+
+    return tunables, block
 
 
 def reconstruct_model(
@@ -230,25 +290,62 @@ def reconstruct_model(
     config: EndToEndConfig,
     device: torch.device,
     progress: bool = False,
+    done: Done | None = None,
+    kept: KeptLayers | None = None,
 ) -> ReconstructionResult:
     """Tune every block's grids, norm gains and clipping ratios at once against the full-precision
     model's next-token distribution (module docstring); ``teacher`` from :func:`teacher_log_probs`.
     The error of window i is (Σ_t KL, number of positions), so the reported errors are the mean
-    KL divergence per compared position, in nats."""
+    KL divergence per compared position, in nats. Each block, once its θ is written back, goes
+    to ``done(index, layer, its weights by full name)``.
+
+    kept: the decoder layers are not in ``model`` (they sit on the meta device) but in ``kept``,
+    and are reloaded one at a time for every forward and backward pass: the same result, with
+    one block's weights in memory; ``weights`` is then unused."""
     keep = kl_positions(calibration.shape[1], config.stride).to(device)
-    model.to(device)
-    blocks = {f"{adapter.layers}.{i}.": i for i in range(len(adapter.decoder_layers(model)))}
-    tunables = Tunables.gather(model, blocks, adapter, weights, config)
+    count = len(adapter.decoder_layers(model))
 
-    def error(i: int) -> tuple[Tensor, Tensor]:
-        ids = calibration[i : i + 1].to(device)
-        kwargs = {"use_cache": False, "logits_to_keep": keep}
-        logits = functional_call(model, tunables.overrides(model), (ids,), kwargs).logits[0].float()
-        log_p = teacher[i].to(device, torch.float32)
-        kl = (log_p.exp() * (log_p - torch.log_softmax(logits, -1))).sum()
-        return kl, torch.tensor(float(len(keep)))
+    def kl(forward: Callable[[Tensor, dict], Tensor]) -> Callable[[int], tuple[Tensor, Tensor]]:
+        def error(i: int) -> tuple[Tensor, Tensor]:
+            logits = forward(calibration[i : i + 1].to(device), {"use_cache": False, "logits_to_keep": keep})
+            log_p = teacher[i].to(device, torch.float32)
+            kl = (log_p.exp() * (log_p - torch.log_softmax(logits.logits[0].float(), -1))).sum()
+            return kl, torch.tensor(float(len(keep)))
 
-    try:
-        return _solve(model, tunables, error, calibration.shape[0], config, len(blocks), progress)
-    finally:
-        model.to("cpu")
+        return error
+
+    def solve(params: list[Scaled], project: Callable[[], None], forward) -> ReconstructionResult:
+        model.to(device)
+        try:
+            return _solve(model, params, project, kl(forward), calibration.shape[0], config, count, progress)
+        finally:
+            model.to("cpu")
+
+    if kept is None:
+        model.to(device)
+        tunables = Tunables.gather(model, {f"{adapter.layers}.{i}.": i for i in range(count)}, adapter, weights, config)
+        result = solve(
+            tunables.params(),
+            tunables.project,
+            lambda ids, kwargs: functional_call(model, tunables.overrides(model), (ids,), kwargs),
+        )
+        tunables.write_back(model)
+        for index, layer in enumerate(adapter.decoder_layers(model)):
+            if done is not None:
+                done(index, layer, {n: w for n, w in weights.items() if n.startswith(f"{adapter.layers}.{index}.")})
+        return result
+    blocks, standin = _kept_blocks(adapter, kept, count, config, device)
+    with layers_replaced(model, adapter, standin):
+        result = solve(
+            [p for t in blocks for p in t.params()],
+            lambda: [t.project() for t in blocks],
+            lambda ids, kwargs: model(ids, **kwargs),
+        )
+    for index, t in enumerate(blocks):
+        layer, found = kept.reload(index)
+        t.weights = _layer_weights(found, adapter, index)
+        t.write_back(layer.to(device))
+        t.weights = {}
+        if done is not None:
+            done(index, layer, found)
+    return result

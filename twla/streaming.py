@@ -8,6 +8,11 @@ staging directory, and dropped back to the meta device. At the end the packed te
 copied one at a time into ``model.safetensors``. Peak host memory is one layer, the
 embeddings and the calibration activations, whatever the depth; the output is the same
 checkpoint, byte for byte, as quantizing the whole model in memory and saving it.
+
+With end-to-end reconstruction the stream also runs the full-precision teacher pass (each
+layer read and dropped in turn), keeps every quantized layer's codes and parameters in the
+scratch folder, and reloads them one at a time for each forward and backward pass of the
+tuning (:func:`twla.reconstruct.reconstruct_model`); the tuned layers are packed at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from twla.io import atomic_directory, check_output_dir
 from twla.loading import ModelSource, model_source
 from twla.pipeline import QuantReport, check_finite, check_streamable, quantize
 from twla.shards import CheckpointTensors, TensorSource, write_safetensors
+from twla.weights import QuantizedWeight
 
 SCRATCH = ".twla-layers"  # packed layers inside the staging directory, removed before it is published
 
@@ -121,20 +127,23 @@ def empty_model(source: ModelSource, tensors: CheckpointTensors, dtype: torch.dt
 class StreamedLayers:
     """The :class:`twla.pipeline.LayerStream` of a checkpoint: loads each decoder layer from its
     tensors, and when it is quantized, packs it, writes its stored tensors to ``scratch`` and
-    frees it. ``settings`` and ``files`` accumulate what the packed checkpoint needs."""
+    frees it (or, while end-to-end reconstruction is ahead, writes its parameters and quantized
+    weights to ``scratch`` for :meth:`reload`). ``settings`` and ``files`` accumulate what the
+    packed checkpoint needs."""
 
     def __init__(
         self, model: PreTrainedModel, tensors: CheckpointTensors, scratch: str, dtype: torch.dtype | None
     ) -> None:
         self.model, self.tensors, self.scratch, self.dtype = model, tensors, scratch, dtype
         self.adapter = get_adapter(model)
+        self.layers = list(self.adapter.decoder_layers(model))  # the model's may be stand-ins for a while
         self.linears: dict[str, dict] = {}
         self.sources: dict[str, str] = {}
         self.files: list[str] = []
         os.makedirs(scratch, exist_ok=True)
 
     def load(self, index: int) -> nn.Module:
-        layer = self.adapter.decoder_layers(self.model)[index]
+        layer = self.layers[index]
         prefix = _layer_prefix(self.adapter, index)
         state = {}
         for key, t in layer.state_dict().items():
@@ -142,11 +151,44 @@ class StreamedLayers:
         layer.load_state_dict(state, assign=True)
         return layer
 
-    def release(self, index: int, layer: nn.Module, report: QuantReport) -> None:
+    def unload(self, index: int, layer: nn.Module) -> None:
+        """Put the layer's parameters back on the meta device. They are replaced, not changed in
+        place: an autograd graph may still hold the old ones."""
+        for module in layer.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    def _kept(self, index: int) -> str:
+        return os.path.join(self.scratch, f"kept-{index:05d}.pt")
+
+    def release(self, index: int, layer: nn.Module, report: QuantReport, keep: bool = False) -> None:
         prefix = _layer_prefix(self.adapter, index)
-        pack_model(
-            self.model, {name: report.weights.pop(name) for name in list(report.weights) if name.startswith(prefix)}
-        )
+        weights = {name: report.weights.pop(name) for name in list(report.weights) if name.startswith(prefix)}
+        if not keep:
+            self.finish(index, layer, weights)
+            return
+        linears = {f"{path}.weight" for path in self.adapter.linear_names()}  # rebuilt from the codes
+        params = {key: p.detach() for key, p in layer.named_parameters() if key not in linears}
+        torch.save({"params": params, "weights": weights}, self._kept(index))
+        self.unload(index, layer)
+
+    def reload(self, index: int) -> tuple[nn.Module, dict[str, QuantizedWeight]]:
+        """Layer ``index`` as :meth:`release` kept it (parameters frozen), and its quantized weights."""
+        kept = torch.load(self._kept(index), weights_only=False)  # written by release in this run
+        layer = self.layers[index]
+        prefix = _layer_prefix(self.adapter, index)
+        for key, t in kept["params"].items():
+            _assign(layer, key, t)
+        for path in self.adapter.linear_names():
+            _assign(layer, f"{path}.weight", kept["weights"][prefix + path].dequantize(torch.float32))
+        layer.requires_grad_(False)
+        return layer, kept["weights"]
+
+    def finish(self, index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+        """Pack the quantized layer, write its stored tensors to ``scratch`` and free it."""
+        prefix = _layer_prefix(self.adapter, index)
+        pack_model(self.model, weights)
         linears = {prefix + name: m for name, m in packed_linears(layer).items()}
         settings, sources = linear_settings(linears)
         self.linears.update(settings)
@@ -155,6 +197,8 @@ class StreamedLayers:
         file = os.path.join(self.scratch, f"layer-{index:05d}.safetensors")
         write_safetensors(file, {key: TensorSource.of(t) for key, t in stored.items()}, {})
         self.files.append(file)
+        if os.path.exists(self._kept(index)):
+            os.remove(self._kept(index))
         layer.to("meta")
 
     def packed_tensors(self) -> Mapping[str, TensorSource]:
@@ -187,7 +231,8 @@ def quantize_checkpoint(
 
     The arguments are those of :func:`twla.pipeline.quantize` and :func:`twla.checkpoint.save_packed`
     (``reference`` is save_packed's ``source``); the checkpoint is the one that quantizing the whole
-    model in memory and saving it would give. Methods with a stage that needs every layer at once
+    model in memory and saving it would give. End-to-end reconstruction reloads every layer for
+    each forward and backward pass; methods with a stage that needs every layer in memory at once
     (:func:`twla.pipeline.whole_model_stages`) are refused."""
     source = source if isinstance(source, ModelSource) else model_source(source)
     if not source.local:

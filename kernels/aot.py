@@ -6,13 +6,17 @@ The interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute but not
 they compile: this lowers each variant (A16 fp16/bf16 and int8 GEMM and GEMV, with and
 without the zero-point term; the quantization kernel, symmetric or not, with and without a
 column order) through Triton's CUDA backend to a cubin for ``sm_<arch>`` and reports the
-shared memory each needs. Run it with ``TRITON_INTERPRET`` unset.
+shared memory each needs and how its PTX reads global memory (vector loads ``ld.global.v*``,
+16-byte asynchronous copies to shared memory, scalar 1-2 byte loads). The pointers and the
+shape and stride arguments are taken as multiples of 16, which is how a launch specializes
+them for the usual shapes. Run it with ``TRITON_INTERPRET`` unset.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -31,7 +35,7 @@ _TERNARY_POINTERS = {
     "wsum_ptr": "*fp32",
     "y_ptr": "*fp32",
 }
-_TERNARY_SCALARS = ("Kp", "G", "groups_per_split", "stride_xm", "stride_rm", "stride_ym", "stride_ys")
+_TERNARY_SCALARS = ("G", "groups_per_split", "stride_xm", "stride_rm", "stride_ym", "stride_ys")
 
 
 def variants() -> list[tuple[str, object, dict, dict, dict]]:
@@ -44,6 +48,7 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
                 signature = {"x_ptr": f"*{act}", **_TERNARY_POINTERS, **dict.fromkeys(scalars + _TERNARY_SCALARS, _I32)}
                 constexprs = {
                     "GROUP_P": 32,
+                    "LAST_Q": 32,
                     "BLOCK_N": 128,
                     "BLOCK_P": triton_ternary.BLOCK_P,
                     "INT_ACT": act == "i8",
@@ -84,21 +89,38 @@ def variants() -> list[tuple[str, object, dict, dict, dict]]:
     return out
 
 
+_DIVISIBLE = re.compile(r"_ptr$|^(K|N|stride_\w+)$")  # arguments a launch sees as multiples of 16
+_LOADS = {
+    "vector": r"ld\.global(\.\w+)*\.v[248]\.",
+    "async 16 B": r"cp\.async\.c[ag]\.shared\.global[^;]*,\s*(0x10|16)\s*[,;]",
+    "scalar 1-2 B": r"ld\.global(\.\w+)*\.[bsu](8|16)\s",
+}
+
+
+def global_loads(ptx: str) -> dict[str, int]:
+    """How many global-memory reads of each kind the PTX holds (see the module docstring)."""
+    return {kind: len(re.findall(pattern, ptx)) for kind, pattern in _LOADS.items()}
+
+
 def compile_all(arch: int = 90, num_warps: int = 4, num_stages: int = 2) -> list[dict]:
-    """Compile every variant for ``sm_<arch>``; a list of {name, shared_bytes} (raises on failure)."""
+    """Compile every variant for ``sm_<arch>``; a list of {name, shared_bytes, loads} (raises on
+    failure)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (before Triton is imported)")
     target = GPUTarget("cuda", arch, 32)
     results = []
     for name, kernel, signature, constexprs, options in variants():
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(signature) if _DIVISIBLE.search(arg)}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         try:
             compiled = triton.compile(
                 source, target=target, options={"num_warps": num_warps, "num_stages": num_stages, **options}
             )
         except Exception as err:
             raise RuntimeError(f"{name} does not compile for sm_{arch}: {err}") from err
-        results.append({"name": name, "shared_bytes": compiled.metadata.shared})
+        results.append(
+            {"name": name, "shared_bytes": compiled.metadata.shared, "loads": global_loads(compiled.asm["ptx"])}
+        )
     return results
 
 
@@ -107,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability × 10 (default 90, Hopper)")
     args = parser.parse_args(argv)
     for row in compile_all(args.arch):
-        print(f"{row['name']:32s} compiled for sm_{args.arch}, {row['shared_bytes']} bytes of shared memory")
+        loads = ", ".join(f"{n} {kind}" for kind, n in row["loads"].items())
+        print(
+            f"{row['name']:28s} compiled for sm_{args.arch}, {row['shared_bytes']:6d} bytes of shared memory; {loads}"
+        )
 
 
 if __name__ == "__main__":

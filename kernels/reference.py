@@ -55,7 +55,7 @@ def group_sums(q: Tensor, group_size: int) -> Tensor:
 def weight_sums(w: PackedTernary) -> Tensor:
     """Σ_k Ŵ_nk = Σ_g (α_gn Σ_{k∈g} t_kn + μ_gn |g|) over the real inputs (N,), float32:
     the coefficient of the zero-point term."""
-    t = group_sums(unpack_codes(w.packed, w.in_features), w.group_size).T.double()  # (G, N)
+    t = group_sums(unpack_codes(w.packed, w.in_features, w.group_size), w.group_size).T.double()  # (G, N)
     size = torch.full((w.groups,), float(w.group_size), dtype=torch.float64, device=t.device)
     size[-1] = w.in_features - w.group_size * (w.groups - 1)
     return (w.alpha.double() * t + w.mu.double() * size[:, None]).sum(0).float()
@@ -93,7 +93,7 @@ def group_accumulator(q: Tensor, w: PackedTernary, g: int) -> Tensor:
     """The exact integer part of group g: A_gmn = Σ_{k∈g} q_mk c_kn (int32 (M, N), c = t + 1),
     computed in float64 (exact: |A| < 2^53), so it runs on any device."""
     cols = slice(g * w.group_size, (g + 1) * w.group_size)
-    c = unpack_codes(w.packed, w.in_features)[:, cols].double() + 1  # (N, group)
+    c = unpack_codes(w.packed, w.in_features, w.group_size)[:, cols].double() + 1  # (N, group)
     return (q[:, cols].double() @ c.T).to(torch.int32)
 
 

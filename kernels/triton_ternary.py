@@ -8,8 +8,10 @@ Both kernels take two activation types (a compile-time switch):
   int32; y += α_g acc + (μ_g − α_g) R_g with the row sums R from the quantization kernel;
   the epilogue is y ← s (y − z Σ_k Ŵ_k).
 
-Codes are unpacked in registers: plane j of a packed tile holds k = 4r + j, so each plane
-meets the activation columns of stride 4. The GEMM owns an (M, N) tile and runs `tl.dot`
+Codes are unpacked in registers: plane j of local packed rows [i, i + BLOCK_P) of group g
+holds the contiguous columns g·group_size + j·q_g + [i, i + BLOCK_P) (q_g: the group's packed
+rows, ``LAST_Q`` for a short last group), so each plane's activation tile is one contiguous
+run per token, read with vector loads. The GEMM owns an (M, N) tile and runs `tl.dot`
 per plane (int8 × int8 → int32, or fp16/bf16 → fp32). The GEMV (decode, M ≤
 ``GEMV_MAX_M``) owns N outputs of one token and reduces in registers, without tensor
 cores. Both split the K groups over programs when the tiles alone cannot fill the GPU;
@@ -35,10 +37,10 @@ GEMV_MAX_M = 4  # tokens up to which the decode GEMV is used
 @triton.jit
 def _gemm_kernel(
     x_ptr, p_ptr, a_ptr, mu_ptr, r_ptr, s_ptr, z_ptr, wsum_ptr, y_ptr,
-    M, N, K, Kp, G, groups_per_split,
+    M, N, K, G, groups_per_split,
     stride_xm, stride_rm, stride_ym, stride_ys,
-    GROUP_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    INT_ACT: tl.constexpr, HAS_ZERO: tl.constexpr, PAD: tl.constexpr,
+    GROUP_P: tl.constexpr, LAST_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, INT_ACT: tl.constexpr, HAS_ZERO: tl.constexpr, PAD: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -57,13 +59,20 @@ def _gemm_kernel(
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        q = tl.where(g == G - 1, LAST_Q, GROUP_P)
         for i in range(0, GROUP_P, BLOCK_P):
-            r = g * GROUP_P + i + rp
-            w = tl.load(p_ptr + r[:, None] * N + rn[None, :], mask=(r < Kp)[:, None] & mask_n[None, :], other=PAD)
+            row = i + rp
+            w = tl.load(
+                p_ptr + (g * GROUP_P + row)[:, None] * N + rn[None, :],
+                mask=(row < q)[:, None] & mask_n[None, :],
+                other=PAD,
+            )
             for j in tl.static_range(4):
-                k = 4 * r + j
+                k = g * (4 * GROUP_P) + j * q + row
                 x = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0
+                    x_ptr + rm[:, None] * stride_xm + k[None, :],
+                    mask=mask_m[:, None] & ((row < q) & (k < K))[None, :],
+                    other=0,
                 )
                 c = ((w >> (2 * j)) & 3).to(tl.int8)
                 if INT_ACT:
@@ -90,9 +99,9 @@ def _gemm_kernel(
 @triton.jit
 def _gemv_kernel(
     x_ptr, p_ptr, a_ptr, mu_ptr, r_ptr, s_ptr, z_ptr, wsum_ptr, y_ptr,
-    N, K, Kp, G, groups_per_split,
+    N, K, G, groups_per_split,
     stride_xm, stride_rm, stride_ym, stride_ys,
-    GROUP_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    GROUP_P: tl.constexpr, LAST_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     INT_ACT: tl.constexpr, HAS_ZERO: tl.constexpr, PAD: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
@@ -110,12 +119,17 @@ def _gemv_kernel(
         else:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             xsum = tl.zeros((), dtype=tl.float32)
+        q = tl.where(g == G - 1, LAST_Q, GROUP_P)
         for i in range(0, GROUP_P, BLOCK_P):
-            r = g * GROUP_P + i + rp
-            w = tl.load(p_ptr + r[:, None] * N + rn[None, :], mask=(r < Kp)[:, None] & mask_n[None, :], other=PAD)
+            row = i + rp
+            w = tl.load(
+                p_ptr + (g * GROUP_P + row)[:, None] * N + rn[None, :],
+                mask=(row < q)[:, None] & mask_n[None, :],
+                other=PAD,
+            )
             for j in tl.static_range(4):
-                k = 4 * r + j
-                x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0)
+                k = g * (4 * GROUP_P) + j * q + row
+                x = tl.load(x_ptr + m * stride_xm + k, mask=(row < q) & (k < K), other=0)
                 c = (w >> (2 * j)) & 3
                 if INT_ACT:
                     acc += tl.sum(x.to(tl.int32)[:, None] * c.to(tl.int32), axis=0)
@@ -198,17 +212,20 @@ def ternary_matmul(
         r = s = z = w.alpha  # unused without int activations
         stride_rm = 0
     wsum = wsum if has_zero else w.alpha
-    common = dict(GROUP_P=w.group_size // 4, BLOCK_N=block_n, BLOCK_P=block_p, INT_ACT=int_act, HAS_ZERO=has_zero)
+    last_q = -(-(K - (G - 1) * w.group_size) // 4)  # packed rows of the last group
+    common = dict(
+        GROUP_P=w.group_size // 4, LAST_Q=last_q, BLOCK_N=block_n, BLOCK_P=block_p, INT_ACT=int_act, HAS_ZERO=has_zero
+    )
     args = (xt, w.packed, w.alpha, w.mu, r, s, z, wsum, y)
     strides = (xt.stride(0), stride_rm, y.stride(1), y.stride(0))
     if gemv:
         _gemv_kernel[(grid_mn[1], split, M)](
-            *args, N, K, w.packed.shape[0], G, per_split, *strides,
+            *args, N, K, G, per_split, *strides,
             PAD=PAD_BYTE, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True, **common,
         )  # fmt: skip
     else:
         _gemm_kernel[(*grid_mn, split)](
-            *args, M, N, K, w.packed.shape[0], G, per_split, *strides,
+            *args, M, N, K, G, per_split, *strides,
             BLOCK_M=block_m, PAD=PAD_BYTE, num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True, **common,
         )  # fmt: skip
     y = y.sum(0) if split > 1 else y[0]

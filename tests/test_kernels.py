@@ -1,6 +1,7 @@
 """Packed ternary layout, torch reference kernels, and the Triton kernels (interpreter on CPU)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def random_weight(N, K, group_size, seed=0):
     """The benchmark's random packed weight, with its codes T and α, μ as (N, G)."""
     w = random_packed(N, K, group_size, seed=seed)
-    return unpack_codes(w.packed, K), w.alpha.T, w.mu.T, w
+    return unpack_codes(w.packed, K, group_size), w.alpha.T, w.mu.T, w
 
 
 def activations(M, K, seed=0):
@@ -41,14 +42,24 @@ def same(a, b):
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("q", "scale", "zero", "rowsum"))
 
 
-@pytest.mark.parametrize("K", [1, 4, 13, 128, 130])
-def test_pack_roundtrip_and_zero_padding(K):
+@pytest.mark.parametrize("K,group_size", [(1, 4), (13, 8), (128, 128), (130, 128), (576, 128), (200, 64)])
+def test_pack_roundtrip_and_the_grouped_plane_layout(K, group_size):
+    """Plane j of local row l of group g holds column g·group_size + j·q_g + l (q_g = ⌈S_g/4⌉ rows
+    of a group of S_g columns); the rest of a short last group is code 1 (t = 0)."""
     T = (torch.randint(0, 3, (7, K)) - 1).to(torch.int8)
-    packed = pack_codes(T)
+    packed = pack_codes(T, group_size)
     assert packed.shape == (-(-K // 4), 7) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_codes(packed, K), T)
-    padded = unpack_codes(packed, packed.shape[0] * 4)
-    assert (padded[:, K:] == 0).all()
+    assert torch.equal(unpack_codes(packed, K, group_size), T)
+    row = 0
+    for start in range(0, K, group_size):
+        size = min(group_size, K - start)
+        q = -(-size // 4)
+        for j in range(4):
+            for local in range(q):
+                t = ((packed[row + local] >> (2 * j)) & 3).to(torch.int8) - 1
+                column = j * q + local
+                assert torch.equal(t, T[:, start + column] if column < size else torch.zeros(7, dtype=torch.int8))
+        row += q
 
 
 def test_dequantize_matches_dense_grid():
@@ -194,6 +205,14 @@ def test_every_kernel_variant_compiles_for_the_gpu(arch, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 12 and all(f"compiled for sm_{arch}" in line for line in lines)
+    # the grouped plane layout: every activation tile of the GEMM is copied 16 bytes at a time (the
+    # strided layout of format 3 read it with 64 scalar loads per plane step); the GEMV's codes too
+    for line in lines:
+        loads = dict(re.findall(r"(\d+) (vector|async 16 B|scalar 1-2 B)", line)[i][::-1] for i in range(3))
+        if line.startswith("gemm"):
+            assert int(loads["async 16 B"]) > 0 and loads["scalar 1-2 B"] == "0", line
+        if line.startswith("gemv"):
+            assert int(loads["vector"]) > 0, line
 
 
 def test_kernel_package_imports_nothing_else_of_twla():

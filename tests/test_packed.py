@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,7 +24,9 @@ from twla.checkpoint import (
     read_meta,
     save_packed,
 )
+from twla.cli import main
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
+from twla.kernels.packing import unpack_codes
 from twla.ternary_linear import TernaryLinear
 
 SPECS = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+ssr+g64+had+a4", "pt2+gptq+r1+had+a8+sym", "absmean+kotms+a6")
@@ -250,6 +253,40 @@ def test_checkpoint_tensors_must_match_the_model(saved, change, message):
     _rewrite_tensors(saved, change)
     with pytest.raises(CheckpointError, match=message):
         load_packed(saved)
+
+
+def test_format_3_checkpoints_are_refused_with_advice_and_convert_exactly(saved, tmp_path, capsys):
+    """Format 3 interleaved the codes at stride 4 (k = 4r + j); `twla upgrade` rewrites them in the
+    grouped plane layout, giving this version's tensor file byte for byte."""
+    old = str(tmp_path / "v3")
+    shutil.copytree(saved, old)
+    meta = json.load(open(os.path.join(saved, "twla_quant.json")))
+
+    def strided(tensors):
+        for name, linear in meta["linears"].items():
+            codes = unpack_codes(tensors[f"{name}.weight"], linear["in_features"], linear["group_size"]) + 1
+            c = torch.nn.functional.pad(codes.to(torch.uint8), (0, -linear["in_features"] % 4), value=1)
+            c = c.view(c.shape[0], -1, 4)
+            tensors[f"{name}.weight"] = (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).T.contiguous()
+
+    _rewrite_tensors(old, strided)
+    config = json.load(open(os.path.join(old, "config.json")))
+    config["quantization_config"]["version"] = 3
+    json.dump(config, open(os.path.join(old, "config.json"), "w"))
+    resign(old, lambda m: m.update(version=3))
+    with pytest.raises(CheckpointError, match=f"version 3 is not supported .*twla upgrade {old}"):
+        load_packed(old)
+    new = str(tmp_path / "v4")
+    assert main(["upgrade", old, "--out", new]) == 0
+    assert "format version 3 converted" in capsys.readouterr().out
+    assert (
+        open(os.path.join(new, "model.safetensors"), "rb").read()
+        == open(os.path.join(saved, "model.safetensors"), "rb").read()
+    )
+    ids = torch.randint(0, 100, (1, 16))
+    assert torch.equal(load_packed(new)[0](ids).logits, load_packed(saved)[0](ids).logits)
+    assert main(["upgrade", new, "--out", str(tmp_path / "again")]) == 2
+    assert "already format version 4" in capsys.readouterr().err
 
 
 def test_checkpoint_config_must_match(saved):

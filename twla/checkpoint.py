@@ -9,7 +9,8 @@ A checkpoint is a directory written atomically, in the layout of a transformers 
 - the tokenizer's files;
 - ``model.safetensors``: every tensor once (the tied embedding once). Each
   :class:`~twla.ternary_linear.TernaryLinear` stores ``weight`` (uint8 codes c = t + 1, four
-  per byte along the input, shape (⌈K/4⌉, N)), ``alpha`` and ``mu`` (fp16, per (group,
+  per byte along the input in the grouped plane layout of :mod:`twla.kernels.packing`, shape
+  (⌈K/4⌉, N)), ``alpha`` and ``mu`` (fp16, per (group,
   row)), ``perm`` (int16 column order, when the blocks were reordered), ``rot1``/``rot2``
   (the online rotation factors, on the first linear of a site) and its bias; the
   unquantized parameters keep their names. A loader that does not know the format meets a
@@ -37,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -44,14 +46,22 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from twla.adapters import get_adapter
 from twla.fake_quant import QuantLinear
 from twla.hf_quantizer import QUANT_METHOD
 from twla.io import atomic_directory, check_output_dir, json_format
+from twla.kernels.packing import pack_codes, unpack_codes_strided
 from twla.loading import QUANT_FILE
-from twla.shards import ITEMSIZE, TensorSource, write_safetensors
+from twla.shards import ITEMSIZE, CheckpointTensors, TensorSource, write_safetensors
 from twla.ternary_linear import TernaryLinear
 
 if TYPE_CHECKING:
@@ -59,7 +69,8 @@ if TYPE_CHECKING:
     from twla.weights import QuantizedWeight
 
 FORMAT = "twla-packed"
-VERSION = 3
+VERSION = 4  # 4: codes in contiguous bit planes per group (format 3 interleaved them at stride 4)
+UPGRADABLE = (3,)  # older versions that :func:`upgrade_packed` converts
 TENSOR_FILE = "model.safetensors"
 REPORT_FILE = "twla_report.json"
 CONFIG_FILES = ("config.json", "generation_config.json")  # digested with the tensors
@@ -334,8 +345,18 @@ def is_packed_checkpoint(path: str) -> bool:
     return json_format(os.path.join(path, QUANT_FILE)) == FORMAT
 
 
-def read_meta(path: str) -> dict:
-    """``twla_quant.json`` of a packed checkpoint, checked for format and version."""
+def _refuse_version(where: str, version, path: str) -> None:
+    advice = (
+        f"convert it with `twla upgrade {path} --out NEW_DIRECTORY`"
+        if version in UPGRADABLE
+        else "quantize the model again with this version"
+    )
+    raise CheckpointError(f"{where}: format version {version} is not supported (this is {VERSION}); {advice}")
+
+
+def read_meta(path: str, upgradable: bool = False) -> dict:
+    """``twla_quant.json`` of a packed checkpoint, checked for format and version (``upgradable``:
+    also an older version that :func:`upgrade_packed` converts)."""
     file = os.path.join(path, QUANT_FILE)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path!r} is not a checkpoint directory")
@@ -348,11 +369,8 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"{file} is corrupt: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file} does not describe a packed checkpoint (format {FORMAT!r} expected)")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"{file}: format version {meta.get('version')} is not supported (this is {VERSION}); "
-            "quantize the model again with this version"
-        )
+    if not (meta.get("version") == VERSION or upgradable and meta.get("version") in UPGRADABLE):
+        _refuse_version(file, meta.get("version"), path)
     missing = {"linears", "files", "digest", "model_type", "embeddings"} - set(meta)
     if missing:
         raise CheckpointError(f"{file} is incomplete: no {', '.join(sorted(missing))}")
@@ -409,6 +427,42 @@ def packed_bits(path: str) -> PackedBits:
     return _count_bits(path, read_meta(path))
 
 
+def upgrade_packed(source: str, path: str, overwrite: bool = False) -> PackedBits:
+    """Convert the packed checkpoint ``source`` of an older format version (:data:`UPGRADABLE`)
+    to this version at ``path`` (atomically; ``source`` is only read). Version 3 differs in the
+    order of the codes inside each packed weight (k = 4r + j in bits 2j..2j+1 of row r); every
+    code, grid and other tensor is the same, so the model computes the same outputs."""
+    meta = read_meta(source, upgradable=True)
+    if meta["version"] == VERSION:
+        raise ValueError(f"{source!r} is already format version {VERSION}")
+    check_files(source, meta)
+    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite, [source])
+    model_config = AutoConfig.from_pretrained(source)
+    settings = {**model_config.quantization_config, "version": VERSION}
+    tensors = CheckpointTensors(source)
+    sources = {key: tensors.source(key) for key in tensors.keys()}
+    for name, linear in meta["linears"].items():
+        codes = unpack_codes_strided(tensors.get(f"{name}.weight"), linear["in_features"])
+        sources[f"{name}.weight"] = TensorSource.of(pack_codes(codes, linear["group_size"]))
+    rewritten = {TENSOR_FILE, "config.json", QUANT_FILE}
+    with atomic_directory(path) as tmp:
+        for name in sorted(set(os.listdir(source)) - rewritten):  # tokenizer, generation config, run report
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+        return write_packed(
+            tmp,
+            model_config,
+            None,
+            None,
+            sources,
+            settings,
+            meta["embeddings"],
+            config=meta["config"],
+            provenance=meta["provenance"],
+            source=meta["model"],
+        )
+
+
 def check_files(path: str, meta: Mapping) -> None:
     """Refuse a checkpoint whose files differ from the SHA-256 digests in its ``twla_quant.json``."""
     for name, digest in meta["files"].items():
@@ -429,11 +483,10 @@ def prepare_packed_model(model: PreTrainedModel, settings: Mapping, files: list[
     against the model), and put empty :class:`TernaryLinear` modules in place of the packed
     linears, on the device the model is being built on (no dense weights are allocated)."""
     path = os.path.dirname(files[0])
-    if settings.get("format") != FORMAT or settings.get("version") != VERSION:
-        raise CheckpointError(
-            f"{path}: packed format {settings.get('format')!r} version {settings.get('version')} is not supported "
-            f"(this is {FORMAT!r} version {VERSION}); quantize the model again with this version"
-        )
+    if settings.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: packed format {settings.get('format')!r} is not supported ({FORMAT!r} is)")
+    if settings.get("version") != VERSION:
+        _refuse_version(f"{path} (config.json)", settings.get("version"), path)
     if os.path.isfile(os.path.join(path, QUANT_FILE)):
         meta = read_meta(path)
         check_files(path, meta)

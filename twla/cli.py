@@ -258,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--include-path", default=None, help="harness tasks: a directory of task definitions")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    upgrade = sub.add_parser(
+        "upgrade",
+        help="convert a packed checkpoint of an older format version to this one",
+        description="Write the packed checkpoint CHECKPOINT, of an older format version, in this version's "
+        "format to --out (the codes are reordered; every value, and so every output, stays the same).",
+    )
+    upgrade.add_argument("checkpoint", help="packed checkpoint directory of an older format version (only read)")
+    upgrade.add_argument("--out", required=True, help="directory for the converted checkpoint")
+    upgrade.add_argument("--overwrite", action="store_true", help="replace a packed checkpoint twla wrote there")
+
     gen = sub.add_parser(
         "generate",
         help="write text with a packed checkpoint or a full-precision model (streamed, tokens/s)",
@@ -414,6 +424,15 @@ def _quantize(args: argparse.Namespace) -> None:
     print(files.describe())
 
 
+def _upgrade(args: argparse.Namespace) -> None:
+    from twla.checkpoint import read_meta, upgrade_packed
+
+    version = read_meta(args.checkpoint, upgradable=True)["version"]
+    bits = upgrade_packed(args.checkpoint, args.out, args.overwrite)
+    print(f"{args.checkpoint}: format version {version} converted; saved to {os.path.abspath(args.out)}")
+    print(bits.describe())
+
+
 def _eval(args: argparse.Namespace) -> None:
     import torch
 
@@ -521,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "quantize": _quantize,
             "eval": _eval,
+            "upgrade": _upgrade,
             "generate": _generate,
             "kernels": speed.run,
             "scale": scale.run,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from twla.fake_quant import online_rotation
 from twla.kernels.dispatch import ternary_linear
-from twla.kernels.packing import PAD_BYTE, PackedTernary, dequantize, pack_ternary
+from twla.kernels.packing import PAD_BYTE, PackedTernary, check_group_size, dequantize, pack_ternary
 from twla.kernels.reference import weight_sums
 from twla.kernels.uniform import UNQUANTIZED, ActivationQuant
 
@@ -48,8 +48,7 @@ class TernaryLinear(nn.Module):
         shared_rotation: bool = False,
     ) -> None:
         super().__init__()
-        if group_size < 4 or group_size % 4:
-            raise ValueError(f"group size must be a positive multiple of 4, got {group_size}")
+        check_group_size(group_size)
         if rotation is not None and rotation[0] * rotation[1] != in_features:
             raise ValueError(f"rotation factors {rotation[0]}×{rotation[1]} do not match {in_features} inputs")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size

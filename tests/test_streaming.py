@@ -15,7 +15,7 @@ from twla.config import QuantConfig
 from twla.loading import load_model, model_source, save_checkpoint
 from twla.pipeline import quantize
 from twla.shards import CheckpointTensors, TensorSource, write_safetensors
-from twla.streaming import StreamedLayers, quantize_checkpoint
+from twla.streaming import PackedLayers, StreamedLayers, quantize_checkpoint, streamed_packed
 
 METHOD = "pt2+gptq+ssr+had+a4+recon"
 E2E = "pt2+gptq+ssr+had+a4+recon+e2e"  # the default method: end-to-end reconstruction reloads each layer
@@ -230,3 +230,34 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
     print({k: round(v / 2**20) for k, v in peaks.items()}, f"one layer {layer / 2**20:.1f} MiB")
     assert peaks[("stream", 6)] < 1.1 * peaks[("stream", 2)]
     assert peaks[("memory", 6)] - peaks[("memory", 2)] > 2 * layer  # in memory, the 4 more layers add up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_streamed_evaluation_gives_the_loaded_models_outputs_one_layer_at_a_time(
+    checkpoint, calib, tmp_path, monkeypatch, capsys, dtype
+):
+    out = str(tmp_path / "packed")
+    quantize_checkpoint(checkpoint, _config(METHOD), calib, out, METHOD, "cpu", False)
+    loaded, _, _ = load_packed(out, dtype=dtype)
+    materialized = []
+    load = PackedLayers.load
+
+    def counting(self, index):
+        layer = load(self, index)
+        materialized.append(
+            [i for i, m in enumerate(self.layers) if any(not t.is_meta for t in m.state_dict().values())]
+        )
+        return layer
+
+    monkeypatch.setattr(PackedLayers, "load", counting)
+    ids = calib[:2]
+    with streamed_packed(out, "cpu", dtype) as (model, tokenizer, meta):
+        assert meta["method"] == METHOD and tokenizer is not None
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert materialized == [[0], [1], [2]]
+    args = ["eval", out, "--eval-tokens", "512", "--eval-seqlen", "64", "--quiet"]
+    assert main(args) == 0
+    in_memory = capsys.readouterr().out
+    assert main([*args, "--stream"]) == 0
+    assert capsys.readouterr().out == in_memory and "perplexity" in in_memory
+    assert main([*args, "--stream", "--tasks", "hellaswag"]) == 2

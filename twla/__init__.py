@@ -22,10 +22,13 @@ kernels on CUDA (the torch reference elsewhere), save, and load back::
     model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)
 
 A checkpoint directory can also be quantized straight into a packed checkpoint, one decoder
-layer in memory at a time (layer-wise methods: no ``+e2e``, ``+amp`` or ``+kotms``)::
+layer in memory at a time (any method without ``+amp`` or ``+kotms``), and a packed checkpoint
+evaluated the same way::
 
-    config = twla.QuantConfig.from_method("pt2+gptq+ssr+had+a4+recon")
+    config = twla.QuantConfig.from_method("pt2+gptq+ssr+had+a4+recon+e2e")
     report, bits = twla.quantize_checkpoint("./my-llama", config, calib, "out/model", method="...")
+    with twla.streamed_packed("out/model") as (model, tokenizer, info):
+        print(twla.perplexity(model, windows).ppl)
 
 ``import twla`` also registers the packed format with transformers, so
 ``AutoModelForCausalLM.from_pretrained("out/model")`` loads it too (``twla.hf_quantizer``).
@@ -52,7 +55,7 @@ _EXPORTS = {
     "twla.loading": ("load_model",),
     "twla.pipeline": ("quantize",),
     "twla.solvers.bits": ("InfeasibleBudgetError", "solve_bits"),
-    "twla.streaming": ("quantize_checkpoint",),
+    "twla.streaming": ("quantize_checkpoint", "streamed_packed"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

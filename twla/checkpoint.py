@@ -545,11 +545,15 @@ def _check_tensor_names(model: PreTrainedModel, files: list[str]) -> None:
             raise CheckpointError(f"{path}: {key} has shape {shape} in the file but {expected[key]} in the model")
 
 
-def finish_packed_model(model: PreTrainedModel, settings: Mapping) -> None:
+def finish_packed_model(model: nn.Module, settings: Mapping, prefix: str = "") -> None:
     """After ``from_pretrained`` has read the tensors: share each site's rotation factors and
-    compute the buffers derived from the stored ones."""
+    compute the buffers derived from the stored ones (of the linears under ``prefix`` when
+    ``model`` is the module there, e.g. one decoder layer)."""
     for name, source in settings.get("rotation_sources", {}).items():
-        model.get_submodule(name).share_rotation(model.get_submodule(source))
+        if name.startswith(prefix):
+            model.get_submodule(name.removeprefix(prefix)).share_rotation(
+                model.get_submodule(source.removeprefix(prefix))
+            )
     for module in packed_linears(model).values():
         if not module.has_offset:  # μ = 0 is not stored
             module.mu = torch.zeros_like(module.alpha)

@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_int_at_least(1), default=None, help="harness tasks: at most N documents")
     evaluate.add_argument("--include-path", default=None, help="harness tasks: a directory of task definitions")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the decoder layers from the tensor file one at a time whenever the model runs them (a packed "
+        "model larger than memory; the same results)",
+    )
 
     upgrade = sub.add_parser(
         "upgrade",
@@ -434,18 +440,32 @@ def _upgrade(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from contextlib import nullcontext
+
     import torch
 
     from twla.checkpoint import load_packed, packed_bits
-    from twla.data import OVERLAP_LIMIT, bos_token, calibration_overlap, evaluation_windows, load_text, tokenize
-    from twla.evaluate import perplexity
-    from twla.kernels.dispatch import kernel_backend
+    from twla.data import load_text
     from twla.loading import resolve_device
-    from twla.tasks import build_tasks, check_tasks_disjoint, evaluate_tasks
+    from twla.streaming import streamed_packed
 
     device = resolve_device(args.device)
     text = load_text(args.evaluation, "evaluation")
-    model, tokenizer, meta = load_packed(args.checkpoint, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if args.stream and any(t.strip() and t.strip() not in TASKS for t in args.tasks.split(",")):
+        raise ValueError("--stream evaluates perplexity and the built-in tasks; drop it for harness tasks")
+    with streamed_packed(args.checkpoint, device, dtype) if args.stream else nullcontext() as streamed:
+        model, tokenizer, meta = streamed or load_packed(args.checkpoint, dtype=dtype)
+        _evaluate_packed(args, model, tokenizer, meta, text, device)
+    print(packed_bits(args.checkpoint).describe())
+
+
+def _evaluate_packed(args: argparse.Namespace, model, tokenizer, meta: dict, text, device) -> None:
+    from twla.data import OVERLAP_LIMIT, bos_token, calibration_overlap, evaluation_windows, tokenize
+    from twla.evaluate import perplexity
+    from twla.kernels.dispatch import kernel_backend
+    from twla.tasks import build_tasks, check_tasks_disjoint, evaluate_tasks
+
     if tokenizer is None:
         raise ValueError(f"{args.checkpoint} holds no tokenizer; it is needed to tokenize the evaluation text")
     ids = tokenize(tokenizer, text)
@@ -475,7 +495,6 @@ def _eval(args: argparse.Namespace) -> None:
             ).items():
                 values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                 print(f"{label}: {task} (lm-evaluation-harness) {values}")
-    print(packed_bits(args.checkpoint).describe())
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -9,6 +9,10 @@ copied one at a time into ``model.safetensors``. Peak host memory is one layer, 
 embeddings and the calibration activations, whatever the depth; the output is the same
 checkpoint, byte for byte, as quantizing the whole model in memory and saving it.
 
+Evaluation reads a packed checkpoint the same way (:func:`streamed_packed`): the decoder
+layers stay on the meta device and each is read from the tensor file whenever the model runs
+it, for models whose packed weights do not fit either.
+
 With end-to-end reconstruction the stream also runs the full-precision teacher pass (each
 layer read and dropped in turn), keeps every quantized layer's codes and parameters in the
 scratch folder, and reloads them one at a time for each forward and backward pass of the
@@ -19,28 +23,33 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from twla.adapters import Adapter, get_adapter
+from twla.capture import layer_output, layers_replaced
 from twla.checkpoint import (
+    TENSOR_FILE,
     PackedBits,
+    finish_packed_model,
     is_packed_checkpoint,
     linear_settings,
     pack_model,
     packed_linears,
+    prepare_packed_model,
     quantization_config,
+    read_meta,
     stored_tensors,
     write_packed,
 )
 from twla.config import QuantConfig
 from twla.io import atomic_directory, check_output_dir
-from twla.loading import ModelSource, model_source
+from twla.loading import ModelSource, model_source, resolve_device
 from twla.pipeline import QuantReport, check_finite, check_streamable, quantize
 from twla.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.weights import QuantizedWeight
@@ -262,3 +271,66 @@ def quantize_checkpoint(
         )
         shutil.rmtree(stream.scratch)
     return report, bits
+
+
+class PackedLayers:
+    """The decoder layers of a packed checkpoint's model, read from its tensor file one at a time."""
+
+    def __init__(self, model: PreTrainedModel, tensors: CheckpointTensors, settings: Mapping) -> None:
+        self.model, self.tensors, self.settings = model, tensors, settings
+        self.adapter = get_adapter(model)
+        self.layers = list(self.adapter.decoder_layers(model))
+
+    def load(self, index: int) -> nn.Module:
+        """Layer ``index`` with its stored tensors, each in the type the model holds it in."""
+        layer, prefix = self.layers[index], _layer_prefix(self.adapter, index)
+        for key, t in layer.state_dict().items():
+            if prefix + key in self.tensors:
+                _assign(layer, key, self.tensors.get(prefix + key).to(t.dtype))
+        finish_packed_model(layer, self.settings, prefix)
+        return layer
+
+    def unload(self, layer: nn.Module) -> None:
+        for module in layer.modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None:
+                        store[name] = nn.Parameter(t.to("meta"), False) if store is module._parameters else t.to("meta")
+
+    def run(self, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
+        def layer_on_device(index: int, hidden: Tensor, kwargs: dict) -> Tensor:
+            layer = self.load(index).to(device)
+            try:
+                return layer_output(layer(hidden, **kwargs))
+            finally:
+                self.unload(layer)
+
+        return layer_on_device
+
+
+@contextmanager
+def streamed_packed(
+    path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[PreTrainedModel, object, dict]]:
+    """:func:`twla.checkpoint.load_packed` for a packed model that does not fit in memory: inside,
+    ``(model, tokenizer, meta)`` with the decoder layers read from the tensor file one at a time
+    whenever the model runs (the same outputs; the checks of loading run first). For evaluation:
+    generating reads every layer for every token."""
+    meta = read_meta(path)
+    config = AutoConfig.from_pretrained(path)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    settings = dict(config.quantization_config)
+    prepare_packed_model(model, settings, [os.path.join(path, TENSOR_FILE)])
+    tensors = CheckpointTensors(path)
+    adapter = get_adapter(model)
+    layers = PackedLayers(model, tensors, settings)
+    for key, t in model.state_dict().items():
+        if not key.startswith(adapter.layers + ".") and key in tensors:
+            _assign(model, key, tensors.get(key).to(t.dtype))
+    model.tie_weights()
+    has_tokenizer = any(f.startswith(("tokenizer", "vocab", "merges")) for f in os.listdir(path))
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    with layers_replaced(model, adapter, layers.run(resolve_device(device))):
+        yield model, tokenizer, meta

@@ -65,6 +65,7 @@ def _same_files(a: str, b: str) -> list[str]:
         ("pt2+gptq+ssr+r1+had+a4", "float16", True),
         ("e2m+gptq+ssr+g64+had+reloc+a4", "keep", False),
         (E2E, "keep", False),
+        ("pt2+gptq+ssr+r1+kotms+a4", "keep", True),  # learned rotations: a first pass over the layers
     ],
 )
 def test_streaming_gives_the_same_checkpoint_bytes_as_in_memory(checkpoint, calib, tmp_path, method, dtype, offload):
@@ -147,7 +148,7 @@ def test_an_interrupted_streaming_run_leaves_the_old_checkpoint(checkpoint, cali
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the staging directory is gone
 
 
-@pytest.mark.parametrize("method", ["pt2+gptq+had+amp", "pt2+gptq+kotms+a4"])
+@pytest.mark.parametrize("method", ["pt2+gptq+had+amp", "pt2+gptq+had+amp-site+e2e"])
 def test_whole_model_stages_are_refused_before_any_work(checkpoint, calib, tmp_path, method):
     config = QuantConfig.from_method(method)
     with pytest.raises(ValueError, match="every decoder layer at once"):

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="read, quantize and write one decoder layer at a time (the default for a checkpoint directory or a "
-        "built-in model when the method has no whole-model stage: +amp, +kotms)",
+        "built-in model when the method has no whole-model stage: +amp)",
     )
     mode.add_argument("--in-memory", dest="stream", action="store_false", help="load the whole model first")
     quant.add_argument(

@@ -1,7 +1,8 @@
 """Layer-wise sequential post-training quantization (GPTQ's schedule).
 
 Before the layers: the optional residual rotation (norms folded), and the per-site
-rotations (fixed or learned with KOTMS). Then the calibration batch runs
+rotations (fixed, or learned with KOTMS on a first pass over the full-precision layers and
+kept per layer where they beat their start). Then the calibration batch runs
 through the model one decoder layer at a time. For each input site of the layer:
 
 1. the statistics S = XᵀX / N of its input are collected (and a token sample X);
@@ -13,7 +14,8 @@ through the model one decoder layer at a time. For each input site of the layer:
 optionally (``recon``) the whole block's grids, norm gains and clipping ratios are then
 tuned against the full-precision block's outputs (:mod:`twla.reconstruct`), and the
 *quantized* layer's outputs feed the next layer. Only the current decoder
-layer sits on the compute device. After the last layer, optionally (``e2e``) the same
+layer sits on the compute device (with a :class:`LayerStream`, only it is in memory at all,
+every pass included). After the last layer, optionally (``e2e``) the same
 parameters of all blocks are tuned at once against the full-precision model's next-token
 distribution (its log-probabilities taken before any change), then (ILA-AMP) the
 activation bit-widths are allocated.
@@ -22,7 +24,7 @@ activation bit-widths are allocated.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
@@ -42,7 +44,7 @@ from twla.capture import (
     layers_replaced,
 )
 from twla.clipping import calibrate_clip
-from twla.config import QuantConfig
+from twla.config import KotmsConfig, QuantConfig
 from twla.fake_quant import QuantLinear, wrap_layer
 from twla.loading import resolve_device
 from twla.reconstruct import (
@@ -57,13 +59,16 @@ from twla.rotation import (
     Factors,
     RotationReport,
     check_residual_rotation,
+    choose_rotations,
     install_rotation,
+    learn_rotations,
     make_factors,
     record_shaping,
     residual_factors,
     rotate_residual_ends,
     rotate_residual_layer,
-    site_rotations,
+    sampled_rows,
+    start_rotations,
 )
 from twla.solvers.kronecker import rotate_metric
 from twla.solvers.relocation import relocate
@@ -269,19 +274,28 @@ def _refresh_clips(layer: nn.Module, index: int, adapter: Adapter, records: list
 
 @torch.no_grad()
 def full_precision_samples(
-    model: nn.Module, adapter: Adapter, batches: LayerInputs, tokens: int, device: torch.device
-) -> dict[tuple[int, str], Tensor]:
-    """About ``tokens`` input rows of every (layer, site) of the unquantized model (CPU, float32)."""
-    samples = {}
-    for index, layer in enumerate(adapter.decoder_layers(model)):
+    layers: Iterable[nn.Module],
+    adapter: Adapter,
+    batches: LayerInputs,
+    tokens: int,
+    device: torch.device,
+    kotms: KotmsConfig | None = None,
+) -> tuple[dict[tuple[int, str], Tensor], dict[tuple[int, str], Tensor]]:
+    """About ``tokens`` input rows of every (layer, site) of the unquantized model (CPU, float32),
+    running the decoder ``layers`` in turn on the calibration batches; with ``kotms``, also the
+    site weights' rows that KOTMS learns on (:func:`twla.rotation.sampled_rows`)."""
+    samples, rows = {}, {}
+    for index, layer in enumerate(layers):
         layer.to(device)
         for site in adapter.sites:
             first = adapter.site_linears(layer, site)[site.linears[0]]
             inputs = collect_statistics(layer, first, batches, tokens, statistics=False)
             samples[(index, site.name)] = inputs.sample[:tokens].cpu()
+            if kotms is not None:
+                rows[(index, site.name)] = sampled_rows(layer, adapter, site, kotms).cpu()
         batches = batches.advance(layer)
         layer.to("cpu")
-    return samples
+    return samples, rows
 
 
 class LayerStream(KeptLayers, Protocol):
@@ -303,7 +317,6 @@ def whole_model_stages(config: QuantConfig) -> list[str]:
     by layer; end-to-end reconstruction is, by reloading each layer for every pass)."""
     stages = {
         "mixed-precision allocation (+amp)": config.allocation is not None,
-        "learned site rotations (+kotms)": config.rotation.site == "kotms",
     }
     return [name for name, used in stages.items() if used]
 
@@ -314,6 +327,16 @@ def check_streamable(config: QuantConfig, advice: str = "quantize this method wi
     if stages:
         verb = "needs" if len(stages) == 1 else "need"
         raise ValueError(f"{' and '.join(stages)} {verb} every decoder layer at once; {advice}")
+
+
+def _loaded_layers(stream: LayerStream, count: int, prepare: Callable[[nn.Module, int], None]) -> Iterator[nn.Module]:
+    """The full-precision decoder layers of ``stream`` one at a time, each prepared (residual rotation,
+    wrapping) and dropped again when the next is asked for."""
+    for index in range(count):
+        layer = stream.load(index)
+        prepare(layer, index)
+        yield layer
+        stream.unload(index, layer)
 
 
 def _full_precision_layers(stream: LayerStream, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
@@ -386,20 +409,28 @@ def quantize(
         for index, layer in enumerate(layers):
             prepare(layer, index)
     rotations: dict[tuple[int, str], Factors] = {}
+    learned = None
     capture_start = time.perf_counter()
     batches = capture_layer_inputs(model, adapter, calibration, config.batch_size, device, offload)
     capture_seconds = time.perf_counter() - capture_start
     if rot.site != "none":
-        samples = None
-        if rot.site == "kotms":  # half for the activation term, half to judge the learned rotations
-            samples = full_precision_samples(model, adapter, batches, 2 * rot.kotms.activation_tokens, device)
-        rotations, report.rotation = site_rotations(model, adapter, rot, progress, samples, config.activations)
+        rotations, report.rotation = start_rotations(model, adapter, rot)
+    if rot.site == "kotms":  # a pass over the full-precision layers; half of the input rows for the
+        # activation term, half to judge the learned rotations (in the layer loop, before quantizing)
+        walk = layers if stream is None else _loaded_layers(stream, len(layers), prepare)
+        tokens = 2 * rot.kotms.activation_tokens
+        samples, rows = full_precision_samples(walk, adapter, batches, tokens, device, rot.kotms)
+        learned = learn_rotations(adapter, rows, samples, rotations, report.rotation, rot.kotms, progress)
     report.rotation_seconds = time.perf_counter() - start - capture_seconds
     for index in tqdm(range(len(layers)), desc="quantize layers", disable=not progress):
         layer = layers[index]
         if stream is not None:
             layer = stream.load(index)
             prepare(layer, index)
+        if learned is not None:
+            choose_rotations(
+                layer, index, adapter, rotations, learned, samples, rot.kotms, config.activations, report.rotation
+            )
         if report.rotation is not None:
             record_shaping(report.rotation, layer, index, adapter, rotations, len(layers) // 2)
         layer.to(device)

@@ -199,37 +199,19 @@ class RotationReport:
 def _learn_chunked(
     W: Tensor, R1: Tensor, R2: Tensor, cfg: KotmsConfig, X: Tensor | None
 ) -> tuple[Tensor, Tensor, list[float]]:
-    """KOTMS on a batch of site weights (and inputs), in chunks of layers that fit in memory."""
-    rows = torch.linspace(0, W.shape[1] - 1, min(cfg.rows, W.shape[1])).round().long()
-    per_layer = rows.numel() * W.shape[2]
-    chunk = max(1, LEARN_CHUNK_ELEMENTS // per_layer)
+    """KOTMS on a batch of site weights (their sampled rows, :func:`sampled_rows`) and inputs, in
+    chunks of layers that fit in memory."""
+    chunk = max(1, LEARN_CHUNK_ELEMENTS // (W.shape[1] * W.shape[2]))
     out1, out2, traces = [], [], []
     for start in range(0, W.shape[0], chunk):
         sl = slice(start, start + chunk)
         Xs = None if X is None else X[sl]
-        res = learn_kotms(
-            W[sl][:, rows], R1[sl], R2[sl], cfg.solver, cfg.steps, cfg.lr, cfg.balance, Xs, cfg.activation_weight
-        )
+        res = learn_kotms(W[sl], R1[sl], R2[sl], cfg.solver, cfg.steps, cfg.lr, cfg.balance, Xs, cfg.activation_weight)
         out1.append(res.R1)
         out2.append(res.R2)
         traces.append(torch.tensor(res.losses))
     losses = (torch.stack(traces).sum(0) / W.shape[0]).tolist()
     return torch.cat(out1), torch.cat(out2), losses
-
-
-def _choose(
-    W: Tensor, X: Tensor, start: Factors, learned: Factors, cfg: KotmsConfig, acts: ActivationConfig
-) -> tuple[Factors, dict[str, dict[str, list[float]]], list[bool]]:
-    """Per layer, the learned rotation where it lowers the combined error on the inputs X
-    (``cfg.gate``; else always the learned one), with both rotations' errors."""
-    errors = {name: {kind: [] for kind in ERROR_KINDS} for name in ("fixed", "learned")}
-    for name, (R1, R2) in (("fixed", start), ("learned", learned)):
-        for w, x, r1, r2 in zip(W, X, R1, R2):
-            for kind, value in site_errors(w, x, r1, r2, acts.bits, acts.symmetric).items():
-                errors[name][kind].append(value)
-    keep = [not cfg.gate or new < old for new, old in zip(errors["learned"]["combined"], errors["fixed"]["combined"])]
-    pick = torch.tensor(keep)[:, None, None]
-    return (torch.where(pick, learned[0], start[0]), torch.where(pick, learned[1], start[1])), errors, keep
 
 
 def start_factors(model: nn.Module, adapter: Adapter, cfg: RotationConfig) -> dict[tuple[int, str], Factors]:
@@ -246,25 +228,11 @@ def start_factors(model: nn.Module, adapter: Adapter, cfg: RotationConfig) -> di
     return factors
 
 
-def site_rotations(
-    model: nn.Module,
-    adapter: Adapter,
-    cfg: RotationConfig,
-    progress: bool = True,
-    inputs: dict[tuple[int, str], Tensor] | None = None,
-    activations: ActivationConfig | None = None,
+def start_rotations(
+    model: nn.Module, adapter: Adapter, cfg: RotationConfig
 ) -> tuple[dict[tuple[int, str], Factors], RotationReport]:
-    """One rotation per (layer, site): fixed, or learned with KOTMS (one batched problem per site type,
-    which reads every layer's weights).
-
-    inputs: full-precision calibration input rows per (layer, site), needed by KOTMS: the even
-    rows feed its activation term, the odd rows judge the learned rotation against its start
-    under ``activations`` (the quantization the layer-wise solve will use). The report's per-layer
-    fit errors are filled by :func:`record_shaping` as each layer is quantized."""
-    if cfg.site == "kotms" and inputs is None:
-        raise ValueError("learned site rotations need calibration inputs per (layer, site) to judge them")
-    activations = activations or ActivationConfig()
-    layers = adapter.decoder_layers(model)
+    """The fixed rotation of every (layer, site), or KOTMS's start (:func:`start_factors`), and a report
+    with one :class:`SiteShaping` per site type."""
     start = time.perf_counter()
     rotations = start_factors(model, adapter, cfg)
     report = RotationReport(residual=cfg.residual)
@@ -273,21 +241,97 @@ def site_rotations(
         report.sites[site.name] = SiteShaping(
             site.name, (R1.shape[0], R2.shape[0]), cfg.site, seconds=time.perf_counter() - start
         )
-    if cfg.site != "kotms":
-        return rotations, report
+    return rotations, report
+
+
+def sampled_rows(layer: nn.Module, adapter: Adapter, site: Site, cfg: KotmsConfig) -> Tensor:
+    """The ``cfg.rows`` evenly spaced rows of the site's stacked weight that KOTMS learns on."""
+    W = site_weight(layer, adapter, site)
+    return W[torch.linspace(0, W.shape[0] - 1, min(cfg.rows, W.shape[0])).round().long()]
+
+
+def learn_rotations(
+    adapter: Adapter,
+    rows: dict[tuple[int, str], Tensor],
+    inputs: dict[tuple[int, str], Tensor],
+    rotations: dict[tuple[int, str], Factors],
+    report: RotationReport,
+    cfg: KotmsConfig,
+    progress: bool = True,
+) -> dict[tuple[int, str], Factors]:
+    """KOTMS per site type, one batched problem over the layers from ``rotations``' start: on the
+    weights' sampled rows (:func:`sampled_rows`) and the even rows of the full-precision inputs."""
+    count = len(rows) // len(adapter.sites)
+    learned = {}
     for site in tqdm(adapter.sites, desc="rotations (kotms)", disable=not progress):
         start = time.perf_counter()
-        W = torch.stack([site_weight(layer, adapter, site) for layer in layers])  # (L, n, m)
-        R1 = torch.stack([rotations[(i, site.name)][0] for i in range(len(layers))])
-        R2 = torch.stack([rotations[(i, site.name)][1] for i in range(len(layers))])
-        X = torch.stack([inputs[(i, site.name)] for i in range(len(layers))])
-        L1, L2, losses = _learn_chunked(W, R1, R2, cfg.kotms, X[:, 0::2])
-        (R1, R2), errors, learned = _choose(W, X[:, 1::2], (R1, R2), (L1, L2), cfg.kotms, activations)
-        shaping = report.sites[site.name]
-        shaping.losses, shaping.errors, shaping.learned = losses, errors, learned
-        shaping.seconds = time.perf_counter() - start
-        for index in range(len(layers)):
-            rotations[(index, site.name)] = (R1[index], R2[index])
+        W = torch.stack([rows[(i, site.name)] for i in range(count)])
+        R1 = torch.stack([rotations[(i, site.name)][0] for i in range(count)])
+        R2 = torch.stack([rotations[(i, site.name)][1] for i in range(count)])
+        X = torch.stack([inputs[(i, site.name)] for i in range(count)])
+        L1, L2, report.sites[site.name].losses = _learn_chunked(W, R1, R2, cfg, X[:, 0::2])
+        report.sites[site.name].seconds = time.perf_counter() - start
+        learned.update({(i, site.name): (L1[i], L2[i]) for i in range(count)})
+    return learned
+
+
+def choose_rotations(
+    layer: nn.Module,
+    index: int,
+    adapter: Adapter,
+    rotations: dict[tuple[int, str], Factors],
+    learned: dict[tuple[int, str], Factors],
+    inputs: dict[tuple[int, str], Tensor],
+    cfg: KotmsConfig,
+    acts: ActivationConfig,
+    report: RotationReport,
+) -> None:
+    """For each site of layer ``index``, keep the learned rotation where it lowers the combined output
+    error on the odd rows of its full-precision inputs, which the solver did not see (``cfg.gate``;
+    else always), recording both rotations' errors (:func:`twla.solvers.kotms.site_errors`)."""
+    for site in adapter.sites:
+        key, shaping = (index, site.name), report.sites[site.name]
+        w, x = site_weight(layer, adapter, site), inputs[(index, site.name)][1::2]
+        errors = {}
+        for name, (R1, R2) in (("fixed", rotations[key]), ("learned", learned[key])):
+            errors[name] = site_errors(w, x, R1, R2, acts.bits, acts.symmetric)
+            for kind, value in errors[name].items():
+                shaping.errors.setdefault(name, {k: [] for k in ERROR_KINDS})[kind].append(value)
+        keep = not cfg.gate or errors["learned"]["combined"] < errors["fixed"]["combined"]
+        shaping.learned.append(keep)
+        if keep:
+            rotations[key] = learned[key]
+
+
+def site_rotations(
+    model: nn.Module,
+    adapter: Adapter,
+    cfg: RotationConfig,
+    progress: bool = True,
+    inputs: dict[tuple[int, str], Tensor] | None = None,
+    activations: ActivationConfig | None = None,
+) -> tuple[dict[tuple[int, str], Factors], RotationReport]:
+    """One rotation per (layer, site) of a model in memory: fixed, or learned with KOTMS
+    (:func:`learn_rotations`, then :func:`choose_rotations` per layer).
+
+    inputs: full-precision calibration input rows per (layer, site), needed by KOTMS: the even
+    rows feed its activation term, the odd rows judge the learned rotation against its start
+    under ``activations`` (the quantization the layer-wise solve will use). The report's per-layer
+    fit errors are filled by :func:`record_shaping` as each layer is quantized."""
+    if cfg.site == "kotms" and inputs is None:
+        raise ValueError("learned site rotations need calibration inputs per (layer, site) to judge them")
+    rotations, report = start_rotations(model, adapter, cfg)
+    if cfg.site != "kotms":
+        return rotations, report
+    layers = adapter.decoder_layers(model)
+    rows = {
+        (i, s.name): sampled_rows(layer, adapter, s, cfg.kotms) for i, layer in enumerate(layers) for s in adapter.sites
+    }
+    learned = learn_rotations(adapter, rows, inputs, rotations, report, cfg.kotms, progress)
+    for index, layer in enumerate(layers):
+        choose_rotations(
+            layer, index, adapter, rotations, learned, inputs, cfg.kotms, activations or ActivationConfig(), report
+        )
     return rotations, report
 
 

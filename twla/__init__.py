@@ -22,7 +22,7 @@ kernels on CUDA (the torch reference elsewhere), save, and load back::
     model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)
 
 A checkpoint directory can also be quantized straight into a packed checkpoint, one decoder
-layer in memory at a time (any method without ``+amp``), and a packed checkpoint
+layer in memory at a time (any method), and a packed checkpoint
 evaluated the same way::
 
     config = twla.QuantConfig.from_method("pt2+gptq+ssr+had+a4+recon+e2e")

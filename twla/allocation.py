@@ -17,6 +17,7 @@ the per-token noise variance Δ_t²/12 of a b-bit grid (step Δ_t = p_b·range_t
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from twla.adapters import Adapter
-from twla.capture import capture_layer_inputs, layer_output
+from twla.capture import KeptLayers, capture_layer_inputs, layer_output, layers_replaced, reloading
 from twla.config import AllocationConfig
 from twla.fake_quant import QuantLinear, wrap_linears
 from twla.kernels.uniform import uniform_grid
@@ -226,8 +227,8 @@ class AllocationReport:
     config: AllocationConfig
     units: list[Unit]
     costs: BitCosts
-    estimate: np.ndarray
-    agreement: dict[str, float]
+    estimate: np.ndarray | None  # None when the layers were streamed
+    agreement: dict[str, float] | None
     allocation: Allocation
     predicted: float
     measured: float
@@ -244,7 +245,7 @@ class AllocationReport:
             "units": [u.name for u in self.units],
             "weights": [u.weight for u in self.units],
             "costs": self.costs.to_dict(),
-            "estimate": self.estimate.tolist(),
+            "estimate": None if self.estimate is None else self.estimate.tolist(),
             "agreement": self.agreement,
             "allocation": self.allocation.to_dict(),
             "predicted": self.predicted,
@@ -278,9 +279,15 @@ def allocate(
     cfg: AllocationConfig,
     device: torch.device,
     progress: bool = True,
+    kept: KeptLayers | None = None,
 ) -> AllocationReport:
     """Measure the costs on calibration tokens, solve for the bits, and set them on the model's
-    linears (with each bit-width's calibrated clipping ratio)."""
+    linears (with each bit-width's calibrated clipping ratio).
+
+    kept: the quantized decoder layers are not in ``model`` (on the meta device) but in ``kept``, and
+    every pass reloads them one at a time (the same costs and bits); the Fisher estimate, a
+    diagnostic of the measured costs, is then not computed (its backward pass would hold every
+    layer)."""
     start = time.perf_counter()
     linears = wrap_linears(model, adapter)
     missing = [n for n, m in linears.items() if any(b not in m.act_clips for b in cfg.clip_bits)]
@@ -288,25 +295,30 @@ def allocate(
         raise ValueError(f"{missing[0]}: no calibrated clipping ratio for every option; quantize with this allocation")
     units = allocation_units(model, adapter, cfg.granularity)
     windows = cost_windows(calibration, cfg)
-    model.to(device)
-    try:
-        probe = CostProbe(model, adapter, windows, linears, cfg.reference, cfg.metric, cfg.stride, device)
-        costs = measure_costs(probe, units, cfg.options, cfg.beta, progress)
-        estimate = fisher_estimate(probe, units, cfg.options)
-        allocation = solve_bits(costs, cfg.budget, cfg.solver)
-        uniform = None
-        if int(cfg.budget) == cfg.budget and int(cfg.budget) in cfg.options:
-            pred, meas = _evaluate(probe, costs, units, [int(cfg.budget)] * len(units))
-            uniform = {"bits": int(cfg.budget), "predicted": pred, "measured": meas}
-        predicted, measured = _evaluate(probe, costs, units, allocation.bits)
-    finally:
-        model.to("cpu")
+    with (
+        nullcontext()
+        if kept is None
+        else layers_replaced(model, adapter, reloading(lambda i: kept.reload(i)[0], kept.unload, device))
+    ):
+        model.to(device)
+        try:
+            probe = CostProbe(model, adapter, windows, linears, cfg.reference, cfg.metric, cfg.stride, device)
+            costs = measure_costs(probe, units, cfg.options, cfg.beta, progress)
+            estimate = fisher_estimate(probe, units, cfg.options) if kept is None else None
+            allocation = solve_bits(costs, cfg.budget, cfg.solver)
+            uniform = None
+            if int(cfg.budget) == cfg.budget and int(cfg.budget) in cfg.options:
+                pred, meas = _evaluate(probe, costs, units, [int(cfg.budget)] * len(units))
+                uniform = {"bits": int(cfg.budget), "predicted": pred, "measured": meas}
+            predicted, measured = _evaluate(probe, costs, units, allocation.bits)
+        finally:
+            model.to("cpu")
     return AllocationReport(
         config=cfg,
         units=units,
         costs=costs,
         estimate=estimate,
-        agreement=estimate_agreement(costs.unary, estimate),
+        agreement=None if estimate is None else estimate_agreement(costs.unary, estimate),
         allocation=allocation,
         predicted=predicted,
         measured=measured,

@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from twla.adapters import Adapter
+
+if TYPE_CHECKING:
+    from twla.weights import QuantizedWeight
 
 
 class _Stop(Exception):
@@ -48,6 +52,15 @@ class LayerInputs:
         return LayerInputs(hidden, self.kwargs, self.index + 1, self.device)
 
 
+class KeptLayers(Protocol):
+    """Quantized decoder layers kept out of memory (:mod:`twla.streaming`): ``reload`` gives layer
+    ``index`` on the CPU with its quantized weights (by full linear name), ``unload`` drops it again."""
+
+    def reload(self, index: int) -> tuple[nn.Module, dict[str, QuantizedWeight]]: ...
+
+    def unload(self, index: int, layer: nn.Module) -> None: ...
+
+
 class _Standin(nn.Module):
     """Stands in for decoder layer ``index``: its output is ``run(index, hidden states, keyword
     arguments)``."""
@@ -75,6 +88,22 @@ def layers_replaced(model: nn.Module, adapter: Adapter, run: Callable[[int, Tens
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+
+
+def reloading(
+    load: Callable[[int], nn.Module], unload: Callable[[int, nn.Module], None], device: torch.device
+) -> Callable[[int, Tensor, dict], Tensor]:
+    """A stand-in for :func:`layers_replaced` that loads layer i (``load``), runs it on ``device`` and
+    drops it (``unload``): a forward pass with one decoder layer in memory at a time."""
+
+    def run(index: int, hidden: Tensor, kwargs: dict) -> Tensor:
+        layer = load(index)
+        try:
+            return layer_output(layer.to(device)(hidden, **kwargs))
+        finally:
+            unload(index, layer)
+
+    return run
 
 
 @torch.no_grad()

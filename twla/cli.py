@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="read, quantize and write one decoder layer at a time (the default for a checkpoint directory or a "
-        "built-in model when the method has no whole-model stage: +amp)",
+        "built-in model)",
     )
     mode.add_argument("--in-memory", dest="stream", action="store_false", help="load the whole model first")
     quant.add_argument(
@@ -369,7 +369,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from twla.data import bos_token, calibration_windows, load_text, provenance, tokenize
     from twla.io import check_output_dir
     from twla.loading import check_window_length, load_model, model_reference, model_source, resolve_device
-    from twla.pipeline import check_streamable, quantize, whole_model_stages
+    from twla.pipeline import quantize
     from twla.streaming import quantize_checkpoint
 
     # everything that can be refused is checked before the model's weights are read
@@ -389,16 +389,10 @@ def _quantize(args: argparse.Namespace) -> None:
     calib = calibration_windows(
         tokenize(source.tokenizer, text), args.nsamples, args.seqlen, seed, bos_token(source.tokenizer)
     )
-    stages = whole_model_stages(config)
-    if args.stream:
-        check_streamable(config, "drop --stream")
     if args.stream and not source.local:
         raise ValueError(f"--stream reads a local checkpoint directory; {args.model!r} is a hub id")
-    stream = source.local and not stages if args.stream is None else args.stream
-    print(
-        f"{args.method}: "
-        + ("one decoder layer at a time" if stream else f"whole model in memory ({', '.join(stages) or 'as asked'})")
-    )
+    stream = source.local if args.stream is None else args.stream
+    print(f"{args.method}: " + ("one decoder layer at a time" if stream else "whole model in memory"))
     saved = dict(provenance=provenance(text, calib, seed), dtype=dtype, overwrite=args.overwrite)
     if stream:
         report, files = quantize_checkpoint(

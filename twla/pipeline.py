@@ -24,7 +24,7 @@ activation bit-widths are allocated.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
@@ -36,19 +36,19 @@ from tqdm.auto import tqdm
 from twla.adapters import Adapter, Site, get_adapter
 from twla.allocation import AllocationReport, allocate, cost_windows
 from twla.capture import (
+    KeptLayers,
     LayerInputs,
     SiteInputs,
     capture_layer_inputs,
     collect_statistics,
-    layer_output,
     layers_replaced,
+    reloading,
 )
 from twla.clipping import calibrate_clip
 from twla.config import KotmsConfig, QuantConfig
 from twla.fake_quant import QuantLinear, wrap_layer
 from twla.loading import resolve_device
 from twla.reconstruct import (
-    KeptLayers,
     block_targets,
     reconstruct_block,
     reconstruct_model,
@@ -302,31 +302,17 @@ class LayerStream(KeptLayers, Protocol):
     """Where :func:`quantize` gets each decoder layer from and where it puts it when done, for a
     model whose layers are not all in memory (:mod:`twla.streaming`): ``load`` gives layer
     ``index`` with its full-precision weights on the CPU, ``unload`` drops it again, ``release``
-    takes it once quantized (for good, or with ``keep`` until end-to-end reconstruction has
-    tuned it: then ``reload`` brings it back and ``finish`` takes it for good)."""
+    takes it once quantized, for good (packed) or, with ``keep``, kept while a whole-model stage
+    (end-to-end reconstruction, bit allocation) still changes it: ``reload`` brings a kept layer
+    back, ``store`` keeps it again and ``finish`` takes it for good."""
 
     def load(self, index: int) -> nn.Module: ...
 
     def release(self, index: int, layer: nn.Module, report: QuantReport, keep: bool) -> None: ...
 
+    def store(self, index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None: ...
+
     def finish(self, index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None: ...
-
-
-def whole_model_stages(config: QuantConfig) -> list[str]:
-    """The stages of ``config`` that need every decoder layer in memory at once (not possible layer
-    by layer; end-to-end reconstruction is, by reloading each layer for every pass)."""
-    stages = {
-        "mixed-precision allocation (+amp)": config.allocation is not None,
-    }
-    return [name for name, used in stages.items() if used]
-
-
-def check_streamable(config: QuantConfig, advice: str = "quantize this method with the whole model in memory") -> None:
-    """Refuse a configuration with a stage that needs every decoder layer at once."""
-    stages = whole_model_stages(config)
-    if stages:
-        verb = "needs" if len(stages) == 1 else "need"
-        raise ValueError(f"{' and '.join(stages)} {verb} every decoder layer at once; {advice}")
 
 
 def _loaded_layers(stream: LayerStream, count: int, prepare: Callable[[nn.Module, int], None]) -> Iterator[nn.Module]:
@@ -337,19 +323,6 @@ def _loaded_layers(stream: LayerStream, count: int, prepare: Callable[[nn.Module
         prepare(layer, index)
         yield layer
         stream.unload(index, layer)
-
-
-def _full_precision_layers(stream: LayerStream, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
-    """A decoder layer stand-in that loads full-precision layer i from ``stream``, runs it and drops it."""
-
-    def run(index: int, hidden: Tensor, kwargs: dict) -> Tensor:
-        layer = stream.load(index)
-        try:
-            return layer_output(layer.to(device)(hidden, **kwargs))
-        finally:
-            stream.unload(index, layer)
-
-    return run
 
 
 @torch.no_grad()
@@ -374,8 +347,6 @@ def quantize(
     adapter = get_adapter(model)
     if config.rotation.residual != "none":
         check_residual_rotation(adapter)
-    if stream is not None:
-        check_streamable(config)
     if stream is None:
         check_finite_weights(model, adapter)
     if calibration.ndim != 2 or calibration.numel() == 0:
@@ -389,7 +360,9 @@ def quantize(
     teacher = None
     if config.end_to_end:
         with (
-            nullcontext() if stream is None else layers_replaced(model, adapter, _full_precision_layers(stream, device))
+            nullcontext()
+            if stream is None
+            else layers_replaced(model, adapter, reloading(stream.load, stream.unload, device))
         ):
             teacher = teacher_log_probs(model, calibration, config.end_to_end.stride, device, progress)
     rot = config.rotation
@@ -454,23 +427,25 @@ def quantize(
         batches = batches.advance(layer)
         layer.to("cpu")
         if stream is not None:
-            stream.release(index, layer, report, keep=config.end_to_end is not None)
+            stream.release(index, layer, report, keep=config.end_to_end is not None or config.allocation is not None)
     del batches
     if config.end_to_end:
 
         def done(index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
             _refresh_clips(layer, index, adapter, report.records)
             if stream is not None:
-                stream.finish(index, layer, weights)
+                (stream.store if config.allocation else stream.finish)(index, layer, weights)
 
         result = reconstruct_model(
             model, adapter, calibration, teacher, report.weights, config.end_to_end, device, progress, done, stream
         )
         report.end_to_end = result.to_dict()
     if config.allocation:
-        report.allocation = allocate(model, adapter, calibration, config.allocation, device, progress)
+        report.allocation = allocate(model, adapter, calibration, config.allocation, device, progress, stream)
         for record in report.records:
             record.act_bits = report.allocation.bits[record.name]
             record.act_clip = (record.act_clips or {}).get(record.act_bits, 1.0)
+        for index in range(len(layers) if stream is not None else 0):
+            stream.finish(index, *stream.reload(index))
     report.seconds = time.perf_counter() - start
     return model, report

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from twla.adapters import Adapter
-from twla.capture import layer_output, layers_replaced
+from twla.capture import KeptLayers, layer_output, layers_replaced
 from twla.config import EndToEndConfig, ReconstructionConfig
 from twla.fake_quant import QuantLinear
 from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
@@ -88,15 +87,6 @@ def teacher_log_probs(
         ]
     finally:
         model.to("cpu")
-
-
-class KeptLayers(Protocol):
-    """Quantized decoder layers kept out of memory (:mod:`twla.streaming`): ``reload`` gives layer
-    ``index`` on the CPU with its quantized weights (by full linear name), ``unload`` drops it again."""
-
-    def reload(self, index: int) -> tuple[nn.Module, dict[str, QuantizedWeight]]: ...
-
-    def unload(self, index: int, layer: nn.Module) -> None: ...
 
 
 @dataclass

@@ -13,10 +13,13 @@ Evaluation reads a packed checkpoint the same way (:func:`streamed_packed`): the
 layers stay on the meta device and each is read from the tensor file whenever the model runs
 it, for models whose packed weights do not fit either.
 
-With end-to-end reconstruction the stream also runs the full-precision teacher pass (each
-layer read and dropped in turn), keeps every quantized layer's codes and parameters in the
-scratch folder, and reloads them one at a time for each forward and backward pass of the
-tuning (:func:`twla.reconstruct.reconstruct_model`); the tuned layers are packed at the end.
+The whole-model stages stream too. With end-to-end reconstruction the stream runs the
+full-precision teacher pass (each layer read and dropped in turn), keeps every quantized
+layer's codes and parameters in the scratch folder, and reloads them one at a time for each
+forward and backward pass of the tuning (:func:`twla.reconstruct.reconstruct_model`); bit
+allocation reloads them for each cost pass (:func:`twla.allocation.allocate`); learned
+rotations take a first pass over the full-precision layers. The kept layers are packed at the
+end.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from twla.checkpoint import (
 from twla.config import QuantConfig
 from twla.io import atomic_directory, check_output_dir
 from twla.loading import ModelSource, model_source, resolve_device
-from twla.pipeline import QuantReport, check_finite, check_streamable, quantize
+from twla.pipeline import QuantReport, check_finite, quantize
 from twla.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.weights import QuantizedWeight
 
@@ -174,9 +177,11 @@ class StreamedLayers:
     def release(self, index: int, layer: nn.Module, report: QuantReport, keep: bool = False) -> None:
         prefix = _layer_prefix(self.adapter, index)
         weights = {name: report.weights.pop(name) for name in list(report.weights) if name.startswith(prefix)}
-        if not keep:
-            self.finish(index, layer, weights)
-            return
+        (self.store if keep else self.finish)(index, layer, weights)
+
+    def store(self, index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+        """Write the quantized layer's parameters and weights to ``scratch`` for :meth:`reload`, and
+        free it."""
         linears = {f"{path}.weight" for path in self.adapter.linear_names()}  # rebuilt from the codes
         params = {key: p.detach() for key, p in layer.named_parameters() if key not in linears}
         torch.save({"params": params, "weights": weights}, self._kept(index))
@@ -240,15 +245,14 @@ def quantize_checkpoint(
 
     The arguments are those of :func:`twla.pipeline.quantize` and :func:`twla.checkpoint.save_packed`
     (``reference`` is save_packed's ``source``); the checkpoint is the one that quantizing the whole
-    model in memory and saving it would give. End-to-end reconstruction reloads every layer for
-    each forward and backward pass; methods with a stage that needs every layer in memory at once
-    (:func:`twla.pipeline.whole_model_stages`) are refused."""
+    model in memory and saving it would give, for every method: the whole-model stages (end-to-end
+    reconstruction, bit allocation) and the learned rotations reload the layers one at a time for
+    each of their passes."""
     source = source if isinstance(source, ModelSource) else model_source(source)
     if not source.local:
         raise ValueError(
             f"{source.path!r} is not a local checkpoint directory; layer-by-layer loading reads local files"
         )
-    check_streamable(config)
     check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite, [source.path])
     tensors = CheckpointTensors(source.path)
     model = empty_model(source, tensors)

@@ -18,7 +18,7 @@ from twla.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.streaming import PackedLayers, StreamedLayers, quantize_checkpoint, streamed_packed
 
 METHOD = "pt2+gptq+ssr+had+a4+recon"
-E2E = "pt2+gptq+ssr+had+a4+recon+e2e"  # the default method: end-to-end reconstruction reloads each layer
+E2E = "pt2+gptq+ssr+had+a4+recon+e2e"  # end-to-end reconstruction reloads each layer (the default, with SSR)
 
 
 @pytest.fixture(scope="module")

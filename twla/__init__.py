@@ -25,7 +25,7 @@ A checkpoint directory can also be quantized straight into a packed checkpoint, 
 layer in memory at a time (any method), and a packed checkpoint
 evaluated the same way::
 
-    config = twla.QuantConfig.from_method("pt2+gptq+ssr+had+a4+recon+e2e")
+    config = twla.QuantConfig.from_method("pt2+gptq+had+a4+recon+e2e")
     report, bits = twla.quantize_checkpoint("./my-llama", config, calib, "out/model", method="...")
     with twla.streamed_packed("out/model") as (model, tokenizer, info):
         print(twla.perplexity(model, windows).ppl)

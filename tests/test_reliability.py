@@ -134,7 +134,7 @@ def test_check_output_dir_accepts_new_and_empty_directories(tmp_path):
 def test_packed_checkpoint_is_not_taken_for_a_dense_model(packed, capsys):
     """(Stock transformers without twla refuses it too: tests/test_transformers.py.)"""
     config = json.load(open(os.path.join(packed, "config.json")))["quantization_config"]
-    assert (config["quant_method"], config["format"], config["version"]) == ("twla", "twla-packed", 3)
+    assert (config["quant_method"], config["format"], config["version"]) == ("twla", "twla-packed", 4)
     assert config["method"] == "e2m+gptq+had+a4" and len(config["linears"]) == 14
     with pytest.raises(ValueError, match="is a packed twla checkpoint, not a full-precision model"):
         load_model(packed)

@@ -88,6 +88,18 @@ def _assign(module: nn.Module, key: str, tensor: Tensor) -> None:
         parent._buffers[leaf] = tensor
 
 
+def to_meta(layer: nn.Module, buffers: bool = False) -> None:
+    """Put the layer's parameters (and ``buffers``) on the meta device. They are replaced, not
+    changed in place: an autograd graph may still hold the old ones."""
+    for module in layer.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items() if buffers else ():
+            if b is not None:
+                module._buffers[name] = b.to("meta")
+
+
 def _layer_prefix(adapter: Adapter, index: int) -> str:
     return f"{adapter.layers}.{index}."
 
@@ -164,12 +176,9 @@ class StreamedLayers:
         return layer
 
     def unload(self, index: int, layer: nn.Module) -> None:
-        """Put the layer's parameters back on the meta device. They are replaced, not changed in
-        place: an autograd graph may still hold the old ones."""
-        for module in layer.modules():
-            for name, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        """Put the layer's parameters back on the meta device (its buffers, small rotation factors,
+        stay)."""
+        to_meta(layer)
 
     def _kept(self, index: int) -> str:
         return os.path.join(self.scratch, f"kept-{index:05d}.pt")
@@ -295,11 +304,7 @@ class PackedLayers:
         return layer
 
     def unload(self, layer: nn.Module) -> None:
-        for module in layer.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in store.items():
-                    if t is not None:
-                        store[name] = nn.Parameter(t.to("meta"), False) if store is module._parameters else t.to("meta")
+        to_meta(layer, buffers=True)
 
     def run(self, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
         def layer_on_device(index: int, hidden: Tensor, kwargs: dict) -> Tensor:

@@ -68,18 +68,28 @@ def test_scores_equal_an_independent_log_likelihood(model_and_tokenizer):
     logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
     expected = sum(float(logp[t - 1, ids[t]]) for t in range(n, len(ids)))
     greedy = all(int(logp[t - 1].argmax()) == ids[t] for t in range(n, len(ids)))
-    loglik, is_greedy = _score(model, tokenizer, context, continuation, None)
+    (loglik, is_greedy), *_ = _score(model, tokenizer, context, [continuation], None)
     assert loglik == pytest.approx(expected, rel=1e-5) and is_greedy == greedy
     # with a BOS token in front, the score is that of the sequence that starts with it
     logp = torch.log_softmax(model(torch.tensor([[7, *ids]])).logits[0].double(), -1)
     expected = sum(float(logp[t, ids[t]]) for t in range(n, len(ids)))
-    assert _score(model, tokenizer, context, continuation, 7)[0] == pytest.approx(expected, rel=1e-5)
+    assert _score(model, tokenizer, context, [continuation], 7)[0][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_choices_scored_together_score_as_alone(model_and_tokenizer):
+    # the choices of an item share one right-padded forward pass; padding must not change a score
+    model, tokenizer = model_and_tokenizer
+    context, choices = "She was", (" not", " a very handsome young woman indeed.", " there, and so was he")
+    together = _score(model, tokenizer, context, choices, 7)
+    alone = [_score(model, tokenizer, context, [c], 7)[0] for c in choices]
+    assert [g for _, g in together] == [g for _, g in alone]
+    assert [s for s, _ in together] == pytest.approx([s for s, _ in alone], rel=1e-5)
 
 
 def test_accuracy_counts_the_best_scored_choice(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     items = [Item("The cat sat on the", (" mat.", " moon and the stars.", " a"), answer) for answer in range(3)]
-    scores = [_score(model, tokenizer, "The cat sat on the", c, None)[0] for c in items[0].choices]
+    scores = [s for s, _ in _score(model, tokenizer, "The cat sat on the", items[0].choices, None)]
     per_char = [s / len(c) for s, c in zip(scores, items[0].choices)]
     result = evaluate_task(model, tokenizer, Task("t", "none", "acc_norm", tuple(items)))
     assert result.metrics["acc"] == pytest.approx(1 / 3) and result.metrics["acc_norm"] == pytest.approx(1 / 3)

@@ -151,21 +151,39 @@ def check_tasks_disjoint(tasks: Sequence[Task], calibration_parts: Sequence[str]
             )
 
 
-@torch.no_grad()
-def _score(model: nn.Module, tokenizer, context: str, continuation: str, bos: int | None) -> tuple[float, bool]:
-    """(Σ log p of the continuation's tokens, whether greedy decoding gives all of them)."""
-    device = next(model.parameters()).device
-    prefix = [] if bos is None else [bos]
+def _tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens): those ``context + continuation`` gives beyond the
+    context's own."""
     ctx = tokenizer(context, add_special_tokens=False).input_ids
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     if whole[: len(ctx)] != ctx:  # the boundary merged into one token: keep the pieces apart
         whole = ctx + tokenizer(continuation, add_special_tokens=False).input_ids
-    target = whole[len(ctx) :]
-    ids = torch.tensor([prefix + whole[:-1]], device=device)
-    logits = model(ids, use_cache=False, logits_to_keep=len(target)).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    target_ids = torch.tensor(target, device=device)
-    return float(logp.gather(1, target_ids[:, None]).sum()), bool((logits.argmax(-1) == target_ids).all())
+    return ctx, whole[len(ctx) :]
+
+
+@torch.no_grad()
+def _score(
+    model: nn.Module, tokenizer, context: str, continuations: Sequence[str], bos: int | None
+) -> list[tuple[float, bool]]:
+    """(Σ log p of the continuation's tokens, whether greedy decoding gives all of them) for each
+    continuation of one context, in one forward pass: the sequences are padded on the right,
+    which the causal model's earlier positions never see (up to float rounding, which can move
+    a 4-bit activation across a rounding boundary when the padded length changes)."""
+    device = next(model.parameters()).device
+    prefix = [] if bos is None else [bos]
+    pieces = [_tokens(tokenizer, context, c) for c in continuations]
+    inputs = [prefix + ctx + target[:-1] for ctx, target in pieces]
+    length = max(map(len, inputs))
+    ids = torch.tensor([seq + [seq[-1]] * (length - len(seq)) for seq in inputs], device=device)
+    first = min(len(prefix) + len(ctx) - 1 for ctx, _ in pieces)  # the earliest predicting position
+    logits = model(ids, use_cache=False, logits_to_keep=length - first).logits.float()
+    scores = []
+    for row, ((_, target), seq) in enumerate(zip(pieces, inputs, strict=True)):
+        own = logits[row, len(seq) - len(target) - first : len(seq) - first]
+        target_ids = torch.tensor(target, device=device)
+        logp = torch.log_softmax(own, dim=-1).gather(1, target_ids[:, None]).sum()
+        scores.append((float(logp), bool((own.argmax(-1) == target_ids).all())))
+    return scores
 
 
 def evaluate_task(
@@ -176,7 +194,7 @@ def evaluate_task(
     when the right one scores highest (acc) and highest per character (acc_norm)."""
     correct = {"acc": 0} if task.metric == "acc" else {"acc": 0, "acc_norm": 0}
     for item in tqdm(task.items, desc=task.name, disable=not progress):
-        scores = [_score(model, tokenizer, item.context, c, bos) for c in item.choices]
+        scores = _score(model, tokenizer, item.context, item.choices, bos)
         if len(item.choices) == 1:
             correct["acc"] += scores[0][1]
             continue

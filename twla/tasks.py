@@ -151,14 +151,12 @@ def check_tasks_disjoint(tasks: Sequence[Task], calibration_parts: Sequence[str]
             )
 
 
-def _tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context tokens, continuation tokens): those ``context + continuation`` gives beyond the
-    context's own."""
-    ctx = tokenizer(context, add_special_tokens=False).input_ids
+def _continuation_tokens(tokenizer, context: str, ctx: list[int], continuation: str) -> list[int]:
+    """The tokens ``context + continuation`` gives beyond the context's own tokens ``ctx``."""
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     if whole[: len(ctx)] != ctx:  # the boundary merged into one token: keep the pieces apart
-        whole = ctx + tokenizer(continuation, add_special_tokens=False).input_ids
-    return ctx, whole[len(ctx) :]
+        return tokenizer(continuation, add_special_tokens=False).input_ids
+    return whole[len(ctx) :]
 
 
 @torch.no_grad()
@@ -170,17 +168,17 @@ def _score(
     which the causal model's earlier positions never see (up to float rounding, which can move
     a 4-bit activation across a rounding boundary when the padded length changes)."""
     device = next(model.parameters()).device
-    prefix = [] if bos is None else [bos]
-    pieces = [_tokens(tokenizer, context, c) for c in continuations]
-    inputs = [prefix + ctx + target[:-1] for ctx, target in pieces]
+    text = tokenizer(context, add_special_tokens=False).input_ids
+    targets = [_continuation_tokens(tokenizer, context, text, c) for c in continuations]
+    ctx = ([] if bos is None else [bos]) + text
+    inputs = [ctx + target[:-1] for target in targets]
     length = max(map(len, inputs))
     ids = torch.tensor([seq + [seq[-1]] * (length - len(seq)) for seq in inputs], device=device)
-    first = min(len(prefix) + len(ctx) - 1 for ctx, _ in pieces)  # the earliest predicting position
-    logits = model(ids, use_cache=False, logits_to_keep=length - first).logits.float()
+    # every continuation is predicted from position len(ctx) − 1 on: keep the logits from there
+    logits = model(ids, use_cache=False, logits_to_keep=length - len(ctx) + 1).logits.float()
     scores = []
-    for row, ((_, target), seq) in enumerate(zip(pieces, inputs, strict=True)):
-        own = logits[row, len(seq) - len(target) - first : len(seq) - first]
-        target_ids = torch.tensor(target, device=device)
+    for row, target in enumerate(targets):
+        own, target_ids = logits[row, : len(target)], torch.tensor(target, device=device)
         logp = torch.log_softmax(own, dim=-1).gather(1, target_ids[:, None]).sum()
         scores.append((float(logp), bool((own.argmax(-1) == target_ids).all())))
     return scores

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+import twla  # noqa: F401  (first: it keeps this tree's kernels/ from hiding transformers' `kernels` dependency)
+
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import LlamaForCausalLM

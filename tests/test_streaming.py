@@ -1,6 +1,7 @@
 """Quantizing a checkpoint one decoder layer at a time: the same checkpoint as in memory, bounded memory."""
 
 import filecmp
+import gc
 import os
 import shutil
 
@@ -12,6 +13,7 @@ from tests.helpers import tiny_gemma3, tiny_llama
 from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
 from twla.cli import main
 from twla.config import QuantConfig
+from twla.fake_quant import QuantLinear
 from twla.loading import load_model, model_source, save_checkpoint
 from twla.pipeline import quantize
 from twla.shards import CheckpointTensors, TensorSource, write_safetensors
@@ -110,7 +112,8 @@ def test_streaming_gemma3_gives_the_same_checkpoint_bytes(smollm2, calib, tmp_pa
 @pytest.mark.parametrize("method", [METHOD, E2E, "pt2+gptq+had+amp"])
 def test_only_one_decoder_layer_holds_weights_at_a_time(checkpoint, calib, tmp_path, monkeypatch, method):
     """Also in end-to-end reconstruction: its teacher pass and every forward and backward pass
-    reload the layers one at a time."""
+    reload the layers one at a time, and nothing keeps a dropped layer's modules (and with them
+    its weights) alive."""
     materialized = []
 
     def counting(load):
@@ -121,10 +124,19 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(checkpoint, calib, tmp_p
 
         return wrapped
 
+    alive = []  # quantized linears holding real weights anywhere, as each layer is packed
+    finish = StreamedLayers.finish
+
+    def finishing(self, index, layer, weights):
+        alive.append(sum(type(m) is QuantLinear and not m.weight.is_meta for m in gc.get_objects()))
+        return finish(self, index, layer, weights)
+
     monkeypatch.setattr(StreamedLayers, "load", counting(StreamedLayers.load))
     monkeypatch.setattr(StreamedLayers, "reload", counting(StreamedLayers.reload))
+    monkeypatch.setattr(StreamedLayers, "finish", finishing)
     quantize_checkpoint(checkpoint, _config(method), calib, str(tmp_path / "out"), method, "cpu", False)
     assert all(len(layers) == 1 for layers in materialized)
+    assert alive == [7, 7, 7]  # the layer being packed; no dropped layer's modules are kept by anything
     if method == METHOD:
         assert materialized == [[0], [1], [2]]
     elif method == E2E:  # the teacher pass window by window, quantization, then the tuned passes

@@ -42,8 +42,31 @@ torch, triton, transformers, numpy and safetensors.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 
-from twla import hf_quantizer as _hf_quantizer  # noqa: F401  (registers the packed format with transformers)
+
+def _import_the_kernels_distribution() -> None:
+    """Run from this source tree's root (``python -m ...``, pytest), its ``kernels/`` folder,
+    installed as ``twla.kernels``, is also importable as a top-level ``kernels`` and would hide the
+    ``kernels`` distribution that transformers imports when it is installed. Import that one first,
+    with the tree's root off ``sys.path``, so that ``kernels`` names it for the whole process."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "kernels" in sys.modules or not os.path.isfile(os.path.join(root, "kernels", "triton_ternary.py")):
+        return
+    path = sys.path[:]
+    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != root]
+    try:
+        if importlib.util.find_spec("kernels") is not None:
+            importlib.import_module("kernels")
+    finally:
+        sys.path[:] = path
+
+
+_import_the_kernels_distribution()
+
+from twla import hf_quantizer as _hf_quantizer  # noqa: E402, F401  (registers the packed format with transformers)
 
 _EXPORTS = {
     "twla.bench": ("BenchConfig", "run_bench"),

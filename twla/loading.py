@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from twla.adapters import check_architecture, get_adapter
-from twla.io import atomic_directory, check_output_dir
+from twla.io import OutputPathError, atomic_directory, check_output_dir
 
 QUANT_FILE = "twla_quant.json"  # marks a packed checkpoint (twla.checkpoint)
 
@@ -78,7 +78,12 @@ def _builtin_checkpoint(name: str) -> str:
     model.hf_quantizer = None  # the GGUF weights are dequantized: store a plain checkpoint
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    save_checkpoint(model, tokenizer, target)
+    try:
+        save_checkpoint(model, tokenizer, target)
+    except (OutputPathError, OSError):
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            raise
+        # another process converted it at the same time: the same checkpoint, use theirs
     return target
 
 

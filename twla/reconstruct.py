@@ -92,13 +92,14 @@ def teacher_log_probs(
 @dataclass
 class Tunables:
     """The continuous parameters θ of some quantized blocks, addressed by module path under a
-    root module (a decoder block, or the whole model): grids by linear path, RMSNorm gains by
-    parameter path, clipping ratios by module; ``weights`` are the quantized weights the grids
-    belong to, by linear path."""
+    root module (a decoder block, or the whole model): grids and clipping ratios by linear path,
+    RMSNorm gains by parameter path; ``weights`` are the quantized weights the grids belong to,
+    by linear path. θ holds no module (a streamed block's modules come and go with their
+    weights)."""
 
     grids: dict[str, dict[str, Scaled]]
     norms: dict[str, Scaled]
-    clips: dict[QuantLinear, Scaled]
+    clips: dict[str, Scaled]
     weights: dict[str, QuantizedWeight]
 
     @classmethod
@@ -125,7 +126,7 @@ class Tunables:
                     }
                 if config.clips and isinstance(module, QuantLinear) and module.act.quantized:
                     start = torch.tensor(float(module.act.clip), device=device)
-                    clips[module] = Scaled(start, start.clone())
+                    clips[prefix + path] = Scaled(start, start.clone())
             for site in adapter.sites if config.norms else ():
                 if site.norm:
                     gain = root.get_submodule(prefix + site.norm).weight.detach()
@@ -144,7 +145,8 @@ class Tunables:
         for path, grid in self.grids.items():
             dtype = root.get_submodule(path).weight.dtype
             values[f"{path}.weight"] = self.weights[path].with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
-        for module, s in self.clips.items():
+        for path, s in self.clips.items():
+            module = root.get_submodule(path)
             module.act = replace(module.act, clip=s.value())
         return values
 
@@ -163,7 +165,8 @@ class Tunables:
             linear.weight.copy_(weight.dequantize(linear.weight.dtype).to(linear.weight.device))
         for name, s in self.norms.items():
             root.get_submodule(name.removesuffix(".weight")).weight.copy_(s.value())
-        for module, s in self.clips.items():
+        for path, s in self.clips.items():
+            module = root.get_submodule(path)
             module.act_clips[module.act.bits] = float(s.value())
             module.set_act_bits(module.act.bits)
 

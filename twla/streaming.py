@@ -24,6 +24,8 @@ end.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +60,18 @@ from twla.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.weights import QuantizedWeight
 
 SCRATCH = ".twla-layers"  # packed layers inside the staging directory, removed before it is published
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Every layer read in turn frees and reallocates tensors of the same sizes, in an order the heap
+    cannot always reuse in place: its free but resident pages would grow with the number of
+    layers read, and with them the peak memory. Called whenever a layer is dropped."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 @contextmanager
@@ -179,6 +193,7 @@ class StreamedLayers:
         """Put the layer's parameters back on the meta device (its buffers, small rotation factors,
         stay)."""
         to_meta(layer)
+        return_freed_memory()
 
     def _kept(self, index: int) -> str:
         return os.path.join(self.scratch, f"kept-{index:05d}.pt")
@@ -223,6 +238,7 @@ class StreamedLayers:
         if os.path.exists(self._kept(index)):
             os.remove(self._kept(index))
         layer.to("meta")
+        return_freed_memory()
 
     def packed_tensors(self) -> Mapping[str, TensorSource]:
         """Every stored tensor of the packed model: the ends from memory, the layers from ``scratch``."""
@@ -305,6 +321,7 @@ class PackedLayers:
 
     def unload(self, layer: nn.Module) -> None:
         to_meta(layer, buffers=True)
+        return_freed_memory()
 
     def run(self, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
         def layer_on_device(index: int, hidden: Tensor, kwargs: dict) -> Tensor:

@@ -92,11 +92,12 @@ def test_save_pretrained_writes_a_checkpoint_that_loads_back_bit_identically(pac
     assert (half(ids).logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
 
 
-def test_stock_transformers_refuses_a_packed_checkpoint(packed):
+def test_stock_transformers_refuses_a_packed_checkpoint(packed, tmp_path):
     """Without ``import twla`` the packed codes meet dense linears of another shape: an error, not random weights."""
     _, path = packed
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({path!r})"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # run outside the source tree, whose kernels/ would hide transformers' `kernels` dependency without twla
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode != 0
     assert "got twla" in result.stderr and "MISMATCH" in result.stderr and "RuntimeError" in result.stderr
 

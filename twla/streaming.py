@@ -25,7 +25,7 @@ end.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -60,8 +60,15 @@ from twla.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.weights import QuantizedWeight
 
 SCRATCH = ".twla-layers"  # packed layers inside the staging directory, removed before it is published
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` from the C library already loaded in this process (None elsewhere)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
 
 
 def return_freed_memory() -> None:
@@ -69,9 +76,10 @@ def return_freed_memory() -> None:
 
     Every layer read in turn frees and reallocates tensors of the same sizes, in an order the heap
     cannot always reuse in place: its free but resident pages would grow with the number of
-    layers read, and with them the peak memory. Called whenever a layer is dropped."""
-    if _TRIM is not None:
-        _TRIM(0)
+    layers read, and with them the peak memory."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager
@@ -103,8 +111,9 @@ def _assign(module: nn.Module, key: str, tensor: Tensor) -> None:
 
 
 def to_meta(layer: nn.Module, buffers: bool = False) -> None:
-    """Put the layer's parameters (and ``buffers``) on the meta device. They are replaced, not
-    changed in place: an autograd graph may still hold the old ones."""
+    """Put the layer's parameters (and ``buffers``) on the meta device, and return the freed memory
+    to the system. They are replaced, not changed in place: an autograd graph may still hold the
+    old ones."""
     for module in layer.modules():
         for name, p in module._parameters.items():
             if p is not None:
@@ -112,6 +121,7 @@ def to_meta(layer: nn.Module, buffers: bool = False) -> None:
         for name, b in module._buffers.items() if buffers else ():
             if b is not None:
                 module._buffers[name] = b.to("meta")
+    return_freed_memory()
 
 
 def _layer_prefix(adapter: Adapter, index: int) -> str:
@@ -193,7 +203,6 @@ class StreamedLayers:
         """Put the layer's parameters back on the meta device (its buffers, small rotation factors,
         stay)."""
         to_meta(layer)
-        return_freed_memory()
 
     def _kept(self, index: int) -> str:
         return os.path.join(self.scratch, f"kept-{index:05d}.pt")
@@ -237,8 +246,7 @@ class StreamedLayers:
         self.files.append(file)
         if os.path.exists(self._kept(index)):
             os.remove(self._kept(index))
-        layer.to("meta")
-        return_freed_memory()
+        to_meta(layer, buffers=True)
 
     def packed_tensors(self) -> Mapping[str, TensorSource]:
         """Every stored tensor of the packed model: the ends from memory, the layers from ``scratch``."""
@@ -321,7 +329,6 @@ class PackedLayers:
 
     def unload(self, layer: nn.Module) -> None:
         to_meta(layer, buffers=True)
-        return_freed_memory()
 
     def run(self, device: torch.device) -> Callable[[int, Tensor, dict], Tensor]:
         def layer_on_device(index: int, hidden: Tensor, kwargs: dict) -> Tensor:

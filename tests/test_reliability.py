@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tests.helpers import tiny_llama
-from twla import QuantConfig, quantize, solve_bits
+from twla import QuantConfig, loading, quantize, solve_bits
 from twla.checkpoint import CheckpointError, load_packed, pack_model, save_packed
 from twla.cli import main
 from twla.io import OutputPathError, atomic_directory, check_output_dir
@@ -125,6 +126,33 @@ def test_check_output_dir_accepts_new_and_empty_directories(tmp_path):
     check_output_dir(str(tmp_path / "empty"), "report", lambda p: False)
     with pytest.raises(OutputPathError, match="would overwrite the model"):
         check_output_dir(str(tmp_path / "m" / "sub"), "report", lambda p: False, protect=[str(tmp_path / "m")])
+
+
+def test_a_concurrent_first_conversion_of_a_builtin_model_uses_the_other_one(tmp_path, monkeypatch):
+    """Two processes converting a built-in model at once: the one whose write finds the other's
+    checkpoint in place uses it; a failed write with no checkpoint there still fails."""
+    monkeypatch.setenv("TWLA_CACHE", str(tmp_path))
+    for name in ("raced", "failed"):
+        monkeypatch.setitem(loading.BUILTIN, name, loading.BuiltinModel("json", "model.gguf", "json"))
+    dequantized = SimpleNamespace(from_pretrained=lambda *args, **kwargs: SimpleNamespace(config=SimpleNamespace()))
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", dequantized)
+    monkeypatch.setattr(loading, "AutoTokenizer", dequantized)
+
+    def lose_the_race(model, tokenizer, path):
+        os.makedirs(path)
+        with open(os.path.join(path, "config.json"), "w") as f:  # the other process's conversion
+            f.write("{}")
+        raise OutputPathError(f"{path} already holds a checkpoint")
+
+    monkeypatch.setattr(loading, "save_checkpoint", lose_the_race)
+    assert loading._builtin_checkpoint("raced") == str(tmp_path / "raced")
+
+    def fail(model, tokenizer, path):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(loading, "save_checkpoint", fail)
+    with pytest.raises(OSError, match="no space left"):
+        loading._builtin_checkpoint("failed")
 
 
 # 2, 3, 11. Checkpoints: not taken for dense models, every output-defining file digested,
@@ -370,5 +398,6 @@ def test_time_limits_hold_on_large_instances(solver):
         assert np.isfinite(allocation.objective)
         if allocation.status == "optimal":
             assert allocation.gap is not None and allocation.relative_gap < 1e-6
-    # about 5 % over on an idle machine; the margin absorbs a host loaded by other jobs
-    assert time.perf_counter() - start <= 1.25 * limit
+    # about 5 % over on an idle machine; the margin absorbs a host loaded by other jobs (solving
+    # 2000 units to optimality takes several times the limit, so ignoring it still fails)
+    assert time.perf_counter() - start <= 1.5 * limit

@@ -57,7 +57,8 @@ class ReconstructionResult:
 
 def reconstruct(
     params: list[Scaled],
-    error: Callable[[int], tuple[Tensor, Tensor]],
+    error: Callable[[int], Tensor],
+    reference: Callable[[int], Tensor],
     train: list[int],
     holdout: list[int],
     steps: int,
@@ -71,8 +72,9 @@ def reconstruct(
 ) -> ReconstructionResult:
     """Minimize the summed output error over ``train`` windows (module docstring).
 
-    error(i) returns (‖F_θ(X_i) − Y_i‖², ‖Y_i − X_i‖²) for window i; without held-out windows
-    the training windows judge the iterates. ``project`` runs after every step (e.g. to
+    error(i) returns ‖F_θ(X_i) − Y_i‖² for window i and reference(i) its scale ‖Y_i − X_i‖²
+    (which needs no pass through F); without held-out windows the training windows judge the
+    iterates. ``project`` runs after every step (e.g. to
     clamp a parameter into its domain); ``progress`` shows a bar over the steps. On return
     every parameter holds its best value.
     """
@@ -83,11 +85,10 @@ def reconstruct(
 
     def relative(windows: list[int]) -> float:
         with torch.no_grad():
-            pairs = [error(i) for i in windows]
-        return float(sum(e for e, _ in pairs) / max(float(sum(r for _, r in pairs)), 1e-30))
+            errors = [error(i) for i in windows]
+        return float(sum(errors) / max(float(sum(reference(i) for i in windows)), 1e-30))
 
-    with torch.no_grad():
-        energy = max(sum(float(error(i)[1]) for i in train) / len(train), 1e-30)
+    energy = max(sum(float(reference(i)) for i in train) / len(train), 1e-30)
     deltas = [p.delta for p in params]
     optimizer = torch.optim.Adam(deltas, lr=lr)
     best = [d.detach().clone() for d in deltas]
@@ -101,7 +102,7 @@ def reconstruct(
         for _ in range(batch):
             if cursor == len(order):
                 order, cursor = torch.randperm(len(train), generator=generator), 0
-            loss = error(train[int(order[cursor])])[0] / (energy * batch)
+            loss = error(train[int(order[cursor])]) / (energy * batch)
             loss.backward()
             total += float(loss.detach())
             cursor += 1

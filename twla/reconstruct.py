@@ -175,7 +175,8 @@ def _solve(
     root: nn.Module,
     params: list[Scaled],
     project: Callable[[], None],
-    error: Callable[[int], tuple[Tensor, Tensor]],
+    error: Callable[[int], Tensor],
+    reference: Callable[[int], Tensor],
     windows: int,
     config: ReconstructionConfig,
     stream: int,
@@ -191,6 +192,7 @@ def _solve(
             return reconstruct(
                 params,
                 error,
+                reference,
                 list(range(windows - holdout)),
                 list(range(windows - holdout, windows)),
                 config.steps,
@@ -218,15 +220,18 @@ def reconstruct_block(
 ) -> ReconstructionResult:
     """Tune block ``index``'s grids, norm gains and clipping ratios in place (module docstring);
     ``weights`` (by full linear name) receive the tuned grids. The error of window i is
-    (‖F̂(X_i) − Y_i‖², ‖Y_i − X_i‖²)."""
+    ‖F̂(X_i) − Y_i‖², relative to ‖Y_i − X_i‖²."""
     tunables = Tunables.gather(layer, {"": index}, adapter, weights, config)
 
-    def error(i: int) -> tuple[Tensor, Tensor]:
+    def error(i: int) -> Tensor:
         hidden, kwargs = windows[i]
         out = layer_output(functional_call(layer, tunables.overrides(layer), (hidden,), kwargs))
-        return ((out - targets[i]) ** 2).sum(), ((targets[i] - hidden) ** 2).sum()
+        return ((out - targets[i]) ** 2).sum()
 
-    result = _solve(layer, tunables.params(), tunables.project, error, len(windows), config, index)
+    def reference(i: int) -> Tensor:
+        return ((targets[i] - windows[i][0]) ** 2).sum()
+
+    result = _solve(layer, tunables.params(), tunables.project, error, reference, len(windows), config, index)
     tunables.write_back(layer)
     return result
 
@@ -288,7 +293,7 @@ def reconstruct_model(
 ) -> ReconstructionResult:
     """Tune every block's grids, norm gains and clipping ratios at once against the full-precision
     model's next-token distribution (module docstring); ``teacher`` from :func:`teacher_log_probs`.
-    The error of window i is (Σ_t KL, number of positions), so the reported errors are the mean
+    The error of window i is Σ_t KL relative to its number of positions, so the reported errors are the mean
     KL divergence per compared position, in nats. Each block, once its θ is written back, goes
     to ``done(index, layer, its weights by full name)``.
 
@@ -298,19 +303,21 @@ def reconstruct_model(
     keep = kl_positions(calibration.shape[1], config.stride).to(device)
     count = len(adapter.decoder_layers(model))
 
-    def kl(forward: Callable[[Tensor, dict], Tensor]) -> Callable[[int], tuple[Tensor, Tensor]]:
-        def error(i: int) -> tuple[Tensor, Tensor]:
+    def kl(forward: Callable[[Tensor, dict], Tensor]) -> Callable[[int], Tensor]:
+        def error(i: int) -> Tensor:
             logits = forward(calibration[i : i + 1].to(device), {"use_cache": False, "logits_to_keep": keep})
             log_p = teacher[i].to(device, torch.float32)
-            kl = (log_p.exp() * (log_p - torch.log_softmax(logits.logits[0].float(), -1))).sum()
-            return kl, torch.tensor(float(len(keep)))
+            return (log_p.exp() * (log_p - torch.log_softmax(logits.logits[0].float(), -1))).sum()
 
         return error
+
+    def positions(i: int) -> Tensor:
+        return torch.tensor(float(len(keep)))
 
     def solve(params: list[Scaled], project: Callable[[], None], forward) -> ReconstructionResult:
         model.to(device)
         try:
-            return _solve(model, params, project, kl(forward), calibration.shape[0], config, count, progress)
+            return _solve(model, params, project, kl(forward), positions, calibration.shape[0], config, count, progress)
         finally:
             model.to("cpu")
 

@@ -52,6 +52,14 @@ def test_solver_without_steps_changes_nothing():
         reconstruct([param], error, reference, [], [2], steps=5, lr=0.1)
 
 
+def test_solver_runs_the_model_only_on_the_windows_it_judges_or_trains_on():
+    """The training windows' scale comes from ``reference``, not from a pass through F."""
+    param, error, reference, _ = _regression()
+    calls = []
+    reconstruct([param], lambda i: calls.append(i) or error(i), reference, list(range(10)), [10, 11], steps=0, lr=0.1)
+    assert calls == [10, 11]
+
+
 def test_straight_through_quantizer_has_the_same_values_and_a_gradient():
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     clip = torch.tensor(0.8, requires_grad=True)

@@ -25,7 +25,7 @@ def calib_ids() -> torch.Tensor:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model (converted once into the twla cache) and its tokenizer."""
-    from twla.loading import load_model
+    from twla.models.loading import load_model
 
     return load_model("smollm2-135m")
 
@@ -33,7 +33,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(smollm2, tmp_path_factory) -> str:
     """A tiny random Llama with the real tokenizer, saved as a local checkpoint."""
-    from twla.loading import save_checkpoint
+    from twla.models.loading import save_checkpoint
 
     _, tokenizer = smollm2
     path = tmp_path_factory.mktemp("ckpt") / "tiny"

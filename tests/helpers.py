@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from twla.adapters import get_adapter
+from twla.models.adapters import get_adapter
 
 
 def correlated_inputs(n_tokens: int, m: int, seed: int = 0) -> torch.Tensor:

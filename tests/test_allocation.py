@@ -10,11 +10,11 @@ from torch.nn import functional as F
 
 from tests.helpers import tiny_llama
 from twla import InfeasibleBudgetError, QuantConfig, quantize
-from twla.adapters import get_adapter
-from twla.allocation import allocate, allocation_units
-from twla.bench import activation_bits, scheme
-from twla.config import AllocationConfig
-from twla.fake_quant import QuantLinear
+from twla.bench.run import activation_bits, scheme
+from twla.models.adapters import get_adapter
+from twla.quantization.allocation import allocate, allocation_units
+from twla.quantization.fake_quant import QuantLinear
+from twla.quantization.sections import AllocationConfig
 
 FAST = dict(samples=4, seqlen=32, stride=2)
 

@@ -5,11 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from twla.checkpoint import load_packed, read_config
+from twla.bench.report import MethodRow, markdown_report
 from twla.cli import main
-from twla.config import VOCABULARY, QuantConfig, method_table
-from twla.report import MethodRow, markdown_report
-from twla.tasks import build_tasks, evaluate_tasks
+from twla.deploy.format import read_config
+from twla.deploy.load import load_packed
+from twla.evaluate.tasks import build_tasks, evaluate_tasks
+from twla.quantization.config import QuantConfig
+from twla.quantization.methods import VOCABULARY, method_table
 
 
 def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):

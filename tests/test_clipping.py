@@ -5,10 +5,10 @@ import torch
 
 from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
-from twla.clipping import calibrate_clip
-from twla.config import ActivationConfig
-from twla.fake_quant import QuantLinear
 from twla.kernels.uniform import fake_quantize
+from twla.quantization.clipping import calibrate_clip
+from twla.quantization.fake_quant import QuantLinear
+from twla.quantization.sections import ActivationConfig
 
 
 def _heavy_tailed(n: int, m: int, seed: int = 0) -> torch.Tensor:

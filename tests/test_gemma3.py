@@ -7,11 +7,11 @@ import torch
 
 from tests.helpers import first_blocks, tiny_gemma3
 from twla import QuantConfig, load_packed, pack_model, quantize, save_packed
-from twla.adapters import get_adapter
-from twla.capture import capture_layer_inputs
-from twla.data import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
-from twla.evaluate import perplexity
-from twla.loading import load_model
+from twla.data.text import bos_token, calibration_windows, evaluation_windows, load_text, tokenize
+from twla.evaluate.perplexity import perplexity
+from twla.models.adapters import get_adapter
+from twla.models.capture import capture_layer_inputs
+from twla.models.loading import load_model
 
 
 def test_layer_inputs_carry_each_layers_own_mask_and_rotary_table(calib_ids):

@@ -2,10 +2,11 @@ import pytest
 import torch
 
 from tests.helpers import correlated_inputs
-from twla.config import TernaryConfig, method_config
+from twla.quantization.methods import method_config
+from twla.quantization.sections import TernaryConfig
+from twla.quantization.weights import block_fitter, quantize_weight
 from twla.solvers.gptq import damped_hessian, gptq
 from twla.solvers.ternary import output_error
-from twla.weights import block_fitter, quantize_weight
 
 
 def layer_problem(n=24, m=200, tokens=800, seed=0):

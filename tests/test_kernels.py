@@ -223,7 +223,7 @@ import importlib, importlib.abc, pkgutil, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         # twla/__init__ registers the checkpoint format with transformers; that module imports no twla
-        if name.startswith("twla.") and not name.startswith(("twla.kernels", "twla.hf_quantizer")):
+        if name.startswith("twla.") and not name.startswith(("twla.kernels", "twla.deploy.hf_quantizer")):
             raise ImportError(f"twla.kernels imported {name}")
         return None
 

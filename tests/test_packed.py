@@ -13,21 +13,15 @@ from safetensors.torch import load_file, save_file
 
 from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
-from twla.accounting import count_bits
-from twla.adapters import get_adapter
-from twla.checkpoint import (
-    CheckpointError,
-    load_packed,
-    pack_model,
-    packed_bits,
-    read_config,
-    read_meta,
-    save_packed,
-)
 from twla.cli import main
+from twla.deploy.format import CheckpointError, packed_bits, read_config, read_meta
+from twla.deploy.load import load_packed
+from twla.deploy.save import pack_model, save_packed
+from twla.deploy.ternary_linear import TernaryLinear
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
 from twla.kernels.packing import unpack_codes
-from twla.ternary_linear import TernaryLinear
+from twla.models.adapters import get_adapter
+from twla.quantization.accounting import count_bits
 
 SPECS = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+ssr+g64+had+a4", "pt2+gptq+r1+had+a8+sym", "absmean+kotms+a6")
 
@@ -200,7 +194,7 @@ def saved(calib_ids, tmp_path):
 def resign(path, edit_meta=lambda meta: None, edit_linears=None):
     """Record the files' current digests (after an edit), so only the consistency checks can catch it;
     ``edit_linears`` changes the packed linears' settings in config.json and twla_quant.json alike."""
-    from twla.checkpoint import _meta_digest, _sha256
+    from twla.deploy.format import meta_digest, sha256_file
 
     meta = json.load(open(os.path.join(path, "twla_quant.json")))
     edit_meta(meta)
@@ -210,8 +204,8 @@ def resign(path, edit_meta=lambda meta: None, edit_linears=None):
         for linears in (config["quantization_config"]["linears"], meta["linears"]):
             edit_linears(linears)
         json.dump(config, open(config_file, "w"))
-    meta["files"] = {name: _sha256(os.path.join(path, name)) for name in meta["files"]}
-    meta["digest"] = _meta_digest(meta)
+    meta["files"] = {name: sha256_file(os.path.join(path, name)) for name in meta["files"]}
+    meta["digest"] = meta_digest(meta)
     with open(os.path.join(path, "twla_quant.json"), "w") as fh:
         json.dump(meta, fh)
 
@@ -392,7 +386,7 @@ def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("twla.checkpoint.write_safetensors", fail)
+    monkeypatch.setattr("twla.deploy.save.write_safetensors", fail)
     with pytest.raises(OSError, match="disk full"):
         save_packed(model, None, saved, overwrite=True)
     assert read_meta(saved)["digest"] == before  # the old checkpoint is untouched
@@ -413,12 +407,13 @@ import sys
 for name in ("scipy", "geoopt", "ortools", "cvxpy", "highspy", "matplotlib", "gguf", "accelerate"):
     sys.modules[name] = None
 import torch
-from twla.checkpoint import load_packed
-from twla import speed
+from twla.deploy.load import load_packed
+from twla.bench.speed import run_speed
 model, _, _ = load_packed({saved!r})
 print(model(torch.tensor([[1, 2, 3]])).logits.shape)
-speed.main(["--quick", "--models", "", "--out", ""])
-blocked = [m for m in ("twla.solvers.bits", "twla.pipeline", "twla.config") if m in sys.modules]
+run_speed(quick=True, models=(), out="")
+solver_side = ("twla.solvers.bits", "twla.quantization.pipeline", "twla.quantization.config")
+blocked = [m for m in solver_side if m in sys.modules]
 assert not blocked, blocked
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

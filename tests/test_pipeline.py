@@ -13,11 +13,11 @@ from transformers import (
 
 from tests.helpers import SMALL_CONFIG, tiny_llama
 from twla import QuantConfig, quantize
-from twla.accounting import count_bits
-from twla.adapters import get_adapter
-from twla.data import bos_token, calibration_windows, check_disjoint, evaluation_windows, load_text
-from twla.evaluate import perplexity
-from twla.loading import keep_layers, load_model
+from twla.data.text import bos_token, calibration_windows, check_disjoint, evaluation_windows, load_text
+from twla.evaluate.perplexity import perplexity
+from twla.models.adapters import get_adapter
+from twla.models.loading import keep_layers, load_model
+from twla.quantization.accounting import count_bits
 
 
 def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):
@@ -167,14 +167,14 @@ def test_perplexity_of_uniform_model_is_vocab_size(tiny_model):
 
 def test_perplexity_bounds_the_logits_of_a_forward_pass(tiny_model, monkeypatch):
     """A large vocabulary gets fewer windows per forward pass; the result does not change."""
-    import twla.evaluate
+    import twla.evaluate.perplexity
 
     windows = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(0))
     whole = perplexity(tiny_model, windows, batch_size=8)
     calls = []
     forward = tiny_model.forward
     monkeypatch.setattr(tiny_model, "forward", lambda ids, **kw: calls.append(len(ids)) or forward(ids, **kw))
-    monkeypatch.setattr(twla.evaluate, "LOGITS_LIMIT", 2 * 16 * 256)  # two windows' logits
+    monkeypatch.setattr(twla.evaluate.perplexity, "LOGITS_LIMIT", 2 * 16 * 256)  # two windows' logits
     split = perplexity(tiny_model, windows, batch_size=8)
     assert calls == [2, 2, 1] and split.tokens == whole.tokens and split.nll == pytest.approx(whole.nll, rel=1e-6)
 

@@ -9,10 +9,10 @@ import torch
 
 from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
-from twla.bench import BenchConfig
-from twla.checkpoint import pack_model
-from twla.config import EndToEndConfig, ReconstructionConfig
+from twla.bench.run import BenchConfig
+from twla.deploy.save import pack_model
 from twla.kernels.uniform import fake_quantize
+from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
 from twla.solvers.reconstruct import Scaled, reconstruct
 
 

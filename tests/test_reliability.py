@@ -14,11 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tests.helpers import tiny_llama
-from twla import QuantConfig, loading, quantize, solve_bits
-from twla.checkpoint import CheckpointError, load_packed, pack_model, save_packed
+from twla import QuantConfig, quantize, solve_bits
 from twla.cli import main
+from twla.deploy.format import CheckpointError
+from twla.deploy.load import load_packed
+from twla.deploy.save import pack_model, save_packed
 from twla.io import OutputPathError, atomic_directory, check_output_dir
-from twla.loading import load_model, resolve_device
+from twla.models import builtin, loading
+from twla.models.loading import load_model, resolve_device
 from twla.solvers.bits import SolverTimeLimit
 from twla.solvers.bits.compare import synthetic_costs
 
@@ -133,7 +136,7 @@ def test_a_concurrent_first_conversion_of_a_builtin_model_uses_the_other_one(tmp
     checkpoint in place uses it; a failed write with no checkpoint there still fails."""
     monkeypatch.setenv("TWLA_CACHE", str(tmp_path))
     for name in ("raced", "failed"):
-        monkeypatch.setitem(loading.BUILTIN, name, loading.BuiltinModel("json", "model.gguf", "json"))
+        monkeypatch.setitem(builtin.BUILTIN, name, builtin.BuiltinModel("json", "model.gguf", "json"))
     dequantized = SimpleNamespace(from_pretrained=lambda *args, **kwargs: SimpleNamespace(config=SimpleNamespace()))
     monkeypatch.setattr(loading, "AutoModelForCausalLM", dequantized)
     monkeypatch.setattr(loading, "AutoTokenizer", dequantized)
@@ -251,7 +254,7 @@ def test_nan_weights_are_refused(calib_ids):
 
 
 def test_overlap_is_detected_by_content_not_by_name(tiny_checkpoint, tmp_path, capsys):
-    from twla.data import load_text
+    from twla.data.text import load_text
 
     copy = tmp_path / "copy_of_persuasion.txt"
     copy.write_text(load_text("persuasion").text)
@@ -368,7 +371,7 @@ def test_a_failing_bench_writes_no_report(tiny_checkpoint, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr("twla.bench.quantize", broken)
+    monkeypatch.setattr("twla.bench.run.quantize", broken)
     out = tmp_path / "r"
     args = ["bench", "--model", tiny_checkpoint, "--methods", "e2m", "--seqlen", "64", "--eval-seqlen", "64"]
     assert main([*args, "--nsamples", "2", "--eval-tokens", "256", "--out", str(out), "--quiet"]) == 2

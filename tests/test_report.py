@@ -2,9 +2,7 @@
 
 import pytest
 
-from twla.bench import ABLATION_METHODS, DEFAULT_METHOD, FRONTIER_METHODS, BenchConfig, resolve_methods
-from twla.config import QuantConfig, UniformConfig
-from twla.report import (
+from twla.bench.report import (
     MethodRow,
     ablation_pairs,
     ablation_table,
@@ -13,6 +11,10 @@ from twla.report import (
     reconstruction_table,
     rotation_choice_table,
 )
+from twla.bench.run import BenchConfig
+from twla.quantization.config import QuantConfig
+from twla.quantization.presets import ABLATION_METHODS, DEFAULT_METHOD, FRONTIER_METHODS, resolve_methods
+from twla.quantization.sections import UniformConfig
 
 
 def row(method, ppl, bits=2.293, act=16.0, seeds=()):

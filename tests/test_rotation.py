@@ -7,10 +7,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tests.helpers import SMALL_CONFIG, correlated_inputs, tiny_llama
 from twla import QuantConfig, quantize
-from twla.adapters import get_adapter
-from twla.config import ActivationConfig, KotmsConfig, RelocationConfig, RotationConfig
-from twla.fake_quant import wrap_linears
-from twla.rotation import apply_residual_rotation, install_rotation, site_rotations, site_weight
+from twla.models.adapters import get_adapter
+from twla.quantization.fake_quant import wrap_linears
+from twla.quantization.rotation import apply_residual_rotation, install_rotation, site_rotations, site_weight
+from twla.quantization.sections import ActivationConfig, KotmsConfig, RelocationConfig, RotationConfig
 from twla.solvers.kotms import (
     activation_noise,
     learn_kotms,

@@ -120,7 +120,7 @@ def test_packed_smollm2_through_transformers_generates_what_load_packed_does(smo
     fake-quantized model, for a chat prompt."""
     from transformers import AutoModelForCausalLM
 
-    from twla.generation import encode_prompt
+    from twla.evaluate.generation import encode_prompt
 
     _, tokenizer = smollm2
     calib, _ = data

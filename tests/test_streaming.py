@@ -10,14 +10,17 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import tiny_gemma3, tiny_llama
-from twla.checkpoint import load_packed, pack_model, save_packed, storage_dtype
 from twla.cli import main
-from twla.config import QuantConfig
-from twla.fake_quant import QuantLinear
-from twla.loading import load_model, model_source, save_checkpoint
-from twla.pipeline import quantize
-from twla.shards import CheckpointTensors, TensorSource, write_safetensors
-from twla.streaming import PackedLayers, StreamedLayers, quantize_checkpoint, streamed_packed
+from twla.deploy.format import storage_dtype
+from twla.deploy.load import load_packed
+from twla.deploy.save import pack_model, save_packed
+from twla.deploy.streamed import PackedLayers, streamed_packed
+from twla.models.loading import load_model, model_source, save_checkpoint
+from twla.models.shards import CheckpointTensors, TensorSource, write_safetensors
+from twla.quantization.config import QuantConfig
+from twla.quantization.fake_quant import QuantLinear
+from twla.quantization.pipeline import quantize
+from twla.quantization.streaming import StreamedLayers, quantize_checkpoint
 
 METHOD = "pt2+gptq+ssr+had+a4+recon"
 E2E = "pt2+gptq+ssr+had+a4+recon+e2e"  # end-to-end reconstruction reloads each layer (the default, with SSR)
@@ -226,7 +229,7 @@ def test_quantize_command_streams_a_checkpoint_directory(checkpoint, tmp_path, c
 @pytest.mark.slow
 def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
     """Peak RSS of real runs, each in its own process, at 2 and 6 decoder layers of SmolLM2's width."""
-    from twla.scale import measure, synthetic_checkpoint
+    from twla.bench.depth import measure, synthetic_checkpoint
 
     peaks = {}
     for depth in (2, 6):

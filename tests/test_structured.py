@@ -10,12 +10,12 @@ import torch
 
 from tests.helpers import correlated_inputs, tiny_llama
 from twla import QuantConfig, pack_model, quantize
-from twla.accounting import count_bits
-from twla.adapters import get_adapter
-from twla.config import TernaryConfig
+from twla.models.adapters import get_adapter
+from twla.quantization.accounting import count_bits
+from twla.quantization.sections import TernaryConfig
+from twla.quantization.weights import StructuredWeight, quantize_weight
 from twla.solvers import structured as st
 from twla.solvers.ternary import itf, output_error
-from twla.weights import StructuredWeight, quantize_weight
 
 
 def _block(seed: int = 0, n: int = 24, m: int = 40) -> torch.Tensor:

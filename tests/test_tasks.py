@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.helpers import tiny_llama
-from twla.data import load_text
-from twla.tasks import (
+from twla.data.text import load_text
+from twla.evaluate.tasks import (
     Item,
     Task,
     _score,

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, pipeline
 
 from tests.helpers import tiny_llama
 from twla import QuantConfig, load_packed, pack_model, quantize, save_packed
-from twla.hf_quantizer import TwlaConfig, TwlaHfQuantizer
-from twla.loading import save_checkpoint
-from twla.ternary_linear import TernaryLinear
+from twla.deploy.hf_quantizer import TwlaConfig, TwlaHfQuantizer
+from twla.deploy.ternary_linear import TernaryLinear
+from twla.models.loading import save_checkpoint
 
 METHOD = "pt2+gptq+ssr+had+a4"  # rotations shared by a site's linears, 4-bit activations, column orders
 

@@ -31,10 +31,10 @@ evaluated the same way::
         print(twla.perplexity(model, windows).ppl)
 
 ``import twla`` also registers the packed format with transformers, so
-``AutoModelForCausalLM.from_pretrained("out/model")`` loads it too (``twla.hf_quantizer``).
+``AutoModelForCausalLM.from_pretrained("out/model")`` loads it too (``twla.deploy.hf_quantizer``).
 
 These are the names a user needs; everything else is imported from its module (e.g.
-``twla.config.TernaryConfig``, ``twla.adapters.get_adapter``). Names are imported on first
+``twla.quantization.sections.TernaryConfig``, ``twla.models.adapters.get_adapter``). Names are imported on first
 use, so the deployment path (``twla.kernels``, packed modules and checkpoints) needs only
 torch, triton, transformers, numpy and safetensors.
 """
@@ -42,43 +42,24 @@ torch, triton, transformers, numpy and safetensors.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
-import os
 import sys
 
-
-def _import_the_kernels_distribution() -> None:
-    """Run from this source tree's root (``python -m ...``, pytest), its ``kernels/`` folder,
-    installed as ``twla.kernels``, is also importable as a top-level ``kernels`` and would hide the
-    ``kernels`` distribution that transformers imports when it is installed. Import that one first,
-    with the tree's root off ``sys.path``, so that ``kernels`` names it for the whole process."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if "kernels" in sys.modules or not os.path.isfile(os.path.join(root, "kernels", "triton_ternary.py")):
-        return
-    path = sys.path[:]
-    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != root]
-    try:
-        if importlib.util.find_spec("kernels") is not None:
-            importlib.import_module("kernels")
-    finally:
-        sys.path[:] = path
-
-
-_import_the_kernels_distribution()
-
-from twla import hf_quantizer as _hf_quantizer  # noqa: E402, F401  (registers the packed format with transformers)
-
 _EXPORTS = {
-    "twla.bench": ("BenchConfig", "run_bench"),
-    "twla.checkpoint": ("CheckpointError", "load_packed", "pack_model", "read_config", "save_packed"),
-    "twla.config": ("QuantConfig",),
-    "twla.data": ("calibration_windows", "evaluation_windows", "load_text", "tokenize"),
-    "twla.evaluate": ("perplexity",),
+    "twla.bench.run": ("BenchConfig", "run_bench"),
+    "twla.data.text": ("calibration_windows", "evaluation_windows", "load_text", "tokenize"),
+    "twla.deploy.format": ("CheckpointError", "read_config"),
+    "twla.deploy.load": ("load_packed",),
+    "twla.deploy.save": ("pack_model", "save_packed"),
+    "twla.deploy.streamed": ("streamed_packed",),
+    "twla.evaluate.perplexity": ("perplexity",),
     "twla.kernels.dispatch": ("set_kernel_backend",),
-    "twla.loading": ("load_model",),
-    "twla.pipeline": ("quantize",),
+    "twla.models.loading": ("load_model",),
+    "twla.quantization.config": ("QuantConfig",),
+    "twla.quantization.pipeline": ("quantize",),
+    "twla.quantization.streaming": ("quantize_checkpoint",),
     "twla.solvers.bits": ("InfeasibleBudgetError", "solve_bits"),
-    "twla.streaming": ("quantize_checkpoint", "streamed_packed"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -94,3 +75,36 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+_QUANTIZERS = "transformers.quantizers"  # transformers' registry of quantization methods
+
+
+def _register_packed_format() -> None:
+    importlib.import_module("twla.deploy.hf_quantizer").register()
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers the packed format with transformers right after ``transformers.quantizers`` is
+    imported (whoever imports it first), so that ``import twla`` stays light."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _QUANTIZERS:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def execute_and_register(module) -> None:
+                execute(module)
+                _register_packed_format()
+
+            spec.loader.exec_module = execute_and_register
+        return spec
+
+
+if _QUANTIZERS in sys.modules:
+    _register_packed_format()
+elif not any(isinstance(finder, _RegisterAfterImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterImport())

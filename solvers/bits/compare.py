@@ -3,13 +3,11 @@
 Synthetic costs mimic measured ones: s_ℓ(b) = a_ℓ·4^{(b_ref − b)}·s₀ with a_ℓ
 log-normal (noise variance ∝ 2^{−2b}), 0 at the reference; interactions
 c_ℓ(b, b') = ρ_ℓ·√(s_ℓ(b)·s_{ℓ+1}(b')) with ρ_ℓ ~ U(−0.5, 1); budget weights cycle like a
-Llama block's input sites (576, 576, 576, 1536). Run: ``twla solvers`` or
-``python -m twla.solvers.bits.compare``.
+Llama block's input sites (576, 576, 576, 1536). Run: ``twla solvers``.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,41 +83,3 @@ def markdown(rows: list[dict]) -> str:
             f"| {bound} | {r['status']} | {r['mean_bits']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="comma-separated unit counts")
-    p.add_argument("--solvers", default=",".join(SOLVERS), help=f"comma-separated ({', '.join(SOLVERS)})")
-    p.add_argument("--budget", type=float, default=4.0, help="mean bits (default 4)")
-    p.add_argument("--beta", type=float, default=0.5, help="interaction weight β (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="instance seed (default 0)")
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds per IP solve (default 60)")
-    p.add_argument("--out", default="", help="also write the rows as JSON to this file")
-    p.add_argument("--overwrite", action="store_true", help="replace a JSON file an earlier run wrote at --out")
-
-
-def run(args: argparse.Namespace) -> list[dict]:
-    """Benchmark as the command line asks, print the table, optionally write JSON."""
-    from twla.io import check_output_file, write_json
-
-    solvers = args.solvers.split(",")
-    unknown = set(solvers) - set(SOLVERS)
-    if unknown:
-        raise ValueError(f"unknown solvers: {', '.join(sorted(unknown))}; choose from {', '.join(SOLVERS)}")
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if args.out:
-        check_output_file(args.out, REPORT_FORMAT, args.overwrite)
-    rows = benchmark(sizes, solvers, args.budget, args.beta, args.seed, args.time_limit)
-    print(markdown(rows))
-    if args.out:
-        write_json(args.out, {"format": REPORT_FORMAT, "setup": vars(args), "rows": rows})
-    return rows
-
-
-REPORT_FORMAT = "solver benchmark"
-DESCRIPTION = "Time to optimum and optimality gap of every bit-allocation solver on synthetic chains."
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m twla.solvers.bits.compare", description=DESCRIPTION)
-    add_arguments(parser)
-    run(parser.parse_args())

@@ -1,0 +1,5 @@
+import sys
+
+from twla.cli import main
+
+sys.exit(main())

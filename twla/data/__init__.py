@@ -1,0 +1,1 @@
+"""Text for calibration and evaluation: the built-in corpora, tokenizing, windows, provenance."""

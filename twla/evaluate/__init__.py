@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, zero-shot tasks, the lm-evaluation-harness adapter, text generation."""

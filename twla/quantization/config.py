@@ -1,0 +1,228 @@
+"""The whole quantization run as one configuration object, built from a method spec and
+round-tripped through versioned dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from twla.kernels.uniform import ACTIVATION_BITS
+from twla.quantization.methods import (
+    ACTIVATION_MODIFIERS,
+    ALLOCATION_MODIFIERS,
+    RECONSTRUCTION_MODIFIERS,
+    ROTATION_MODIFIERS,
+    _flags,
+    _parse,
+    method_config,
+)
+from twla.quantization.sections import (
+    ActivationConfig,
+    AllocationConfig,
+    EndToEndConfig,
+    KotmsConfig,
+    ReconstructionConfig,
+    RelocationConfig,
+    RotationConfig,
+    TernaryConfig,
+    UniformConfig,
+    WeightConfig,
+)
+
+# The sections of a configuration that QuantConfig.from_method can override field by field.
+OVERRIDABLE = ("weights", "allocation", "reconstruction", "end_to_end")
+
+
+def _check_sections(names: Iterable[str]) -> None:
+    unknown = [name for name in names if name not in OVERRIDABLE]
+    if unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))}: not a configuration section ({', '.join(OVERRIDABLE)})")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The whole post-training quantization run.
+
+    allocation: ILA-AMP mixed activation bits, chosen after the layers are quantized (the
+    layer-wise pass itself runs with ``activations.bits``).
+    reconstruction: block-wise output reconstruction of each decoder block once its linears
+    are quantized (``recon``); end_to_end: the KL reconstruction of all blocks at once, after
+    the last block (``e2e``).
+    true_sequential: quantize the input sites of a decoder layer one after another,
+    each seeing the outputs of the already-quantized ones (GPTQ's true-sequential).
+    batch_size: calibration sequences per forward pass.
+    """
+
+    weights: WeightConfig = field(default_factory=TernaryConfig)
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    allocation: AllocationConfig | None = None
+    reconstruction: ReconstructionConfig | None = None
+    end_to_end: EndToEndConfig | None = None
+    true_sequential: bool = True
+    batch_size: int = 8
+
+    @classmethod
+    def from_method(cls, spec: str, overrides: Mapping[str, Mapping] | None = None, **kwargs: object) -> QuantConfig:
+        """Parse a method spec (module docstring) into a full configuration.
+
+        ``overrides`` maps a section of :data:`OVERRIDABLE` to fields that replace the spec's
+        values, e.g. ``{"weights": {"damp": 0.05}, "end_to_end": {"steps": 100}}``; a section the
+        spec does not turn on (``allocation`` without ``amp``, ``end_to_end`` without ``e2e``) is
+        refused, so an override never goes silently unused.
+        """
+        _, mods = _parse(spec)
+        overrides = dict(overrides or {})
+        _check_sections(overrides)
+        acts = _flags(mods, ACTIVATION_MODIFIERS)
+        allocation = None
+        if any(m in ALLOCATION_MODIFIERS for m in mods):
+            allocation = AllocationConfig(**{**_flags(mods, ALLOCATION_MODIFIERS), **overrides.pop("allocation", {})})
+            # the layer-wise pass runs at the budget's bits (rounded down to a supported width)
+            acts.setdefault("bits", max(b for b in ACTIVATION_BITS if b <= max(allocation.budget, 2)))
+        sections = _flags(mods, RECONSTRUCTION_MODIFIERS)
+        for name in ("reconstruction", "end_to_end"):
+            if name in overrides and name in sections:
+                sections[name] = replace(sections[name], **overrides.pop(name))
+        absent = sorted(set(overrides) - {"weights"})
+        if absent:
+            raise ValueError(f"{spec}: overrides of {', '.join(absent)}, which this method does not use")
+        return cls(
+            weights=method_config(spec, **overrides.get("weights", {})),
+            rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
+            activations=ActivationConfig(**acts),
+            allocation=allocation,
+            **sections,
+            **kwargs,
+        )
+
+    def uses(self, section: str) -> bool:
+        """Whether this configuration has ``section`` (one of :data:`OVERRIDABLE`; weights always)."""
+        _check_sections([section])
+        return section == "weights" or getattr(self, section) is not None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of the whole configuration, with its format version and the kind of
+        weights; :meth:`from_dict` rebuilds the identical configuration from it."""
+        data = asdict(self)
+        data["weights"]["kind"] = self.weights.kind
+        return {"version": CONFIG_VERSION, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> QuantConfig:
+        """The configuration written by :meth:`to_dict` (e.g. a checkpoint's ``config``); a dict
+        of another version, or with unknown or missing fields, is refused with a message."""
+        data = dict(data)
+        version = data.pop("version", None)
+        if version not in _UPGRADES and version != CONFIG_VERSION:
+            raise ValueError(
+                f"configuration format version {version!r} is not one of 1 to {CONFIG_VERSION} (the ones twla reads)"
+            )
+        for step in range(version, CONFIG_VERSION):
+            data = _UPGRADES[step](data)
+        weights = dict(_section(data, "weights"))
+        kind = weights.pop("kind", None)
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"configuration weights: kind {kind!r} is not one of {', '.join(WEIGHT_KINDS)}")
+        rotation = dict(_section(data, "rotation"))
+        rotation["factors"] = {int(dim): tuple(f) for dim, f in rotation.get("factors", {}).items()}
+        rotation["kotms"] = _build(KotmsConfig, _section(rotation, "kotms"), "rotation.kotms")
+        relocation = _section(rotation, "relocation", optional=True)
+        if relocation is not None:
+            relocation = _build(RelocationConfig, relocation, "rotation.relocation")
+        rotation["relocation"] = relocation
+        activations = dict(_section(data, "activations"))
+        activations["clip_grid"] = tuple(activations.get("clip_grid", ActivationConfig.clip_grid))
+        allocation = _section(data, "allocation", optional=True)
+        if allocation is not None:
+            allocation = {**allocation, "options": tuple(allocation.get("options", AllocationConfig.options))}
+        reconstruction = _section(data, "reconstruction", optional=True)
+        end_to_end = _section(data, "end_to_end", optional=True)
+        unknown = sorted(set(data) - {"true_sequential", "batch_size"})
+        if unknown:
+            raise ValueError(f"configuration: unknown fields {', '.join(unknown)}")
+        return cls(
+            weights=_build(WEIGHT_KINDS[kind], weights, "weights"),
+            rotation=_build(RotationConfig, rotation, "rotation"),
+            activations=_build(ActivationConfig, activations, "activations"),
+            allocation=None if allocation is None else _build(AllocationConfig, allocation, "allocation"),
+            reconstruction=None
+            if reconstruction is None
+            else _build(ReconstructionConfig, reconstruction, "reconstruction"),
+            end_to_end=None if end_to_end is None else _build(EndToEndConfig, end_to_end, "end_to_end"),
+            **data,
+        )
+
+    def check_packable(self, method: str) -> None:
+        """Refuse to pack weights that the packed checkpoint format does not hold."""
+        if not self.weights.packable:
+            raise ValueError(
+                f"{method} quantizes weights to {self.weights.format}; "
+                "the packed checkpoint format stores plain ternary weights"
+            )
+
+    def check_windows(self, windows: int) -> None:
+        """Refuse a calibration set too small for the reconstructions' held-out windows."""
+        for recon in (self.reconstruction, self.end_to_end):
+            if recon:
+                recon.check_windows(windows)
+
+    def with_seed(self, seed: int) -> QuantConfig:
+        """The same configuration with every random choice (rotations, reconstruction batches) seeded by ``seed``."""
+        recon = self.reconstruction and replace(self.reconstruction, seed=seed)
+        e2e = self.end_to_end and replace(self.end_to_end, seed=seed)
+        return replace(self, rotation=replace(self.rotation, seed=seed), reconstruction=recon, end_to_end=e2e)
+
+
+# 2: the KOTMS and relocation problems nested in the rotation section; end_to_end.
+# 3: KOTMS keeps a learned rotation only where it measures better (kotms.gate).
+# 4: ternary weights may be structured (weights.salient, weights.groups).
+CONFIG_VERSION = 4
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A version-1 configuration (flat rotation fields) in the version-2 layout."""
+    rotation = dict(data.get("rotation") or {})
+    kotms = {key: rotation.pop(key) for key in [f.name for f in fields(KotmsConfig)] if key in rotation}
+    relocation = {
+        key: rotation.pop(f"relocate_{key}") for key in ("solver", "steps", "lr") if f"relocate_{key}" in rotation
+    }
+    rotation["kotms"] = kotms
+    rotation["relocation"] = relocation if rotation.pop("relocate", False) else None
+    return {**data, "rotation": rotation}
+
+
+def _upgrade_v2(data: dict) -> dict:
+    """A version-2 configuration in the version-3 layout: its learned rotations were never gated."""
+    rotation = dict(data.get("rotation") or {})
+    rotation["kotms"] = {"gate": False, **(rotation.get("kotms") or {})}
+    return {**data, "rotation": rotation}
+
+
+def _upgrade_v3(data: dict) -> dict:
+    """A version-3 configuration in the version-4 layout: its ternary weights were plain
+    (salient = 0, groups = 1, the defaults), so nothing changes."""
+    return data
+
+
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3}  # version → the next version's layout
+
+
+WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}
+
+
+def _section(data: dict, name: str, optional: bool = False) -> Mapping | None:
+    value = data.pop(name, None)
+    if value is None and optional:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"configuration {name}: expected a mapping, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Mapping, name: str):
+    """``cls(**values)`` after checking that every key is one of its fields."""
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"configuration {name}: unknown fields {', '.join(unknown)}")
+    return cls(**values)

@@ -1,0 +1,351 @@
+"""Output reconstruction of quantized decoder blocks (codes frozen).
+
+Block-wise (``recon``): once every linear of decoder block ℓ is quantized and its
+clipping ratios calibrated, the block's continuous parameters θ — the grid of every linear
+(α, μ per (row, block); uniform scales), the RMSNorm gains and the activation clipping
+ratios — are tuned so that the quantized block reproduces the full-precision block on the
+inputs it actually receives (the outputs of the quantized blocks before it):
+
+    min_θ Σ_i ‖F̂_ℓ(X_i; θ) − F_ℓ(X_i)‖²_F.
+
+End-to-end (``e2e``): once every block is quantized, the same parameters of all blocks at
+once are tuned so that the model's next-token distribution matches the full-precision
+model's on the calibration windows,
+
+    min_θ Σ_i Σ_{t ∈ P} KL(p_FP(· | x_i,≤t) ‖ p_θ(· | x_i,≤t)),   P = every ``stride``-th position.
+
+Both are solved by :func:`twla.solvers.reconstruct.reconstruct` (Adam, early stopping on
+held-out calibration windows). The stored format does not change: the tuned grid is
+rounded to the 16 bits it is stored in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from twla.models.adapters import Adapter
+from twla.models.capture import KeptLayers, layer_output, layers_replaced
+from twla.quantization.fake_quant import QuantLinear
+from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
+from twla.quantization.weights import QuantizedWeight
+from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
+
+Window = tuple[Tensor, dict]
+MIN_CLIP = 0.1  # the learned clipping ratio stays in [MIN_CLIP, 1]
+
+
+def _take(value, i: int, size: int):
+    """Window i of a batched keyword argument (tensors with a leading batch dimension)."""
+    if isinstance(value, Tensor) and size > 1 and value.ndim and value.shape[0] == size:
+        return value[i : i + 1]
+    if isinstance(value, tuple):
+        return tuple(_take(v, i, size) for v in value)
+    return value
+
+
+def split_windows(batches: list[Window]) -> list[Window]:
+    """One (hidden states of shape (1, T, d), keyword arguments) pair per calibration window."""
+    return [
+        (hidden[i : i + 1], {k: _take(v, i, hidden.shape[0]) for k, v in kwargs.items()})
+        for hidden, kwargs in batches
+        for i in range(hidden.shape[0])
+    ]
+
+
+@torch.no_grad()
+def block_targets(layer: nn.Module, windows: list[Window]) -> list[Tensor]:
+    """The full-precision block's output for every window (call before quantizing the block)."""
+    return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in windows]
+
+
+def kl_positions(seqlen: int, stride: int) -> Tensor:
+    """The positions whose next-token distributions the end-to-end objective compares."""
+    return torch.arange(0, seqlen, stride)
+
+
+@torch.no_grad()
+def teacher_log_probs(
+    model: nn.Module, calibration: Tensor, stride: int, device: torch.device, progress: bool = False
+) -> list[Tensor]:
+    """The full-precision model's next-token log-probabilities at :func:`kl_positions` of every
+    calibration window (float16, CPU; call before quantizing)."""
+    keep = kl_positions(calibration.shape[1], stride).to(device)
+    model.to(device)
+    try:
+        return [
+            torch.log_softmax(model(ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0].float(), -1)
+            .half()
+            .cpu()
+            for ids in tqdm(calibration, desc="teacher log-probs", disable=not progress)
+        ]
+    finally:
+        model.to("cpu")
+
+
+@dataclass
+class Tunables:
+    """The continuous parameters θ of some quantized blocks, addressed by module path under a
+    root module (a decoder block, or the whole model): grids and clipping ratios by linear path,
+    RMSNorm gains by parameter path; ``weights`` are the quantized weights the grids belong to,
+    by linear path. θ holds no module (a streamed block's modules come and go with their
+    weights)."""
+
+    grids: dict[str, dict[str, Scaled]]
+    norms: dict[str, Scaled]
+    clips: dict[str, Scaled]
+    weights: dict[str, QuantizedWeight]
+
+    @classmethod
+    def gather(
+        cls,
+        root: nn.Module,
+        blocks: dict[str, int],
+        adapter: Adapter,
+        weights: Mapping[str, QuantizedWeight],
+        config: ReconstructionConfig,
+    ) -> Tunables:
+        """θ of the blocks {path prefix under ``root`` (``""`` or ``"model.layers.3."``): index};
+        ``weights`` by full linear name."""
+        device = next(root.parameters()).device
+        grids, norms, clips, found = {}, {}, {}, {}
+        for prefix, index in blocks.items():
+            for path in adapter.linear_names():
+                module = root.get_submodule(prefix + path)
+                if config.grid:
+                    weight = found[prefix + path] = weights[f"{adapter.layers}.{index}.{path}"]
+                    units = weight.grid_magnitudes()  # e.g. μ moves in units of |α|
+                    grids[prefix + path] = {
+                        k: Scaled(v.to(device), units[k].to(device)) for k, v in weight.grid().items()
+                    }
+                if config.clips and isinstance(module, QuantLinear) and module.act.quantized:
+                    start = torch.tensor(float(module.act.clip), device=device)
+                    clips[prefix + path] = Scaled(start, start.clone())
+            for site in adapter.sites if config.norms else ():
+                if site.norm:
+                    gain = root.get_submodule(prefix + site.norm).weight.detach()
+                    scale = (gain + adapter.norm_offset).abs()  # the norm scales by offset + w
+                    norms[f"{prefix}{site.norm}.weight"] = Scaled(gain.clone(), scale)
+        return cls(grids, norms, clips, found)
+
+    def params(self) -> list[Scaled]:
+        grids = [s for grid in self.grids.values() for s in grid.values()]
+        return grids + [*self.norms.values(), *self.clips.values()]
+
+    def overrides(self, root: nn.Module) -> dict[str, Tensor]:
+        """The parameter values of θ for :func:`functional_call` on ``root`` (clipping ratios are set
+        on their modules directly)."""
+        values = {name: s.value() for name, s in self.norms.items()}
+        for path, grid in self.grids.items():
+            dtype = root.get_submodule(path).weight.dtype
+            values[f"{path}.weight"] = self.weights[path].with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
+        for path, s in self.clips.items():
+            module = root.get_submodule(path)
+            module.act = replace(module.act, clip=s.value())
+        return values
+
+    def project(self) -> None:
+        for s in self.clips.values():
+            s.delta.clamp_((MIN_CLIP - s.base) / s.scale, (1 - s.base) / s.scale)
+
+    @torch.no_grad()
+    def write_back(self, root: nn.Module) -> None:
+        """Store θ: grids into the quantized weights and the modules' dequantized weights, gains
+        into the norms, clipping ratios into the modules' per-bit-width ratios."""
+        for path, grid in self.grids.items():
+            weight = self.weights[path]
+            weight.set_grid(**{k: s.value() for k, s in grid.items()})
+            linear = root.get_submodule(path)
+            linear.weight.copy_(weight.dequantize(linear.weight.dtype).to(linear.weight.device))
+        for name, s in self.norms.items():
+            root.get_submodule(name.removesuffix(".weight")).weight.copy_(s.value())
+        for path, s in self.clips.items():
+            module = root.get_submodule(path)
+            module.act_clips[module.act.bits] = float(s.value())
+            module.set_act_bits(module.act.bits)
+
+
+def _solve(
+    root: nn.Module,
+    params: list[Scaled],
+    project: Callable[[], None],
+    error: Callable[[int], Tensor],
+    reference: Callable[[int], Tensor],
+    windows: int,
+    config: ReconstructionConfig,
+    stream: int,
+    progress: bool = False,
+) -> ReconstructionResult:
+    """Tune ``params`` on all windows but the last ``config.holdout`` (which judge the iterates),
+    with ``root``'s own parameters frozen; on return they hold their best values."""
+    holdout = min(config.holdout, windows - 1)
+    flags = {p: p.requires_grad for p in root.parameters()}
+    root.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            return reconstruct(
+                params,
+                error,
+                reference,
+                list(range(windows - holdout)),
+                list(range(windows - holdout, windows)),
+                config.steps,
+                config.lr,
+                config.batch,
+                config.eval_every,
+                config.patience,
+                torch.Generator().manual_seed(config.seed * 100_003 + stream),
+                project,
+                progress,
+            )
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def reconstruct_block(
+    layer: nn.Module,
+    index: int,
+    adapter: Adapter,
+    windows: list[Window],
+    targets: list[Tensor],
+    weights: dict[str, QuantizedWeight],
+    config: ReconstructionConfig,
+) -> ReconstructionResult:
+    """Tune block ``index``'s grids, norm gains and clipping ratios in place (module docstring);
+    ``weights`` (by full linear name) receive the tuned grids. The error of window i is
+    ‖F̂(X_i) − Y_i‖², relative to ‖Y_i − X_i‖²."""
+    tunables = Tunables.gather(layer, {"": index}, adapter, weights, config)
+
+    def error(i: int) -> Tensor:
+        hidden, kwargs = windows[i]
+        out = layer_output(functional_call(layer, tunables.overrides(layer), (hidden,), kwargs))
+        return ((out - targets[i]) ** 2).sum()
+
+    def reference(i: int) -> Tensor:
+        return ((targets[i] - windows[i][0]) ** 2).sum()
+
+    result = _solve(layer, tunables.params(), tunables.project, error, reference, len(windows), config, index)
+    tunables.write_back(layer)
+    return result
+
+
+Done = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
+
+
+def _layer_weights(weights: Mapping[str, QuantizedWeight], adapter: Adapter, index: int) -> dict[str, QuantizedWeight]:
+    """Layer ``index``'s quantized weights, by linear path within the layer."""
+    prefix = f"{adapter.layers}.{index}."
+    return {name.removeprefix(prefix): w for name, w in weights.items() if name.startswith(prefix)}
+
+
+def _kept_blocks(
+    adapter: Adapter, kept: KeptLayers, count: int, config: EndToEndConfig, device: torch.device
+) -> tuple[list[Tunables], Callable[[int, Tensor, dict], Tensor]]:
+    """θ of every kept block (gathered one block at a time), and a decoder layer stand-in that
+    reloads block i, runs it with its θ and drops it again. Under autograd the block is
+    checkpointed: the backward pass reloads it and recomputes its forward, so only one block's
+    weights are ever in memory."""
+    tunables = []
+    for index in range(count):
+        layer, weights = kept.reload(index)
+        tunables.append(Tunables.gather(layer.to(device), {"": index}, adapter, weights, config))
+        tunables[-1].weights = {}
+        kept.unload(index, layer)
+
+    def block(index: int, hidden: Tensor, kwargs: dict) -> Tensor:
+        t = tunables[index]
+
+        def run(h: Tensor) -> Tensor:
+            layer, weights = kept.reload(index)
+            t.weights = _layer_weights(weights, adapter, index)
+            try:
+                return layer_output(functional_call(layer.to(device), t.overrides(layer), (h,), kwargs))
+            finally:
+                t.weights = {}
+                kept.unload(index, layer)
+
+        if not torch.is_grad_enabled():
+            return run(hidden)
+        h = hidden if hidden.requires_grad else hidden.detach().requires_grad_()
+        return checkpoint(run, h, use_reentrant=True, preserve_rng_state=False)
+
+    return tunables, block
+
+
+def reconstruct_model(
+    model: nn.Module,
+    adapter: Adapter,
+    calibration: Tensor,
+    teacher: list[Tensor],
+    weights: dict[str, QuantizedWeight],
+    config: EndToEndConfig,
+    device: torch.device,
+    progress: bool = False,
+    done: Done | None = None,
+    kept: KeptLayers | None = None,
+) -> ReconstructionResult:
+    """Tune every block's grids, norm gains and clipping ratios at once against the full-precision
+    model's next-token distribution (module docstring); ``teacher`` from :func:`teacher_log_probs`.
+    The error of window i is Σ_t KL relative to its number of positions, so the reported errors are the mean
+    KL divergence per compared position, in nats. Each block, once its θ is written back, goes
+    to ``done(index, layer, its weights by full name)``.
+
+    kept: the decoder layers are not in ``model`` (they sit on the meta device) but in ``kept``,
+    and are reloaded one at a time for every forward and backward pass: the same result, with
+    one block's weights in memory; ``weights`` is then unused."""
+    keep = kl_positions(calibration.shape[1], config.stride).to(device)
+    count = len(adapter.decoder_layers(model))
+
+    def kl(forward: Callable[[Tensor, dict], Tensor]) -> Callable[[int], Tensor]:
+        def error(i: int) -> Tensor:
+            logits = forward(calibration[i : i + 1].to(device), {"use_cache": False, "logits_to_keep": keep})
+            log_p = teacher[i].to(device, torch.float32)
+            return (log_p.exp() * (log_p - torch.log_softmax(logits.logits[0].float(), -1))).sum()
+
+        return error
+
+    def positions(i: int) -> Tensor:
+        return torch.tensor(float(len(keep)))
+
+    def solve(params: list[Scaled], project: Callable[[], None], forward) -> ReconstructionResult:
+        model.to(device)
+        try:
+            return _solve(model, params, project, kl(forward), positions, calibration.shape[0], config, count, progress)
+        finally:
+            model.to("cpu")
+
+    if kept is None:
+        model.to(device)
+        tunables = Tunables.gather(model, {f"{adapter.layers}.{i}.": i for i in range(count)}, adapter, weights, config)
+        result = solve(
+            tunables.params(),
+            tunables.project,
+            lambda ids, kwargs: functional_call(model, tunables.overrides(model), (ids,), kwargs),
+        )
+        tunables.write_back(model)
+        for index, layer in enumerate(adapter.decoder_layers(model)):
+            if done is not None:
+                done(index, layer, {n: w for n, w in weights.items() if n.startswith(f"{adapter.layers}.{index}.")})
+        return result
+    blocks, standin = _kept_blocks(adapter, kept, count, config, device)
+    with layers_replaced(model, adapter, standin):
+        result = solve(
+            [p for t in blocks for p in t.params()],
+            lambda: [t.project() for t in blocks],
+            lambda ids, kwargs: model(ids, **kwargs),
+        )
+    for index, t in enumerate(blocks):
+        layer, found = kept.reload(index)
+        t.weights = _layer_weights(found, adapter, index)
+        t.write_back(layer.to(device))
+        t.weights = {}
+        if done is not None:
+            done(index, layer, found)
+    return result

@@ -124,7 +124,7 @@ def reconstruct(
             if stale >= patience:
                 break
     with torch.no_grad():
-        for d, b in zip(deltas, best):
+        for d, b in zip(deltas, best, strict=True):
             d.copy_(b)
     return ReconstructionResult(
         scores[0], best_score, step if steps else 0, best_step, losses, scores, time.perf_counter() - start

@@ -70,7 +70,7 @@ def test_allocation_is_applied_and_reported(calib_ids):
     model, report = quantize(tiny_llama(num_hidden_layers=3), mixed(budget=5.0), calib_ids, "cpu", progress=False)
     al = report.allocation
     assert al.allocation.mean_bits <= 5.0 + 1e-9 and al.allocation.status == "optimal"
-    for unit, b in zip(al.units, al.allocation.bits):
+    for unit, b in zip(al.units, al.allocation.bits, strict=True):
         for name in unit.linears:
             module = model.get_submodule(name)
             assert module.act.bits == b and module.act.clip == module.act_clips[b]

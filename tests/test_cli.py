@@ -254,7 +254,7 @@ def test_method_vocabulary_drives_parser_help_and_readme(capsys):
     printed = capsys.readouterr().out
     sections = {"weights": "weights", "rotation": "rotation", "activations": "activations", "allocation": "allocation"}
     for term in VOCABULARY:
-        for name, sets in zip(term.names, term.sets):
+        for name, sets in zip(term.names, term.sets, strict=True):
             label = name if term.group == "base" else f"+{name}"
             assert label in printed
             spec = name if term.group == "base" else f"e2m+{name}" + ("+a4" if name == "sym" else "")

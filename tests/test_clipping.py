@@ -22,7 +22,7 @@ def test_per_token_levels(bits):
     asym = fake_quantize(x, bits)
     sym = fake_quantize(x, bits, symmetric=True)
     q = 2 ** (bits - 1) - 1
-    for row_x, row_a, row_s in zip(x, asym, sym):
+    for row_x, row_a, row_s in zip(x, asym, sym, strict=True):
         assert row_a.unique().numel() <= 2**bits
         assert row_s.unique().numel() <= 2 * q + 1
         step = row_x.abs().max() / q

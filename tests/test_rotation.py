@@ -287,7 +287,7 @@ def test_learned_rotation_kept_only_where_it_lowers_the_combined_error(gate):
     for site in adapter.sites:
         sh = report.sites[site.name]
         fixed, learned = sh.errors["fixed"]["combined"], sh.errors["learned"]["combined"]
-        for i, (f, l, took) in enumerate(zip(fixed, learned, sh.learned)):
+        for i, (f, l, took) in enumerate(zip(fixed, learned, sh.learned, strict=True)):
             assert took == (l < f or not gate)
             R1, R2 = rotations[(i, site.name)]
             W = site_weight(adapter.decoder_layers(model)[i], adapter, site)
@@ -295,6 +295,6 @@ def test_learned_rotation_kept_only_where_it_lowers_the_combined_error(gate):
             again = site_errors(W, inputs[(i, site.name)][1::2], R1, R2, 4)["combined"]
             assert again == pytest.approx(l if took else f, rel=1e-9)
             if not took:
-                assert all(torch.equal(a, b) for a, b in zip((R1, R2), start[(i, site.name)]))
+                assert all(torch.equal(a, b) for a, b in zip((R1, R2), start[(i, site.name)], strict=True))
             kept += took
     print(f"gate={gate}: learned rotation kept in {kept} of {len(adapter.sites) * len(fixed)} (layer, site)")

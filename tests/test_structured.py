@@ -39,7 +39,7 @@ def test_fit_never_increases_its_error_and_beats_plain_ternary(k, groups):
     W = _block()
     salient = st.salient_columns(W, torch.ones(W.shape[1], dtype=torch.float64), k)
     fit, trace = st.fit(W, salient, groups, iters=8)
-    assert all(b <= a * (1 + 1e-12) for a, b in zip(trace, trace[1:]))
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(trace, trace[1:], strict=False))
     plain = float(((W - itf(W, 8)[0].dequantize()) ** 2).sum())
     assert trace[-1] < 0.95 * plain  # more levels fit better
     assert int(salient.sum()) == k and fit.alpha.shape[1] == groups + (k > 0)

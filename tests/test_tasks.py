@@ -90,7 +90,7 @@ def test_accuracy_counts_the_best_scored_choice(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     items = [Item("The cat sat on the", (" mat.", " moon and the stars.", " a"), answer) for answer in range(3)]
     scores = [s for s, _ in _score(model, tokenizer, "The cat sat on the", items[0].choices, None)]
-    per_char = [s / len(c) for s, c in zip(scores, items[0].choices)]
+    per_char = [s / len(c) for s, c in zip(scores, items[0].choices, strict=True)]
     result = evaluate_task(model, tokenizer, Task("t", "none", "acc_norm", tuple(items)))
     assert result.metrics["acc"] == pytest.approx(1 / 3) and result.metrics["acc_norm"] == pytest.approx(1 / 3)
     best = max(range(3), key=per_char.__getitem__)

@@ -51,7 +51,7 @@ def test_itf_lsq_never_increases_error(seed):
     )
     fit, trace = itf(W, iters=12, rule="lsq")
     start = weight_error(W, absmean(W).dequantize())
-    assert all(b <= a + 1e-9 for a, b in zip(trace, trace[1:]))
+    assert all(b <= a + 1e-9 for a, b in zip(trace, trace[1:], strict=False))
     assert weight_error(W, fit.dequantize()) <= trace[-1] + 1e-9
     assert weight_error(W, fit.dequantize()) < start
 

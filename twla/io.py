@@ -9,6 +9,7 @@ nothing else.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,30 @@ _SCRATCH = re.compile(r"^\.twla-(tmp|old)-([0-9a-f]{8})-(\d+)-")
 
 class OutputPathError(ValueError):
     """An output path whose writing could destroy data the toolkit did not write."""
+
+
+class DiskFullError(OSError):
+    """The disk filled while an output was written (nothing of it was left behind)."""
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (an OSError, or a library's error that wraps one, as safetensors' does) says that
+    the disk or the user's quota is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
+
+
+@contextmanager
+def _refuse_full_disk(path: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        if not _disk_full(err):
+            raise
+        raise DiskFullError(
+            f"the disk filled while {path} was written; nothing was written there (free some space or write elsewhere)",
+        ) from err
 
 
 def _scratch_prefix(kind: str) -> str:
@@ -152,7 +177,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_scratch_prefix("tmp"), suffix=os.path.splitext(path)[1], dir=_parent(path))
     os.close(fd)
     try:
-        write(tmp)
+        with _refuse_full_disk(path):
+            write(tmp)
         _publish(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -181,7 +207,8 @@ def atomic_directory(path: str) -> Iterator[str]:
     parent = _parent(path)
     tmp = tempfile.mkdtemp(prefix=_scratch_prefix("tmp"), dir=parent)
     try:
-        yield tmp
+        with _refuse_full_disk(path):
+            yield tmp
         _publish(tmp)
         if os.path.lexists(path):
             old = tempfile.mkdtemp(prefix=_scratch_prefix("old"), dir=parent)

@@ -123,9 +123,9 @@ def solve_scip(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solu
             if i % 256 == 0:
                 deadline.remaining("building its model")
             lo, hi = A.indptr[i], A.indptr[i + 1]
-            expr = solver.Sum([float(v) * z[j] for j, v in zip(A.indices[lo:hi], A.data[lo:hi])])
+            expr = solver.Sum([float(v) * z[j] for j, v in zip(A.indices[lo:hi], A.data[lo:hi], strict=True)])
             solver.Add(expr == float(b[i]) if equal else expr <= float(b[i]))
-    solver.Minimize(solver.Sum([float(ci) * zi for ci, zi in zip(f.c, z) if ci != 0]))
+    solver.Minimize(solver.Sum([float(ci) * zi for ci, zi in zip(f.c, z, strict=True) if ci != 0]))
     hint = greedy_start(costs, budget)
     if hint is not None:
         solver.SetHint(z, f.point(hint).tolist())

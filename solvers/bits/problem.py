@@ -210,7 +210,7 @@ def as_costs(costs: BitCosts | Mapping[str, Any]) -> BitCosts:
 
 def _rational(values: np.ndarray, what: str) -> list[Fraction]:
     fracs = [Fraction(float(v)).limit_denominator(10**6) for v in values.ravel()]
-    for v, f in zip(values.ravel(), fracs):
+    for v, f in zip(values.ravel(), fracs, strict=True):
         if float(f) != v:
             raise ValueError(
                 f"{what} must be rational with denominators ≤ 10⁶ for an integer formulation (got {v!r}); "

@@ -69,7 +69,7 @@ def plot_weight_histograms(name: str, original: torch.Tensor, quantized: dict[st
     fig = Figure(figsize=(3.2 * (1 + len(quantized)), 2.8))
     axes = fig.subplots(1, 1 + len(quantized), sharey=True)
     lim = float(original.abs().max())
-    for ax, (label, w) in zip(axes, [("full precision", original), *quantized.items()]):
+    for ax, (label, w) in zip(axes, [("full precision", original), *quantized.items()], strict=True):
         ax.hist(w.flatten().float().clamp(-lim, lim).numpy(), bins=121, range=(-lim, lim), log=True)
         ax.set_title(label, fontsize=9)
     fig.suptitle(f"weights of {name}", fontsize=10)
@@ -145,12 +145,12 @@ def plot_cost_predictions(rows: list[MethodRow], path: str) -> None:
         al = row.allocation
         pairs = [
             (e, m)
-            for est_row, meas_row in zip(al["estimate"], al["costs"]["unary"])
-            for e, m in zip(est_row, meas_row)
+            for est_row, meas_row in zip(al["estimate"], al["costs"]["unary"], strict=True)
+            for e, m in zip(est_row, meas_row, strict=True)
             if e > 0 and m > 0
         ]
         if pairs:
-            est, meas = zip(*pairs)
+            est, meas = zip(*pairs, strict=True)
             left.loglog(est, meas, ".", ms=3, alpha=0.6, color=f"C{i}", label=row.method)
             lo, hi = min(lo, *est, *meas), max(hi, *est, *meas)
         for key, marker in (("mixed", "o"), ("uniform", "s")):

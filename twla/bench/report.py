@@ -187,8 +187,8 @@ def ablation_pairs(rows: list[MethodRow]) -> list[tuple[MethodRow, MethodRow, st
     methods = [row for row in rows if row.method != "fp"]
     parts = [method_parts(row.method) for row in methods]
     pairs = []
-    for i, (a, (base_a, mods_a)) in enumerate(zip(methods, parts)):
-        for j, (b, (base_b, mods_b)) in enumerate(zip(methods, parts)):
+    for i, (a, (base_a, mods_a)) in enumerate(zip(methods, parts, strict=True)):
+        for j, (b, (base_b, mods_b)) in enumerate(zip(methods, parts, strict=True)):
             if base_a == base_b and mods_a < mods_b:
                 if not any(base == base_a and mods_a < mods < mods_b for base, mods in parts):
                     added = [m for m in b.method.split("+")[1:] if m not in mods_a]
@@ -285,7 +285,10 @@ def rotation_choice_table(rows: list[MethodRow]) -> str:
                 continue
             fixed, learned = errors["fixed"], errors["learned"]
             cells = [f"{_avg(fixed[k]):.4f} → {_avg(learned[k]):.4f}" for k in ("weight", "activation", "combined")]
-            kept = [b if keep else a for a, b, keep in zip(fixed["combined"], learned["combined"], sh["learned"])]
+            kept = [
+                b if keep else a
+                for a, b, keep in zip(fixed["combined"], learned["combined"], sh["learned"], strict=True)
+            ]
             count = f"{sum(sh['learned'])} of {len(sh['learned'])}"
             lines.append(f"| {row.method} | {site} | {count} | {' | '.join(cells)} | {_avg(kept):.4f} |")
     return "\n".join(lines)

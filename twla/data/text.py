@@ -197,6 +197,11 @@ def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int, bos:
             f"calibration text is too short: {ids.numel()} tokens, need more than seqlen={seqlen}; "
             "give a longer text or a shorter sequence length"
         )
+    if nsamples > ids.numel() // span:
+        raise ValueError(
+            f"calibration text holds {ids.numel()} tokens, {ids.numel() // span} windows of {seqlen}; "
+            f"{nsamples} windows would repeat it: ask for at most {ids.numel() // span}, or give more text"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - span, (nsamples,), generator=gen)
     return _prefixed(torch.stack([ids[s : s + span] for s in starts.tolist()]), bos)

@@ -39,7 +39,8 @@ class LayerInputs:
 
     def __iter__(self) -> Iterator[tuple[Tensor, dict]]:
         return (
-            (h if self.device is None else h.to(self.device), kw[self.index]) for h, kw in zip(self.hidden, self.kwargs)
+            (h if self.device is None else h.to(self.device), kw[self.index])
+            for h, kw in zip(self.hidden, self.kwargs, strict=True)
         )
 
     def __len__(self) -> int:
@@ -48,7 +49,9 @@ class LayerInputs:
     @torch.no_grad()
     def advance(self, layer: nn.Module) -> LayerInputs:
         """The outputs of ``layer`` (decoder layer ``index``): the inputs of the next layer."""
-        hidden = [layer_output(layer(h, **kw)).to(stored.device) for (h, kw), stored in zip(self, self.hidden)]
+        hidden = [
+            layer_output(layer(h, **kw)).to(stored.device) for (h, kw), stored in zip(self, self.hidden, strict=True)
+        ]
         return LayerInputs(hidden, self.kwargs, self.index + 1, self.device)
 
 

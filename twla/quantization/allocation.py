@@ -95,7 +95,7 @@ class CostProbe:
         captured = capture_layer_inputs(model, adapter, windows, windows.shape[0], device)
         self.inputs, (self.kwargs,) = list(captured.hidden), captured.kwargs  # one batch: kwargs per layer
         with torch.no_grad():
-            for layer, kwargs in zip(self.layers, self.kwargs):
+            for layer, kwargs in zip(self.layers, self.kwargs, strict=True):
                 self.inputs.append(layer_output(layer(self.inputs[-1], **kwargs)))
             self.ref_logp = self.log_probs(self.inputs[-1])
         self.ref_nll = float(F.nll_loss(self.ref_logp.flatten(0, 1), self.targets.flatten()))
@@ -119,7 +119,7 @@ class CostProbe:
     def score(self, start: int = 0) -> float:
         """M of the current assignment, running blocks ``start``..L−1 (earlier ones unchanged)."""
         hidden = self.inputs[start]
-        for layer, kwargs in zip(self.layers[start:], self.kwargs[start:]):
+        for layer, kwargs in zip(self.layers[start:], self.kwargs[start:], strict=True):
             hidden = layer_output(layer(hidden, **kwargs))
         logp = self.log_probs(hidden)
         self.passes += 1
@@ -186,7 +186,7 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
     try:
         with torch.enable_grad():
             hidden = probe.inputs[0].requires_grad_()
-            for layer, kwargs in zip(probe.layers, probe.kwargs):
+            for layer, kwargs in zip(probe.layers, probe.kwargs, strict=True):
                 hidden = layer_output(layer(hidden, **kwargs))
             loss = F.nll_loss(probe.log_probs(hidden).flatten(0, 1), probe.targets.flatten())
             torch.autograd.grad(loss, probe.inputs[0])
@@ -259,7 +259,7 @@ class AllocationReport:
 
 def _evaluate(probe: CostProbe, costs: BitCosts, units: list[Unit], bits: list[int]) -> tuple[float, float]:
     """(Σ s + Σ c, measured metric) of a per-unit assignment; leaves the assignment in place."""
-    for unit, b in zip(units, bits):
+    for unit, b in zip(units, bits, strict=True):
         probe.assign(unit.linears, b)
     return sum(costs.parts(option_index(costs, bits))), probe.score(0)
 
@@ -326,5 +326,5 @@ def allocate(
         passes=probe.passes,
         seconds=time.perf_counter() - start,
         reference_nll=probe.ref_nll,
-        bits={name: b for unit, b in zip(units, allocation.bits) for name in unit.linears},
+        bits={name: b for unit, b in zip(units, allocation.bits, strict=True) for name in unit.linears},
     )

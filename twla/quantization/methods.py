@@ -185,7 +185,7 @@ VOCABULARY: tuple[Term, ...] = (
 
 
 def _vocabulary(group: str) -> dict:
-    return {name: value for t in VOCABULARY if t.group == group for name, value in zip(t.names, t.sets)}
+    return {name: value for t in VOCABULARY if t.group == group for name, value in zip(t.names, t.sets, strict=True)}
 
 
 BASE_METHODS: dict[str, WeightConfig] = _vocabulary("base")
@@ -206,7 +206,7 @@ ALLOCATION_MODIFIERS = _vocabulary("allocation")
 RECONSTRUCTION_MODIFIERS = _vocabulary("reconstruction")
 
 
-MODIFIERS = {name: value for t in VOCABULARY if t.group != "base" for name, value in zip(t.names, t.sets)}
+MODIFIERS = {name: value for t in VOCABULARY if t.group != "base" for name, value in zip(t.names, t.sets, strict=True)}
 
 
 _CHOICES = {name: t.choice for t in VOCABULARY if t.choice for name in t.names}

@@ -75,16 +75,17 @@ from twla.solvers.kronecker import rotate_metric
 from twla.solvers.relocation import relocate
 
 
-def check_finite(weight: Tensor, index: int, path: str) -> None:
-    """Refuse the weight of linear ``path`` of decoder layer ``index`` if it holds NaN or inf."""
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"layer {index} {path}: weight contains NaN or inf values; refusing to quantize")
+def check_finite(tensor: Tensor, name: str) -> None:
+    """Refuse the model tensor ``name`` if it holds NaN or inf."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf values; refusing to quantize")
 
 
-def check_finite_weights(model: nn.Module, adapter: Adapter) -> None:
-    for i, layer in enumerate(adapter.decoder_layers(model)):
-        for path in adapter.linear_names():
-            check_finite(layer.get_submodule(path).weight, i, path)
+def check_finite_tensors(model: nn.Module) -> None:
+    """Refuse a model any of whose tensors (parameters and stored buffers) holds NaN or inf."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_meta:
+            check_finite(tensor, name)
 
 
 def _site_inputs(
@@ -289,7 +290,7 @@ def quantize(
     if config.rotation.residual != "none":
         check_residual_rotation(adapter)
     if stream is None:
-        check_finite_weights(model, adapter)
+        check_finite_tensors(model)
     if calibration.ndim != 2 or calibration.numel() == 0:
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:

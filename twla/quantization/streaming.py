@@ -55,8 +55,7 @@ SCRATCH = ".twla-layers"  # packed layers inside the staging directory, removed 
 
 def _check_tensors(model: PreTrainedModel, adapter: Adapter, tensors: CheckpointTensors) -> None:
     """Every tensor the model needs is in the checkpoint with its shape (a tied head may be
-    missing), and the site linears' weights are finite: checked before any work, one tensor at
-    a time."""
+    missing), and every one is finite: checked before any work, one tensor at a time."""
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in tensors and k not in tied)
@@ -70,9 +69,9 @@ def _check_tensors(model: PreTrainedModel, adapter: Adapter, tensors: Checkpoint
             raise ValueError(
                 f"{tensors.path!r}: {key} has shape {tensors.shape(key)}, the config gives {tuple(t.shape)}"
             )
-    for index in range(len(adapter.decoder_layers(model))):
-        for path in adapter.linear_names():
-            check_finite(tensors.get(f"{layer_prefix(adapter, index)}{path}.weight"), index, path)
+    for key in expected:
+        if key in tensors:
+            check_finite(tensors.get(key), key)
 
 
 def empty_model(source: ModelSource, tensors: CheckpointTensors, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -312,7 +312,7 @@ def quantize_weight(W: Tensor, S: Tensor, cfg: WeightConfig) -> tuple[QuantizedW
     def assembled(attr: str, dtype: torch.dtype = torch.int8) -> Tensor:
         """An (n, m) code tensor of the block payloads in the original column order."""
         out = torch.empty(W.shape, dtype=dtype)
-        for cols, f in zip(res.blocks, res.payloads):
+        for cols, f in zip(res.blocks, res.payloads, strict=True):
             out[:, cols.cpu()] = getattr(f, attr).cpu().to(dtype)
         return out
 

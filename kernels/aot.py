@@ -102,7 +102,7 @@ def global_loads(ptx: str) -> dict[str, int]:
     return {kind: len(re.findall(pattern, ptx)) for kind, pattern in _LOADS.items()}
 
 
-def compile_all(arch: int = 90, num_warps: int = 4, num_stages: int = 2) -> list[dict]:
+def compile_all(arch: int = 90, *, num_warps: int = 4, num_stages: int = 2) -> list[dict]:
     """Compile every variant for ``sm_<arch>``; a list of {name, shared_bytes, loads} (raises on
     failure)."""
     if os.environ.get("TRITON_INTERPRET") == "1":

@@ -62,6 +62,7 @@ def resolve(device: torch.device) -> str:
 def ternary_linear(
     x: Tensor,
     w: PackedTernary,
+    *,
     act: ActivationQuant = UNQUANTIZED,
     perm: Tensor | None = None,
     inverse_perm: Tensor | None = None,
@@ -91,6 +92,8 @@ def ternary_linear(
     if not act.quantized:
         y = ternary_matmul(x if perm is None else x[:, perm], w)
     else:
-        q = quantize_activations_triton(x, act.bits, float(act.clip), act.symmetric, w.group_size, perm)
-        y = ternary_matmul(q, w, wsum)
+        q = quantize_activations_triton(
+            x, act.bits, clip=float(act.clip), symmetric=act.symmetric, group_size=w.group_size, perm=perm
+        )
+        y = ternary_matmul(q, w, wsum=wsum)
     return (y if bias is None else y + bias).to(x.dtype)

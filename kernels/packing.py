@@ -96,7 +96,7 @@ def unpack_codes_strided(packed: Tensor, in_features: int) -> Tensor:
     return (c.reshape(packed.shape[1], -1)[:, :in_features].to(torch.int8) - 1).contiguous()
 
 
-def pack_ternary(codes: Tensor, alpha: Tensor, mu: Tensor, group_size: int) -> PackedTernary:
+def pack_ternary(codes: Tensor, alpha: Tensor, mu: Tensor, *, group_size: int) -> PackedTernary:
     """Pack codes (N, K) with per-(row, group) α, μ of shape (N, G) into the kernel layout."""
     N, K = codes.shape
     check_group_size(group_size)
@@ -116,11 +116,11 @@ def dequantize(w: PackedTernary) -> Tensor:
     return w.alpha.T[:, group] * t + w.mu.T[:, group]
 
 
-def random_packed(N: int, K: int, group_size: int = 128, device: str = "cpu", seed: int = 0) -> PackedTernary:
+def random_packed(N: int, K: int, *, group_size: int = 128, device: str = "cpu", seed: int = 0) -> PackedTernary:
     """Random ternary codes with α ∈ [0.1, 1.1) and μ ~ 0.1·N(0, 1) per (row, group), packed."""
     g = torch.Generator(device=device).manual_seed(seed)
     T = (torch.randint(0, 3, (N, K), generator=g, device=device) - 1).to(torch.int8)
     G = -(-K // group_size)
     alpha = (torch.rand(N, G, generator=g, device=device) + 0.1).half().float()
     mu = (torch.randn(N, G, generator=g, device=device) * 0.1).half().float()
-    return pack_ternary(T, alpha, mu, group_size)
+    return pack_ternary(T, alpha, mu, group_size=group_size)

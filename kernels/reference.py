@@ -64,6 +64,7 @@ def weight_sums(w: PackedTernary) -> Tensor:
 def quantize_activations(
     x: Tensor,
     bits: int,
+    *,
     clip: float = 1.0,
     symmetric: bool = False,
     group_size: int = 128,
@@ -77,9 +78,9 @@ def quantize_activations(
     if not 2 <= bits <= 8:
         raise ValueError(f"the integer activation path supports 2..8 bits, got {bits}")
     xf = x.float() if perm is None else x.float()[:, perm]
-    scale, zero = uniform_grid(xf, bits, clip, symmetric)
+    scale, zero = uniform_grid(xf, bits, clip=clip, symmetric=symmetric)
     shift = 0 if symmetric else 2 ** (bits - 1)
-    q = (quantize_codes(xf, scale, zero, bits, symmetric) - shift).to(torch.int8)
+    q = (quantize_codes(xf, scale, zero, bits=bits, symmetric=symmetric) - shift).to(torch.int8)
     zero = (zero - shift).squeeze(-1)
     return QuantizedActivations(q, scale.squeeze(-1), zero, group_sums(q, group_size), symmetric)
 

@@ -88,6 +88,7 @@ def _quantize_kernel(
 def quantize_activations_triton(
     x: Tensor,
     bits: int,
+    *,
     clip: float = 1.0,
     symmetric: bool = False,
     group_size: int = 128,

@@ -163,6 +163,7 @@ def _split_for(n_tiles: int, G: int, device: torch.device) -> int:
 def ternary_matmul(
     x: Tensor | QuantizedActivations,
     w: PackedTernary,
+    *,
     wsum: Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,

@@ -36,7 +36,7 @@ def _round(x: Tensor) -> Tensor:
     return _RoundSTE.apply(x) if x.requires_grad and torch.is_grad_enabled() else torch.round(x)
 
 
-def uniform_grid(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+def uniform_grid(x: Tensor, bits: int, *, clip: float = 1.0, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """Scale s and zero point z (integer-valued, 0 when symmetric) per slice of the last dimension."""
     if symmetric:
         if bits < 2:
@@ -51,7 +51,7 @@ def uniform_grid(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = Fals
     return scale, _round(-lo / scale)
 
 
-def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool) -> Tensor:
+def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, *, bits: int, symmetric: bool) -> Tensor:
     """Integer codes of x on the grid (s, z)."""
     if symmetric:
         q = 2 ** (bits - 1) - 1
@@ -59,7 +59,7 @@ def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric:
     return torch.clamp(_round(x / scale) + zero, 0, 2**bits - 1)
 
 
-def fake_quantize(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = False) -> Tensor:
+def fake_quantize(x: Tensor, bits: int, *, clip: float = 1.0, symmetric: bool = False) -> Tensor:
     """x̂: x quantized per slice of the last dimension (e.g. per token) and dequantized."""
     if bits >= 16:
         return x
@@ -68,8 +68,8 @@ def fake_quantize(x: Tensor, bits: int, clip: float = 1.0, symmetric: bool = Fal
     if not 0 < clip <= 1:
         raise ValueError(f"clipping ratio must be in (0, 1], got {clip}")
     xf = x.float()
-    scale, zero = uniform_grid(xf, bits, clip, symmetric)
-    return (scale * (quantize_codes(xf, scale, zero, bits, symmetric) - zero)).to(x.dtype)
+    scale, zero = uniform_grid(xf, bits, clip=clip, symmetric=symmetric)
+    return (scale * (quantize_codes(xf, scale, zero, bits=bits, symmetric=symmetric) - zero)).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class ActivationQuant:
         return self.bits < 16
 
     def __call__(self, x: Tensor) -> Tensor:
-        return fake_quantize(x, self.bits, self.clip, self.symmetric)
+        return fake_quantize(x, self.bits, clip=self.clip, symmetric=self.symmetric)
 
     def describe(self) -> str:
         """``act_bits=4, act_clip=0.90[, symmetric]`` for module reprs."""

@@ -81,6 +81,7 @@ def gptq(
     W: Tensor,
     S: Tensor,
     fit: BlockFit,
+    *,
     block_size: int = 128,
     compensate: bool = True,
     reorder: bool = False,

@@ -54,11 +54,11 @@ def trimodal_loss(Z: Tensor, balance: float = 0.1) -> Tensor:
     return nll + balance * ((resp - 1.0 / 3.0) ** 2).sum(dim=-1)
 
 
-def trimodality(Z: Tensor, block_size: int = 128, iters: int = 6) -> tuple[Tensor, Tensor]:
+def trimodality(Z: Tensor, *, block_size: int = 128, iters: int = 6) -> tuple[Tensor, Tensor]:
     """Tri-modality scores per matrix (…, n, m): the relative ternary fit error
     ‖Z − ATQ(Z)‖_F / ‖Z‖_F of per-(row, block) ITF, and the fraction of zero codes."""
     Z = Z.detach().to(torch.float64)
-    Q, codes = block_atq(Z, block_size, iters)
+    Q, codes = block_atq(Z, block_size=block_size, iters=iters)
     err = ((Z - Q) ** 2).sum(dim=(-2, -1))
     norm = (Z**2).sum(dim=(-2, -1)).clamp(min=1e-300)
     return (err / norm).sqrt().cpu(), (codes == 0).double().mean(dim=(-2, -1)).cpu()
@@ -76,6 +76,7 @@ def learn_kotms(
     W: Tensor,
     R1: Tensor,
     R2: Tensor,
+    *,
     solver: StiefelSolver = "riemannian-adam",
     steps: int = 100,
     lr: float = 1e-2,
@@ -101,7 +102,7 @@ def learn_kotms(
             loss = loss + activation_weight * activation_noise(XR, activation_bits)
         return loss
 
-    return optimize_factors(objective, R1, R2, solver, steps, lr)
+    return optimize_factors(objective, R1, R2, solver=solver, steps=steps, lr=lr)
 
 
 ERROR_KINDS = ("weight", "activation", "combined")
@@ -109,7 +110,7 @@ ERROR_KINDS = ("weight", "activation", "combined")
 
 @torch.no_grad()
 def site_errors(
-    W: Tensor, X: Tensor, R1: Tensor, R2: Tensor, bits: int = 16, symmetric: bool = False, block_size: int = 128
+    W: Tensor, X: Tensor, R1: Tensor, R2: Tensor, *, bits: int = 16, symmetric: bool = False, block_size: int = 128
 ) -> dict[str, float]:
     """Relative output errors of one site under the rotation R = R₁ ⊗ R₂ on inputs X, with
     Y = X Wᵀ, T̂ = ATQ(W R) per (row, block) and Q_b per-token b-bit min-max quantization:
@@ -125,7 +126,7 @@ def site_errors(
     Y = X @ W.T
     WR = kron_apply(W, R1.double(), R2.double())
     XR = kron_apply(X, R1.double(), R2.double())
-    T = block_atq(WR, block_size, iters=6)[0]
+    T = block_atq(WR, block_size=block_size, iters=6)[0]
     XQ = fake_quantize(XR, bits, symmetric=symmetric)
     norm = (Y**2).sum().clamp(min=1e-300)
     outputs = {"weight": XR @ T.T, "activation": XQ @ WR.T, "combined": XQ @ T.T}

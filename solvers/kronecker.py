@@ -74,7 +74,7 @@ def rotate_metric(S: Tensor, R1: Tensor, R2: Tensor) -> Tensor:
     return kron_apply(kron_apply(S, R1, R2).mT, R1, R2).mT
 
 
-def random_orthogonal(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor:
+def random_orthogonal(n: int, generator: torch.Generator, *, dtype: torch.dtype = torch.float64) -> Tensor:
     """A Haar-random orthogonal n×n matrix (QR of a Gaussian matrix with the sign fix)."""
     Q, Rr = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
     return (Q * torch.sign(torch.diagonal(Rr))).to(dtype).contiguous()
@@ -130,7 +130,7 @@ def hadamard(n: int) -> Tensor | None:
     return None
 
 
-def random_hadamard(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float64) -> Tensor | None:
+def random_hadamard(n: int, generator: torch.Generator, *, dtype: torch.dtype = torch.float64) -> Tensor | None:
     """diag(s) H / √n with random signs s (QuaRot's randomized Hadamard), or None."""
     H = hadamard(n)
     if H is None:

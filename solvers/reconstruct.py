@@ -59,6 +59,7 @@ def reconstruct(
     params: list[Scaled],
     error: Callable[[int], Tensor],
     reference: Callable[[int], Tensor],
+    *,
     train: list[int],
     holdout: list[int],
     steps: int,

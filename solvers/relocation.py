@@ -22,7 +22,7 @@ from twla.solvers.ternary import block_atq
 
 
 def relocation_loss(
-    weights: list[Tensor], S: Tensor, R1: Tensor, R2: Tensor, block_size: int = 128, iters: int = 3
+    weights: list[Tensor], S: Tensor, R1: Tensor, R2: Tensor, *, block_size: int = 128, iters: int = 3
 ) -> Tensor:
     """Relative output error of the ternarized, rotated site (the objective above)."""
     S_R = rotate_metric(S, R1, R2)
@@ -30,7 +30,7 @@ def relocation_loss(
     energy = S.new_zeros(())
     for W in weights:
         Z = kron_apply(W, R1, R2)
-        D = Z - block_atq(Z, block_size, iters)[0]
+        D = Z - block_atq(Z, block_size=block_size, iters=iters)[0]
         err = err + ((D @ S_R) * D).sum()
         energy = energy + ((W @ S) * W).sum()
     return err / energy.clamp(min=1e-30)
@@ -41,6 +41,7 @@ def relocate(
     S: Tensor,
     R1: Tensor,
     R2: Tensor,
+    *,
     solver: StiefelSolver = "riemannian-adam",
     steps: int = 25,
     lr: float = 5e-3,
@@ -55,6 +56,6 @@ def relocate(
     Sf = S.detach().to(torch.float32)
 
     def objective(Q1: Tensor, Q2: Tensor) -> Tensor:
-        return relocation_loss(Ws, Sf, Q1, Q2, block_size)
+        return relocation_loss(Ws, Sf, Q1, Q2, block_size=block_size)
 
-    return optimize_factors(objective, R1.to(S.device), R2.to(S.device), solver, steps, lr)
+    return optimize_factors(objective, R1.to(S.device), R2.to(S.device), solver=solver, steps=steps, lr=lr)

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-import geoopt
 import torch
 from torch import Tensor
 
@@ -63,6 +62,7 @@ def optimize_factors(
     objective: Objective,
     R1: Tensor,
     R2: Tensor,
+    *,
     solver: StiefelSolver = "riemannian-adam",
     steps: int = 100,
     lr: float = 1e-2,
@@ -75,6 +75,8 @@ def optimize_factors(
         raise ValueError("steps must be ≥ 0 and lr > 0")
     start1, start2 = R1.detach().to(dtype), R2.detach().to(dtype)
     if solver in ("riemannian-adam", "riemannian-sgd"):
+        import geoopt  # imported when used: configurations name these solvers without loading them
+
         P1 = geoopt.ManifoldParameter(start1.clone(), manifold=geoopt.Stiefel())
         P2 = geoopt.ManifoldParameter(start2.clone(), manifold=geoopt.Stiefel())
         params = [P1, P2]

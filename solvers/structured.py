@@ -80,20 +80,20 @@ def n_classes(groups: int, salient: Tensor) -> int:
     return groups + int(bool(salient.any()))
 
 
-def features(classes: Tensor, codes: Tensor, residual: Tensor, n_class: int) -> Tensor:
+def features(classes: Tensor, codes: Tensor, residual: Tensor, *, n_class: int) -> Tensor:
     """Φ (n, 2C+1, B): the coefficient slots each element reads (t for α_c, 1 for μ_c, u for β)."""
     onehot = torch.nn.functional.one_hot(classes.long(), n_class).to(torch.float64).permute(0, 2, 1)
     t = codes.to(torch.float64)[:, None, :]
     return torch.cat([onehot * t, onehot, residual.to(torch.float64)[:, None, :]], dim=1)
 
 
-def coefficients(W: Tensor, fit: StructuredFit, M: Tensor | None = None) -> StructuredFit:
+def coefficients(W: Tensor, fit: StructuredFit, *, M: Tensor | None = None) -> StructuredFit:
     """Exact coefficients for fixed assignments: per row, min_θ (w − Φᵀθ) M (w − Φᵀθ)ᵀ, the
     normal equations (Φ M Φᵀ) θ = Φ M wᵀ solved by pseudo-inverse (a class without elements,
     or with constant codes, gets the minimum-norm solution). M defaults to the identity."""
     W = W.to(torch.float64)
     C = fit.alpha.shape[1]
-    Phi = features(fit.classes, fit.codes, fit.residual, C)
+    Phi = features(fit.classes, fit.codes, fit.residual, n_class=C)
     PM = Phi if M is None else Phi @ M.to(torch.float64)
     gram = PM @ Phi.transpose(1, 2)
     rhs = (PM @ W[:, :, None]).squeeze(-1)
@@ -130,12 +130,12 @@ def assign(W: Tensor, fit: StructuredFit, salient: Tensor, groups: int) -> Struc
     return StructuredFit(cls, t, u, fit.alpha, fit.mu, fit.beta)
 
 
-def initial_fit(W: Tensor, salient: Tensor, groups: int, iters: int, rule: ItfRule = "lsq") -> StructuredFit:
+def initial_fit(W: Tensor, salient: Tensor, groups: int, *, iters: int, rule: ItfRule = "lsq") -> StructuredFit:
     """A starting assignment: the ITF codes t of each row (``rule`` as in :func:`itf`); with two groups, the top
     quarter of |w − μ| per row in the large group; the second plane u of salient columns by
     TWN thresholding of the ITF residual. Coefficients by exact least squares."""
     W = W.to(torch.float64)
-    base, _ = itf(W, iters, rule)
+    base, _ = itf(W, iters=iters, rule=rule)
     classes = torch.zeros(W.shape, dtype=torch.int8, device=W.device)
     if groups == 2:
         dev = (W - base.mu[:, None]).abs()
@@ -153,7 +153,7 @@ def initial_fit(W: Tensor, salient: Tensor, groups: int, iters: int, rule: ItfRu
 
 
 def fit(
-    W: Tensor, salient: Tensor, groups: int = 1, iters: int = 10, rule: ItfRule = "lsq"
+    W: Tensor, salient: Tensor, *, groups: int = 1, iters: int = 10, rule: ItfRule = "lsq"
 ) -> tuple[StructuredFit, list[float]]:
     """Euclidean structured fit min ‖W − Ŵ‖²_F: :func:`initial_fit`, then ``iters`` rounds of
     nearest-level assignment and exact coefficients. Returns the fit and the error after each
@@ -161,7 +161,7 @@ def fit(
     if groups not in (1, 2):
         raise ValueError(f"structured ternary supports 1 or 2 magnitude groups, got {groups}")
     W = W.to(torch.float64)
-    current = initial_fit(W, salient, groups, iters, rule)
+    current = initial_fit(W, salient, groups, iters=iters, rule=rule)
     trace = []
     for _ in range(iters):
         current = coefficients(W, assign(W, current, salient, groups))

@@ -90,7 +90,7 @@ def codes_given_grid(W: Tensor, alpha: Tensor, mu: Tensor) -> Tensor:
     return (T * ok[:, None]).to(torch.int8)
 
 
-def itf(W: Tensor, iters: int = 10, rule: ItfRule = "lsq") -> tuple[TernaryFit, list[float]]:
+def itf(W: Tensor, *, iters: int = 10, rule: ItfRule = "lsq") -> tuple[TernaryFit, list[float]]:
     """Iterative Ternary Fitting: min_{T,α,μ} ‖W − diag(α)T − μ1ᵀ‖²_F by alternation.
 
     Initialization: μ = row mean, then TWN on W − μ.
@@ -123,7 +123,7 @@ def itf(W: Tensor, iters: int = 10, rule: ItfRule = "lsq") -> tuple[TernaryFit, 
     return TernaryFit(T, alpha, mu), trace
 
 
-def block_atq(Z: Tensor, block_size: int = 128, iters: int = 10) -> tuple[Tensor, Tensor]:
+def block_atq(Z: Tensor, *, block_size: int = 128, iters: int = 10) -> tuple[Tensor, Tensor]:
     """ATQ of every (row, block of ``block_size`` columns) of Z (…, n, m): codes from ITF with
     PT²-LLM's rule (no gradient), then the exact grid :func:`grid_given_codes`, which is
     differentiable in Z. Returns the dequantized Q(Z) and the codes, both shaped like Z."""
@@ -131,7 +131,7 @@ def block_atq(Z: Tensor, block_size: int = 128, iters: int = 10) -> tuple[Tensor
     for start in range(0, Z.shape[-1], block_size):
         block = Z[..., start : start + block_size]
         rows = block.reshape(-1, block.shape[-1])
-        T = itf(rows.detach(), iters, "lsq")[0].codes
+        T = itf(rows.detach(), iters=iters, rule="lsq")[0].codes
         alpha, mu = grid_given_codes(rows, T)
         values.append((alpha[:, None] * T.to(rows.dtype) + mu[:, None]).reshape(block.shape))
         codes.append(T.reshape(block.shape))

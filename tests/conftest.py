@@ -7,7 +7,7 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through t
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import LlamaForCausalLM
 
-from tests.helpers import tiny_llama
+from tests.helpers import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture
@@ -29,13 +29,19 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(smollm2, tmp_path_factory) -> str:
-    """A tiny random Llama with the real tokenizer, saved as a local checkpoint."""
+def small_tokenizer():
+    """A real BPE tokenizer of 1024 tokens, trained here (the fast tests load no real model)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(small_tokenizer, tmp_path_factory) -> str:
+    """A tiny random Llama with a real tokenizer, saved as a local checkpoint."""
     from twla.models.loading import save_checkpoint
 
-    _, tokenizer = smollm2
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, str(path))
+    model = tiny_llama(vocab_size=len(small_tokenizer), max_position_embeddings=256)
+    save_checkpoint(model, small_tokenizer, str(path))
     return str(path)
 
 

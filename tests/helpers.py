@@ -77,3 +77,25 @@ def first_blocks(model, count: int = 4) -> Iterator[None]:
         model.config.num_hidden_layers = len(blocks)
         if types:
             model.config.layer_types = types
+
+
+def tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained here on the start of a built-in novel (no download, no
+    real model): ``<|endoftext|>`` ends (and pads) every text, and no BOS is added, as in SmolLM2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from twla.data.text import load_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = load_text("emma").text[:200_000]
+    bpe.train_from_iterator([text[i : i + 1000] for i in range(0, len(text), 1000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -44,7 +44,7 @@ def by_layer(bits: dict[int, int]):
 
 def test_measured_costs_match_full_forward_passes(calib_ids):
     model = tiny_llama(num_hidden_layers=3)
-    model, report = quantize(model, mixed(), calib_ids, "cpu", progress=False)
+    model, report = quantize(model, mixed(), calib_ids, device="cpu", progress=False)
     al = report.allocation
     costs = al.costs
     assert costs.unary.shape == (3, 4) and costs.pairwise.shape == (2, 4, 4)
@@ -67,7 +67,9 @@ def test_measured_costs_match_full_forward_passes(calib_ids):
 
 
 def test_allocation_is_applied_and_reported(calib_ids):
-    model, report = quantize(tiny_llama(num_hidden_layers=3), mixed(budget=5.0), calib_ids, "cpu", progress=False)
+    model, report = quantize(
+        tiny_llama(num_hidden_layers=3), mixed(budget=5.0), calib_ids, device="cpu", progress=False
+    )
     al = report.allocation
     assert al.allocation.mean_bits <= 5.0 + 1e-9 and al.allocation.status == "optimal"
     for unit, b in zip(al.units, al.allocation.bits, strict=True):
@@ -102,14 +104,14 @@ def test_site_granularity_units_and_weights(calib_ids):
     assert [u.weight for u in units[:4]] == [64, 64, 64, 160]
     blocks = allocation_units(model, get_adapter(model), "block")
     assert len(blocks) == 2 and blocks[0].weight == 64 * 3 + 160 and len(blocks[0].linears) == 7
-    model, report = quantize(model, mixed("e2m+had+amp-site", metric="loss"), calib_ids, "cpu", progress=False)
+    model, report = quantize(model, mixed("e2m+had+amp-site", metric="loss"), calib_ids, device="cpu", progress=False)
     al = report.allocation
     assert al.costs.unary.shape == (8, 4) and al.allocation.mean_bits <= 4 + 1e-9
     assert al.uniform["bits"] == 4 and math.isfinite(al.uniform["measured"])
 
 
 def test_fisher_estimate_tracks_measured_costs(calib_ids):
-    _, report = quantize(tiny_llama(num_hidden_layers=3), mixed(), calib_ids, "cpu", progress=False)
+    _, report = quantize(tiny_llama(num_hidden_layers=3), mixed(), calib_ids, device="cpu", progress=False)
     al = report.allocation
     est = al.estimate
     assert est.shape == (3, 4) and np.all(est[:, 3] == 0) and np.all(est[:, :3] > 0)
@@ -118,7 +120,7 @@ def test_fisher_estimate_tracks_measured_costs(calib_ids):
 
 
 def test_fixed_seed_gives_the_same_allocation(calib_ids):
-    runs = [quantize(tiny_llama(), mixed(), calib_ids, "cpu", progress=False)[1].allocation for _ in range(2)]
+    runs = [quantize(tiny_llama(), mixed(), calib_ids, device="cpu", progress=False)[1].allocation for _ in range(2)]
     assert runs[0].allocation.bits == runs[1].allocation.bits
     assert np.array_equal(runs[0].costs.unary, runs[1].costs.unary)
 
@@ -135,14 +137,21 @@ def test_allocation_bad_inputs(calib_ids):
     with pytest.raises(ValueError, match=r"several choices of allocation granularity \(amp, amp-site\)"):
         QuantConfig.from_method("e2m+amp+amp-site")
     with pytest.raises(ValueError, match="too short"):
-        quantize(tiny_llama(), mixed(), calib_ids[:, :2], "cpu", progress=False)
-    model, _ = quantize(tiny_llama(), QuantConfig.from_method("e2m+a4"), calib_ids, "cpu", progress=False)
+        quantize(tiny_llama(), mixed(), calib_ids[:, :2], device="cpu", progress=False)
+    model, _ = quantize(tiny_llama(), QuantConfig.from_method("e2m+a4"), calib_ids, device="cpu", progress=False)
     with pytest.raises(ValueError, match="no calibrated clipping ratio"):
-        allocate(model, get_adapter(model), calib_ids, AllocationConfig(**FAST), torch.device("cpu"), False)
+        allocate(
+            model,
+            get_adapter(model),
+            calib_ids,
+            cfg=AllocationConfig(**FAST),
+            device=torch.device("cpu"),
+            progress=False,
+        )
 
 
 def test_loss_metric_reference_is_the_reference_loss(calib_ids):
-    model, report = quantize(tiny_llama(), mixed(metric="loss"), calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), mixed(metric="loss"), calib_ids, device="cpu", progress=False)
     set_bits(model, lambda name: 8)
     pos = torch.arange(1, 31, 2)
     windows = calib_ids[:4, :32]

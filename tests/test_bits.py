@@ -22,10 +22,10 @@ def test_exact_solvers_agree_with_brute_force_on_small_instances():
     for trial in range(25):
         costs = random_costs(rng, int(rng.integers(1, 8)), K=int(rng.integers(2, 5)))
         budget = float(rng.uniform(costs.bits.min(), costs.bits.max()))
-        oracle = solve_bits(costs, budget, "brute-force")
+        oracle = solve_bits(costs, budget, solver="brute-force")
         assert oracle.mean_bits <= budget + 1e-9
         for name in SOLVERS:
-            got = solve_bits(costs, budget, name)
+            got = solve_bits(costs, budget, solver=name)
             assert got.mean_bits <= budget + 1e-9, (trial, name)
             assert got.objective == pytest.approx(costs.objective(np.searchsorted(costs.bits, got.bits)))
             if name in EXACT_SOLVERS:
@@ -41,14 +41,14 @@ def test_dp_and_cpsat_agree_on_large_instances_and_heuristics_do_not_beat_them()
     rng = np.random.default_rng(1)
     for L in (60, 200):
         costs = random_costs(rng, L)
-        dp = solve_bits(costs, 4.0, "dp")
-        cp = solve_bits(costs, 4.0, "cp-sat")
+        dp = solve_bits(costs, 4.0, solver="dp")
+        cp = solve_bits(costs, 4.0, solver="cp-sat")
         assert cp.status == "optimal"
         assert cp.objective == pytest.approx(dp.objective, rel=1e-9)
         assert cp.bound <= dp.objective + 1e-9 and cp.gap < 1e-6
         for name in ("greedy", "cvxpy-lp"):
-            assert solve_bits(costs, 4.0, name).objective >= dp.objective - 1e-9
-        lp = solve_bits(costs, 4.0, "cvxpy-lp")
+            assert solve_bits(costs, 4.0, solver=name).objective >= dp.objective - 1e-9
+        lp = solve_bits(costs, 4.0, solver="cvxpy-lp")
         assert lp.bound <= dp.objective + 1e-7
 
 
@@ -68,7 +68,7 @@ def test_budget_weights_count_per_unit():
     costs = {"bits": [2, 8], "unary": unary, "pairwise": [[[0, 0], [0, 0]]], "weights": [1, 3]}
     # mean of (2, 8) weighted (1, 3) is 6.5 > 5; (8, 2) gives 3.5: only unit 1 can be lowered
     assert solve_bits(costs, 5.0).bits == [8, 2]
-    alloc = solve_bits(costs, 5.0, "cp-sat")
+    alloc = solve_bits(costs, 5.0, solver="cp-sat")
     assert alloc.bits == [8, 2] and alloc.mean_bits == pytest.approx(3.5)
 
 
@@ -76,7 +76,7 @@ def test_infeasible_budget_names_the_smallest_feasible_one():
     costs = random_costs(np.random.default_rng(2), 5)
     for solver in ("dp", "cp-sat", "greedy"):
         with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget is 2") as info:
-            solve_bits(costs, 1.5, solver)
+            solve_bits(costs, 1.5, solver=solver)
         assert info.value.min_budget == 2
     assert solve_bits(costs, 2.0).bits == [2] * 5
 
@@ -103,13 +103,13 @@ def test_malformed_costs_raise_clear_errors(change, message):
 def test_bad_solver_budget_and_type():
     costs = random_costs(np.random.default_rng(3), 3)
     with pytest.raises(ValueError, match="unknown solver"):
-        solve_bits(costs, 4.0, "simplex")
+        solve_bits(costs, 4.0, solver="simplex")
     with pytest.raises(ValueError, match="finite"):
         solve_bits(costs, float("nan"))
     with pytest.raises(TypeError, match="mapping"):
         solve_bits([1, 2], 4.0)
     with pytest.raises(ValueError, match="brute force would enumerate"):
-        solve_bits(random_costs(np.random.default_rng(3), 30), 4.0, "brute-force")
+        solve_bits(random_costs(np.random.default_rng(3), 30), 4.0, solver="brute-force")
 
 
 def test_extra_resources_in_ip_solvers_and_clear_refusal_elsewhere():
@@ -120,29 +120,29 @@ def test_extra_resources_in_ip_solvers_and_clear_refusal_elsewhere():
         lo, hi = latency.coeffs.min(1).sum(), latency.coeffs.max(1).sum()
         latency = Resource(latency.coeffs, float(lo + 0.4 * (hi - lo)), "latency")
         costs = BitCosts(base.bits, base.unary, base.pairwise, base.weights, base.beta, (latency,))
-        oracle = solve_bits(costs, 6.0, "brute-force")
+        oracle = solve_bits(costs, 6.0, solver="brute-force")
         for name in ("cp-sat", "scip", "milp", "cvxpy"):
             if name == "cp-sat":  # integer resources for CP-SAT
                 ints = Resource(np.round(latency.coeffs * 100), round(latency.limit * 100), "latency")
                 costs_i = BitCosts(base.bits, base.unary, base.pairwise, base.weights, base.beta, (ints,))
-                got, want = solve_bits(costs_i, 6.0, name), solve_bits(costs_i, 6.0, "brute-force")
+                got, want = solve_bits(costs_i, 6.0, solver=name), solve_bits(costs_i, 6.0, solver="brute-force")
             else:
-                got, want = solve_bits(costs, 6.0, name), oracle
+                got, want = solve_bits(costs, 6.0, solver=name), oracle
             assert got.objective == pytest.approx(want.objective, rel=1e-7, abs=1e-9), (trial, name)
     for name, message in (("dp", "chain DP supports only"), ("greedy", "greedy solvers"), ("cvxpy-lp", "greedy")):
         with pytest.raises(ValueError, match=message):
-            solve_bits(costs, 6.0, name)
+            solve_bits(costs, 6.0, solver=name)
     tight = BitCosts(base.bits, base.unary, base.pairwise, base.weights, base.beta, (Resource(latency.coeffs, lo / 2),))
     with pytest.raises(InfeasibleBudgetError, match="latency|resource"):
-        solve_bits(tight, 6.0, "milp")
+        solve_bits(tight, 6.0, solver="milp")
 
 
 def test_cpsat_refuses_irrational_resource_weights_with_advice():
     costs = random_costs(np.random.default_rng(5), 4, integer_weights=False)
     costs = BitCosts(costs.bits, costs.unary, costs.pairwise, np.array([1.0, np.pi, 1.0, 1.0]), costs.beta)
     with pytest.raises(ValueError, match="rational"):
-        solve_bits(costs, 4.0, "cp-sat")
-    assert solve_bits(costs, 4.0, "milp").status == "optimal"
+        solve_bits(costs, 4.0, solver="cp-sat")
+    assert solve_bits(costs, 4.0, solver="milp").status == "optimal"
 
 
 def test_single_unit_and_allocation_report():

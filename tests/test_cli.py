@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from twla.bench.report import MethodRow, markdown_report
+from twla.bench.report import markdown_report
+from twla.bench.rows import MethodRow
 from twla.cli import main
 from twla.deploy.format import read_config
 from twla.deploy.load import load_packed
@@ -139,7 +140,7 @@ def test_generate_and_zero_shot_eval_commands(tiny_checkpoint, tmp_path, capsys)
     # built-in tasks print the same accuracy that scoring the loaded model gives
     assert main(["eval", out, "--eval-tokens", "256", "--eval-seqlen", "64", "--tasks", "nextsent", "--quiet"]) == 0
     model, tokenizer, _ = load_packed(out)
-    expected = evaluate_tasks(model, tokenizer, build_tasks(["nextsent"]), None, torch.device("cpu"))[0]
+    expected = evaluate_tasks(model, tokenizer, build_tasks(["nextsent"]), bos=None, device=torch.device("cpu"))[0]
     assert f"pt2+gptq+ssr: {expected.describe()}" in capsys.readouterr().out
     # lm-evaluation-harness tasks: a task over local files runs; one whose data is not cached is refused
     pytest.importorskip("lm_eval")
@@ -244,11 +245,11 @@ def test_bench_over_seeds_reports_mean_spread_and_reconstruction(tiny_checkpoint
     assert main(["bench", *common, "--seed", "1", "--seeds", "0,1", "--out", str(tmp_path / "x")]) == 2
 
 
-def test_method_vocabulary_drives_parser_help_and_readme(capsys):
+def test_method_vocabulary_drives_parser_help_and_docs(capsys):
     """One table: every term parses into what it says it sets, `twla bench --help` lists it,
-    alternatives are refused together, and the README's method table is the table's own."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    assert method_table() in readme
+    alternatives are refused together, and the docs' method table is the table's own."""
+    docs = (Path(__file__).parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert method_table() in docs
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     printed = capsys.readouterr().out

@@ -52,14 +52,14 @@ def test_bad_activation_settings():
     with pytest.raises(ValueError, match="clip_grid"):
         ActivationConfig(bits=4, clip_grid=(1.2,))
     with pytest.raises(ValueError, match="non-empty"):
-        calibrate_clip(torch.zeros(0, 8), torch.ones(2, 8), torch.ones(2, 8), 4, False, (1.0,))
+        calibrate_clip(torch.zeros(0, 8), torch.ones(2, 8), torch.ones(2, 8), bits=4, symmetric=False, grid=(1.0,))
 
 
 def test_clip_calibration_picks_the_grid_minimum():
     X = _heavy_tailed(512, 64, seed=1)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
     grid = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
-    choice = calibrate_clip(X, W, W, 3, False, grid)
+    choice = calibrate_clip(X, W, W, bits=3, symmetric=False, grid=grid)
     # oracle: the error at each ratio in float64, from the quantizer's definition
     direct = {}
     for p in grid:
@@ -74,7 +74,9 @@ def test_clip_calibration_picks_the_grid_minimum():
 
 
 def test_w158a4_pipeline_quantizes_every_linear_input(calib_ids):
-    model, report = quantize(tiny_llama(), QuantConfig.from_method("e2m+gptq+had+a4"), calib_ids, "cpu", progress=False)
+    model, report = quantize(
+        tiny_llama(), QuantConfig.from_method("e2m+gptq+had+a4"), calib_ids, device="cpu", progress=False
+    )
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(modules) == 14 and all(m.act.bits == 4 and m.rotated for m in modules)
     grid = ActivationConfig().clip_grid
@@ -84,21 +86,23 @@ def test_w158a4_pipeline_quantizes_every_linear_input(calib_ids):
     model(calib_ids[:1])
     hook.remove()
     assert max(tok.unique().numel() for tok in seen[0].reshape(-1, 64)) <= 16
-    a16, _ = quantize(tiny_llama(), QuantConfig.from_method("e2m+gptq+had"), calib_ids, "cpu", progress=False)
+    a16, _ = quantize(tiny_llama(), QuantConfig.from_method("e2m+gptq+had"), calib_ids, device="cpu", progress=False)
     assert not torch.allclose(a16(calib_ids).logits, model(calib_ids).logits)
 
 
 def test_per_layer_bits_override(calib_ids):
     name = "model.layers.1.mlp.down_proj"
     cfg = replace(QuantConfig.from_method("e2m+gptq"), activations=ActivationConfig(bits=8, layer_bits={name: 2}))
-    model, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), cfg, calib_ids, device="cpu", progress=False)
     bits = {r.name: r.act_bits for r in report.records}
     assert bits[name] == 2 and all(b == 8 for n, b in bits.items() if n != name)
     assert model.get_submodule(name).act.bits == 2
 
 
 def test_rtn_reference_is_uniform_4_bit(calib_ids):
-    model, report = quantize(tiny_llama(), QuantConfig.from_method("rtn4+had+a4"), calib_ids, "cpu", progress=False)
+    model, report = quantize(
+        tiny_llama(), QuantConfig.from_method("rtn4+had+a4"), calib_ids, device="cpu", progress=False
+    )
     w = report.weights["model.layers.0.self_attn.q_proj"]
     assert w.bits == 4 and int(w.codes.max()) <= 15
     W = model.get_submodule("model.layers.0.self_attn.q_proj").weight
@@ -109,8 +113,8 @@ def test_rtn_reference_is_uniform_4_bit(calib_ids):
 def test_unclipped_reference_is_always_measured(calib_ids):
     X = _heavy_tailed(64, 16, seed=3)
     W = torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
-    choice = calibrate_clip(X, W, W, 4, False, (0.9, 0.8))
+    choice = calibrate_clip(X, W, W, bits=4, symmetric=False, grid=(0.9, 0.8))
     assert set(choice.errors) == {1.0, 0.9, 0.8}
     cfg = replace(QuantConfig.from_method("e2m+a4"), activations=ActivationConfig(bits=4, clip_grid=(0.9, 0.8)))
-    _, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
+    _, report = quantize(tiny_llama(), cfg, calib_ids, device="cpu", progress=False)
     assert all(r.act_clip in (1.0, 0.9, 0.8) and "clip=1" in r.act_error for r in report.records)

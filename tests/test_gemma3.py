@@ -19,7 +19,7 @@ def test_layer_inputs_carry_each_layers_own_mask_and_rotary_table(calib_ids):
     sliding-window and global layers each got their masks and rotary tables (a window of 8 on
     32-token windows: a global mask in a sliding layer would change every later state)."""
     model = tiny_gemma3()
-    batches = capture_layer_inputs(model, get_adapter(model), calib_ids, 4, torch.device("cpu"))
+    batches = capture_layer_inputs(model, get_adapter(model), calib_ids, batch_size=4, device=torch.device("cpu"))
     with torch.no_grad():
         states = model(calib_ids, output_hidden_states=True).hidden_states
         layers = get_adapter(model).decoder_layers(model)
@@ -35,7 +35,7 @@ def test_gemma3_quantizes_reconstructs_and_packs_bit_identically(calib_ids, tmp_
     config = QuantConfig.from_method(spec)
     config = replace(config, reconstruction=replace(config.reconstruction, steps=10, holdout=2, eval_every=5))
     fp = tiny_gemma3()
-    model, report = quantize(tiny_gemma3(), config, calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_gemma3(), config, calib_ids, device="cpu", progress=False)
     assert len(report.weights) == 3 * 7
     # the norm gains move although Gemma stores them around 0 (they scale by 1 + w)
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, fp.model.layers[0].input_layernorm.weight)
@@ -44,7 +44,7 @@ def test_gemma3_quantizes_reconstructs_and_packs_bit_identically(calib_ids, tmp_
         fake = model(calib_ids).logits
     assert (fake - reference).pow(2).mean() < reference.pow(2).mean()
     path = str(tmp_path / "gemma")
-    save_packed(pack_model(model, report.weights), None, path, spec, config.to_dict())
+    save_packed(pack_model(model, report.weights), None, path, method=spec, config=config.to_dict())
     loaded, _, meta = load_packed(path)
     assert meta["model_type"] == "gemma3_text"
     with torch.no_grad():
@@ -53,7 +53,7 @@ def test_gemma3_quantizes_reconstructs_and_packs_bit_identically(calib_ids, tmp_
 
 def test_gemma3_refuses_an_offline_residual_rotation(calib_ids):
     with pytest.raises(ValueError, match="gemma3_text: the residual stream cannot be rotated offline.*post_attention"):
-        quantize(tiny_gemma3(), QuantConfig.from_method("pt2+gptq+r1+had"), calib_ids, "cpu", progress=False)
+        quantize(tiny_gemma3(), QuantConfig.from_method("pt2+gptq+r1+had"), calib_ids, device="cpu", progress=False)
 
 
 @pytest.mark.slow
@@ -71,13 +71,13 @@ def test_real_gemma3_270m_blocks_quantize_and_reload(tmp_path):
     spec = "pt2+gptq+ssr+had+a4"
     config = QuantConfig.from_method(spec)
     with first_blocks(model, 2):
-        model, report = quantize(model, config, calib, "cpu", progress=False)
+        model, report = quantize(model, config, calib, device="cpu", progress=False)
     ppl = perplexity(model, windows).ppl
     assert fp < ppl < 2 * fp
     # the quantized blocks as a model of their own, packed, saved and loaded back: the same outputs
     path = str(tmp_path / "gemma")
     with first_blocks(model, 2):
         blocks_ppl = perplexity(model, windows).ppl
-        save_packed(pack_model(model, report.weights), tokenizer, path, spec, config.to_dict())
+        save_packed(pack_model(model, report.weights), tokenizer, path, method=spec, config=config.to_dict())
     loaded, _, _ = load_packed(path)
     assert perplexity(loaded, windows).ppl == pytest.approx(blocks_ppl, rel=1e-6)

@@ -27,7 +27,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def random_weight(N, K, group_size, seed=0):
     """The benchmark's random packed weight, with its codes T and α, μ as (N, G)."""
-    w = random_packed(N, K, group_size, seed=seed)
+    w = random_packed(N, K, group_size=group_size, seed=seed)
     return unpack_codes(w.packed, K, group_size), w.alpha.T, w.mu.T, w
 
 
@@ -85,9 +85,9 @@ def test_quantized_activations_equal_fake_quantization(bits, symmetric):
     """x̂ = s(q − z) with int8-held q is exactly the fake-quantized activation, and the
     integer path equals x̂ Ŵᵀ."""
     x = activations(6, 300, seed=bits)
-    a = quantize_activations(x, bits, 0.9, symmetric, group_size=128)
+    a = quantize_activations(x, bits, clip=0.9, symmetric=symmetric, group_size=128)
     assert a.q.dtype == torch.int8 and a.rowsum.shape == (6, 3)
-    assert torch.equal(a.dequantize(), fake_quantize(x, bits, 0.9, symmetric))
+    assert torch.equal(a.dequantize(), fake_quantize(x, bits, clip=0.9, symmetric=symmetric))
     _, _, _, w = random_weight(40, 300, 128, seed=bits)
     y = matmul_int(a, w)
     exact = a.dequantize().double() @ dequantize(w).double().T
@@ -101,9 +101,14 @@ def test_triton_quantization_kernel_is_bit_exact(bits, symmetric, group):
     x = activations(5, 300, seed=bits)
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     for p in (None, perm):
-        want = quantize_activations(x, bits, 0.85, symmetric, group, p)
+        want = quantize_activations(x, bits, clip=0.85, symmetric=symmetric, group_size=group, perm=p)
         got = quantize_activations_triton(
-            x.to(DEVICE), bits, 0.85, symmetric, group, None if p is None else p.to(DEVICE)
+            x.to(DEVICE),
+            bits,
+            clip=0.85,
+            symmetric=symmetric,
+            group_size=group,
+            perm=None if p is None else p.to(DEVICE),
         )
         assert same(want, got.to("cpu"))
 
@@ -122,7 +127,7 @@ def test_triton_a16_matches_reference(M, N, K, gemv):
 def test_triton_int8_accumulators_are_bit_exact(M, N, K, gemv):
     """With α = μ = 1, s = 1 and z = 0 the output is exactly Σ_k q_mk c_kn (integers below 2^24)."""
     T, alpha, _, _ = random_weight(N, K, 128, seed=M)
-    w = pack_ternary(T, torch.ones_like(alpha), torch.ones_like(alpha), 128)
+    w = pack_ternary(T, torch.ones_like(alpha), torch.ones_like(alpha), group_size=128)
     q = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
     a = QuantizedActivations(q, torch.ones(M), torch.zeros(M), group_sums(q, 128), symmetric=True)
     y = ternary_matmul(a.to(DEVICE), w.to(DEVICE), gemv=gemv).cpu()
@@ -137,8 +142,8 @@ def test_triton_int8_accumulators_are_bit_exact(M, N, K, gemv):
 def test_triton_int_path_matches_reference(bits, symmetric, M, group):
     """Odd N and K with a short last group (300 = 2·128 + 44 = 4·64 + 44); GEMV for M = 1, GEMM for M = 6."""
     _, _, _, w = random_weight(45, 300, group, seed=bits)
-    a = quantize_activations(activations(M, 300, seed=3), bits, 1.0, symmetric, group)
-    y = ternary_matmul(a.to(DEVICE), w.to(DEVICE), weight_sums(w).to(DEVICE)).cpu()
+    a = quantize_activations(activations(M, 300, seed=3), bits, clip=1.0, symmetric=symmetric, group_size=group)
+    y = ternary_matmul(a.to(DEVICE), w.to(DEVICE), wsum=weight_sums(w).to(DEVICE)).cpu()
     ref = matmul_int(a, w)
     assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max(), rtol=1e-5)
 
@@ -148,10 +153,10 @@ def test_split_k_is_deterministic_and_equal(gemv):
     _, _, _, w = random_weight(32, 512, 128)
     a = quantize_activations(torch.randn(2, 512), 4).to(DEVICE)
     w, wsum = w.to(DEVICE), weight_sums(w).to(DEVICE)
-    one = ternary_matmul(a, w, wsum, split=1, gemv=gemv)
-    split = ternary_matmul(a, w, wsum, split=4, gemv=gemv)
+    one = ternary_matmul(a, w, wsum=wsum, split=1, gemv=gemv)
+    split = ternary_matmul(a, w, wsum=wsum, split=4, gemv=gemv)
     assert torch.allclose(one, split, atol=1e-4 * one.abs().max())
-    assert torch.equal(split, ternary_matmul(a, w, wsum, split=4, gemv=gemv))
+    assert torch.equal(split, ternary_matmul(a, w, wsum=wsum, split=4, gemv=gemv))
 
 
 @pytest.mark.parametrize("gemv", [True, False])
@@ -178,7 +183,7 @@ def test_kernel_input_errors():
     with pytest.raises(ValueError, match="multiple of 64"):
         quantize_activations_triton(torch.randn(2, 8), 4, group_size=32)
     with pytest.raises(ValueError, match="multiple of 4"):
-        pack_ternary(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1), torch.ones(2, 1), 6)
+        pack_ternary(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2, 1), torch.ones(2, 1), group_size=6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -191,7 +196,7 @@ def test_gpu_fp16_and_int8_at_7b_shape(M):
     assert torch.allclose(y.float().cpu(), matmul_a16(x.float(), w), atol=5e-2, rtol=1e-2)
     a = quantize_activations_triton(x.cuda(), 4)
     assert same(quantize_activations(x, 4), a.to("cpu"))
-    y = ternary_matmul(a, w.to("cuda"), weight_sums(w).cuda()).cpu()
+    y = ternary_matmul(a, w.to("cuda"), wsum=weight_sums(w).cuda()).cpu()
     ref = matmul_int(quantize_activations(x, 4), w)
     assert torch.allclose(y, ref, atol=1e-4 * ref.abs().max(), rtol=1e-4)
 

@@ -27,7 +27,7 @@ SPECS = ("e2m+gptq+ssr", "e2m+gptq+ssr+had+a4", "e2m+gptq+ssr+g64+had+a4", "pt2+
 
 
 def quantized(spec, calib_ids, seed=0):
-    return quantize(tiny_llama(seed), QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+    return quantize(tiny_llama(seed), QuantConfig.from_method(spec), calib_ids, device="cpu", progress=False)
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_packed_model_equals_fake_quantized_and_round_trips(spec, calib_ids, tok
     assert len(linears) == 14 and all(m.weight.dtype == torch.uint8 for m in linears)
     packed = logits(model, tokens)
     assert torch.equal(packed, fake)  # the torch path computes the same x̂ and Ŵ
-    files = save_packed(model, None, str(tmp_path / "ckpt"), spec, {"note": "test"})
+    files = save_packed(model, None, str(tmp_path / "ckpt"), method=spec, config={"note": "test"})
     loaded, tokenizer, meta = load_packed(str(tmp_path / "ckpt"))
     assert tokenizer is None and meta["method"] == spec and meta["config"] == {"note": "test"}
     assert torch.equal(logits(loaded, tokens), packed)  # bit-identical after save → load
@@ -98,7 +98,7 @@ def test_biased_architecture_round_trips(calib_ids, tokens, tmp_path):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.bias.normal_()
-    model, report = quantize(model, QuantConfig.from_method("e2m+gptq+had+a4"), calib_ids, "cpu", progress=False)
+    model, report = quantize(model, QuantConfig.from_method("e2m+gptq+had+a4"), calib_ids, device="cpu", progress=False)
     fake = logits(model, tokens)
     save_packed(pack_model(model, report.weights), None, str(tmp_path / "qwen"))
     loaded, _, meta = load_packed(str(tmp_path / "qwen"))
@@ -118,7 +118,7 @@ def test_fused_projection_architecture_round_trips(spec, calib_ids, tokens, tmp_
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config(**SMALL_CONFIG, pad_token_id=0)).eval()
     dense = logits(model, tokens)
-    model, report = quantize(model, QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+    model, report = quantize(model, QuantConfig.from_method(spec), calib_ids, device="cpu", progress=False)
     fake = logits(model, tokens)
     assert len(report.weights) == 8 and "model.layers.1.self_attn.qkv_proj" in report.weights
     assert (fake - dense).abs().mean() < 0.5 * dense.abs().mean()  # quantized, not broken
@@ -167,7 +167,9 @@ def test_packing_is_deterministic(calib_ids, tmp_path):
     for name in ("a", "b"):
         model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
         save_packed(pack_model(model, report.weights), None, str(tmp_path / name))
-    for name in sorted(os.listdir(tmp_path / "a")):  # byte-identical files
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == sorted(os.listdir(tmp_path / "b")) and {"model.safetensors", "twla_quant.json"} <= set(files)
+    for name in files:  # byte-identical files
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
@@ -187,7 +189,7 @@ def test_kernel_backend_switch(monkeypatch):
 def saved(calib_ids, tmp_path):
     model, report = quantized("e2m+gptq+ssr+had+a4", calib_ids)
     path = str(tmp_path / "ckpt")
-    save_packed(pack_model(model, report.weights), None, path, "e2m+gptq+ssr+had+a4")
+    save_packed(pack_model(model, report.weights), None, path, method="e2m+gptq+ssr+had+a4")
     return path
 
 
@@ -358,12 +360,12 @@ def test_config_round_trips_through_the_checkpoint(calib_ids, tmp_path):
     it gives the identical weights; an edited or foreign configuration is refused."""
     spec = "e2m+gptq+ssr+had+a4+recon"
     config = QuantConfig.from_method(spec).with_seed(3)
-    model, report = quantize(tiny_llama(), config, calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), config, calib_ids, device="cpu", progress=False)
     path = str(tmp_path / "ckpt")
-    save_packed(pack_model(model, report.weights), None, path, spec, config.to_dict())
+    save_packed(pack_model(model, report.weights), None, path, method=spec, config=config.to_dict())
     rebuilt = read_config(path)
     assert rebuilt == config
-    _, again = quantize(tiny_llama(), rebuilt, calib_ids, "cpu", progress=False)
+    _, again = quantize(tiny_llama(), rebuilt, calib_ids, device="cpu", progress=False)
     for name, w in report.weights.items():
         assert torch.equal(w.codes, again.weights[name].codes) and torch.equal(w.alpha, again.weights[name].alpha)
     resign(path, lambda meta: meta["config"].update(version=0))

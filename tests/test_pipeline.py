@@ -21,7 +21,7 @@ from twla.quantization.accounting import count_bits
 
 
 def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):
-    model, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, device="cpu", progress=False)
     assert len(report.records) == 2 * 7
     for name, tw in report.weights.items():
         W = model.get_submodule(name).weight.detach()
@@ -36,16 +36,16 @@ def test_quantize_makes_every_linear_ternary_per_block(tiny_model, calib_ids):
 
 
 def test_quantization_is_deterministic(calib_ids):
-    a, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr"), calib_ids, "cpu", progress=False)
-    b, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr"), calib_ids, "cpu", progress=False)
+    a, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr"), calib_ids, device="cpu", progress=False)
+    b, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr"), calib_ids, device="cpu", progress=False)
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), na
 
 
 def test_compensation_beats_plain_on_tiny_model(calib_ids):
     windows = calib_ids  # the calibration tokens themselves: a fit measure, not a held-out score
-    plain, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2"), calib_ids, "cpu", progress=False)
-    comp, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq"), calib_ids, "cpu", progress=False)
+    plain, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2"), calib_ids, device="cpu", progress=False)
+    comp, _ = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq"), calib_ids, device="cpu", progress=False)
     fp = tiny_llama()
     ref = fp(windows).logits
     err_plain = (plain(windows).logits - ref).pow(2).mean()
@@ -54,7 +54,9 @@ def test_compensation_beats_plain_on_tiny_model(calib_ids):
 
 
 def test_bit_accounting(tiny_model, calib_ids):
-    model, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq+ssr"), calib_ids, "cpu", progress=False)
+    model, report = quantize(
+        tiny_model, QuantConfig.from_method("e2m+gptq+ssr"), calib_ids, device="cpu", progress=False
+    )
     bits = count_bits(model, get_adapter(model), report.weights)
     per_layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 160 * 64 + 64 * 160
     assert bits.quantized_weights == 2 * per_layer
@@ -69,7 +71,7 @@ def test_bit_accounting(tiny_model, calib_ids):
 def test_group_size_and_uniform_bits_accounting(spec, bits, groups, calib_ids):
     """g64 halves the columns per grid; int-b weights store b-bit codes, a 16-bit scale and a
     b-bit zero point per (row, group); ternary codes 2 bits and 16-bit α, μ per (row, group)."""
-    model, report = quantize(tiny_llama(), QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), QuantConfig.from_method(spec), calib_ids, device="cpu", progress=False)
     counted = count_bits(model, get_adapter(model), report.weights)
     side_per_group = 32 if spec.startswith("e2m") else 16 + bits
     n_groups = sum(w.shape[0] * -(-w.shape[1] // groups) for w in report.weights.values())
@@ -89,21 +91,21 @@ def test_other_supported_architectures(cls, cfg, calib_ids):
     torch.manual_seed(0)
     extra = {"head_dim": 16} if cfg is Qwen3Config else {}
     model = cls(cfg(**SMALL_CONFIG, **extra)).eval()
-    model, report = quantize(model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
+    model, report = quantize(model, QuantConfig.from_method("e2m+gptq"), calib_ids, device="cpu", progress=False)
     assert len(report.weights) == 14
 
 
 def test_unsupported_architecture_is_a_clear_error(calib_ids):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=256))
     with pytest.raises(NotImplementedError, match="unsupported architecture 'gpt2'.*llama"):
-        quantize(model, QuantConfig(), calib_ids, "cpu", progress=False)
+        quantize(model, QuantConfig(), calib_ids, device="cpu", progress=False)
 
 
 def test_nan_weights_are_rejected(tiny_model, calib_ids):
     with torch.no_grad():
         tiny_model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
-        quantize(tiny_model, QuantConfig(), calib_ids, "cpu", progress=False)
+        quantize(tiny_model, QuantConfig(), calib_ids, device="cpu", progress=False)
 
 
 def test_too_little_calibration_text():
@@ -161,7 +163,7 @@ def test_perplexity_of_uniform_model_is_vocab_size(tiny_model):
     with torch.no_grad():
         tiny_model.lm_head.weight.zero_()  # tied: also zeroes the embedding, logits all 0
     windows = torch.randint(0, 256, (3, 16))
-    result = perplexity(tiny_model, windows, "random", device="cpu")
+    result = perplexity(tiny_model, windows, text="random", device="cpu")
     assert result.ppl == pytest.approx(256, rel=1e-4) and result.tokens == 3 * 15
 
 
@@ -180,7 +182,7 @@ def test_perplexity_bounds_the_logits_of_a_forward_pass(tiny_model, monkeypatch)
 
 
 def test_scales_are_stored_in_16_bits(tiny_model, calib_ids):
-    _, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, "cpu", progress=False)
+    _, report = quantize(tiny_model, QuantConfig.from_method("e2m+gptq"), calib_ids, device="cpu", progress=False)
     for tw in report.weights.values():
         assert torch.equal(tw.alpha, tw.alpha.half().float()) and torch.equal(tw.mu, tw.mu.half().float())
 
@@ -188,8 +190,8 @@ def test_scales_are_stored_in_16_bits(tiny_model, calib_ids):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_quantization_matches_cpu(calib_ids):
     cfg = QuantConfig.from_method("e2m+gptq+ssr")
-    cpu, rep_cpu = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
-    gpu, rep_gpu = quantize(tiny_llama(), cfg, calib_ids, "cuda", progress=False)
+    cpu, rep_cpu = quantize(tiny_llama(), cfg, calib_ids, device="cpu", progress=False)
+    gpu, rep_gpu = quantize(tiny_llama(), cfg, calib_ids, device="cuda", progress=False)
     assert {p.device.type for p in gpu.parameters()} == {"cpu"}
     for name in rep_cpu.weights:
         assert torch.equal(rep_cpu.weights[name].codes, rep_gpu.weights[name].codes), name

@@ -36,7 +36,7 @@ def _regression(windows: int = 12, seed: int = 0):
 def test_solver_approaches_the_least_squares_optimum_and_keeps_its_best_iterate():
     param, error, reference, theta = _regression()
     result = reconstruct(
-        [param], error, reference, list(range(10)), [10, 11], steps=300, lr=0.05, batch=2, eval_every=20
+        [param], error, reference, train=list(range(10)), holdout=[10, 11], steps=300, lr=0.05, batch=2, eval_every=20
     )
     assert result.after < 0.01 * result.before
     assert result.after == min(result.holdout)  # the returned iterate is the best one judged
@@ -46,17 +46,25 @@ def test_solver_approaches_the_least_squares_optimum_and_keeps_its_best_iterate(
 def test_solver_without_steps_changes_nothing():
     param, error, reference, _ = _regression()
     start = param.value().clone()
-    result = reconstruct([param], error, reference, [0, 1], [2], steps=0, lr=0.1)
+    result = reconstruct([param], error, reference, train=[0, 1], holdout=[2], steps=0, lr=0.1)
     assert torch.equal(param.value(), start) and result.before == result.after and result.steps == 0
     with pytest.raises(ValueError, match="training window"):
-        reconstruct([param], error, reference, [], [2], steps=5, lr=0.1)
+        reconstruct([param], error, reference, train=[], holdout=[2], steps=5, lr=0.1)
 
 
 def test_solver_runs_the_model_only_on_the_windows_it_judges_or_trains_on():
     """The training windows' scale comes from ``reference``, not from a pass through F."""
     param, error, reference, _ = _regression()
     calls = []
-    reconstruct([param], lambda i: calls.append(i) or error(i), reference, list(range(10)), [10, 11], steps=0, lr=0.1)
+    reconstruct(
+        [param],
+        lambda i: calls.append(i) or error(i),
+        reference,
+        train=list(range(10)),
+        holdout=[10, 11],
+        steps=0,
+        lr=0.1,
+    )
     assert calls == [10, 11]
 
 
@@ -64,8 +72,8 @@ def test_straight_through_quantizer_has_the_same_values_and_a_gradient():
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     clip = torch.tensor(0.8, requires_grad=True)
     xg = x.clone().requires_grad_(True)
-    out = fake_quantize(xg, 4, clip)
-    assert torch.equal(out.detach(), fake_quantize(x, 4, 0.8))
+    out = fake_quantize(xg, 4, clip=clip)
+    assert torch.equal(out.detach(), fake_quantize(x, 4, clip=0.8))
     (out - 2 * x).pow(2).sum().backward()
     assert clip.grad is not None and clip.grad != 0
     assert xg.grad is not None and xg.grad.abs().sum() > 0  # round passes the gradient through
@@ -81,8 +89,8 @@ def _recon_config(spec: str, **overrides) -> QuantConfig:
 def test_reconstruction_keeps_codes_and_lowers_the_held_out_block_error(spec):
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     base = spec.removesuffix("+recon")
-    plain_model, plain = quantize(tiny_llama(), QuantConfig.from_method(base), calib, "cpu", progress=False)
-    model, report = quantize(tiny_llama(), _recon_config(spec), calib, "cpu", progress=False)
+    plain_model, plain = quantize(tiny_llama(), QuantConfig.from_method(base), calib, device="cpu", progress=False)
+    model, report = quantize(tiny_llama(), _recon_config(spec), calib, device="cpu", progress=False)
     assert [r["layer"] for r in report.reconstruction] == [0, 1]
     for block in report.reconstruction:
         assert block["after"] <= block["before"] and block["holdout"][0] == block["before"]
@@ -101,7 +109,7 @@ def test_reconstruction_keeps_codes_and_lowers_the_held_out_block_error(spec):
 
 def test_reconstruction_tunes_clipping_and_packs_to_the_same_outputs():
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
-    model, report = quantize(tiny_llama(), _recon_config("e2m+gptq+had+a4+recon"), calib, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), _recon_config("e2m+gptq+had+a4+recon"), calib, device="cpu", progress=False)
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q.act.clip, float) and q.act.clip == q.act_clips[4]
     record = next(r for r in report.records if r.name == "model.layers.0.self_attn.q_proj")
@@ -116,7 +124,9 @@ def test_reconstruction_tunes_clipping_and_packs_to_the_same_outputs():
 def test_reconstruction_is_deterministic_per_seed():
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     config = _recon_config("e2m+gptq+recon", batch=2)
-    runs = [quantize(tiny_llama(), c, calib, "cpu", progress=False)[1] for c in (config, config, config.with_seed(1))]
+    runs = [
+        quantize(tiny_llama(), c, calib, device="cpu", progress=False)[1] for c in (config, config, config.with_seed(1))
+    ]
     a, b, c = ({n: w.alpha for n, w in r.weights.items()} for r in runs)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
@@ -124,7 +134,7 @@ def test_reconstruction_is_deterministic_per_seed():
 
 def test_reconstruction_refuses_too_few_windows_before_any_work():
     with pytest.raises(ValueError, match="holds out 4 of the 4 calibration windows"):
-        quantize(tiny_llama(), QuantConfig.from_method("e2m+recon"), torch.zeros(4, 16, dtype=torch.long), "cpu")
+        quantize(tiny_llama(), QuantConfig.from_method("e2m+recon"), torch.zeros(4, 16, dtype=torch.long), device="cpu")
     with pytest.raises(ValueError, match="holds out 4 of the 3"):
         BenchConfig(methods=("e2m+gptq+recon",), nsamples=3)
     with pytest.raises(ValueError, match="nothing to tune"):
@@ -145,8 +155,8 @@ def test_end_to_end_lowers_the_kl_it_reports_and_packs_to_the_same_outputs(holdo
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     base = QuantConfig.from_method("pt2+gptq+had+a4")
     e2e = EndToEndConfig(steps=40, lr=2e-2, holdout=holdout, eval_every=5, stride=2)
-    plain, _ = quantize(tiny_llama(), base, calib, "cpu", progress=False)
-    model, report = quantize(tiny_llama(), replace(base, end_to_end=e2e), calib, "cpu", progress=False)
+    plain, _ = quantize(tiny_llama(), base, calib, device="cpu", progress=False)
+    model, report = quantize(tiny_llama(), replace(base, end_to_end=e2e), calib, device="cpu", progress=False)
     judged = calib[-holdout:] if holdout else calib  # without held-out windows the training windows judge
     before, after = (_mean_kl(m, tiny_llama(), judged, 2) for m in (plain, model))
     # the solver's errors are the KL measured independently (teacher stored in float16)
@@ -166,6 +176,6 @@ def test_end_to_end_lowers_the_kl_it_reports_and_packs_to_the_same_outputs(holdo
 
 def test_end_to_end_refuses_too_few_windows_and_a_bad_stride():
     with pytest.raises(ValueError, match="holds out 4 of the 3 calibration windows"):
-        quantize(tiny_llama(), QuantConfig.from_method("pt2+e2e"), torch.zeros(3, 16, dtype=torch.long), "cpu")
+        quantize(tiny_llama(), QuantConfig.from_method("pt2+e2e"), torch.zeros(3, 16, dtype=torch.long), device="cpu")
     with pytest.raises(ValueError, match="stride must be ≥ 1"):
         EndToEndConfig(stride=0)

@@ -222,7 +222,7 @@ def degenerate_model():
 
 @pytest.mark.parametrize("spec", ["absmean", "twn", "pt2+gptq", "e2m+gptq+ssr", "e2m+gptq+had+a4", "rtn4+gptq"])
 def test_degenerate_weights_quantize_without_error(spec, calib_ids, tmp_path):
-    model, report = quantize(degenerate_model(), QuantConfig.from_method(spec), calib_ids, "cpu", progress=False)
+    model, report = quantize(degenerate_model(), QuantConfig.from_method(spec), calib_ids, device="cpu", progress=False)
     for record in report.records:
         assert math.isfinite(record.weight_error) and math.isfinite(record.output_error), record.name
         for stage in record.stages.values():
@@ -247,7 +247,7 @@ def test_nan_weights_are_refused(calib_ids):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 4] = float("nan")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
-        quantize(model, QuantConfig.from_method("e2m"), calib_ids, "cpu", progress=False)
+        quantize(model, QuantConfig.from_method("e2m"), calib_ids, device="cpu", progress=False)
 
 
 @pytest.mark.parametrize("stream", ["--stream", "--in-memory"])
@@ -426,7 +426,7 @@ def test_a_failing_bench_writes_no_report(tiny_checkpoint, tmp_path, monkeypatch
 
 def test_brute_force_refusal_is_short():
     with pytest.raises(ValueError) as info:
-        solve_bits(synthetic_costs(5000, seed=0), 4.0, "brute-force")
+        solve_bits(synthetic_costs(5000, seed=0), 4.0, solver="brute-force")
     assert len(str(info.value)) < 200 and "4^5000 = about 10^3010 allocations" in str(info.value)
 
 
@@ -435,7 +435,7 @@ def _solve_with_time_limit(solver: str, limit: float) -> float:
     costs = synthetic_costs(2000, seed=0)
     start = time.perf_counter()
     try:
-        allocation = solve_bits(costs, 4.0, solver, time_limit=limit)
+        allocation = solve_bits(costs, 4.0, solver=solver, time_limit=limit)
     except SolverTimeLimit as err:
         assert f"found no allocation for 2000 units within its time limit of {limit:g} s" in str(err)
     else:

@@ -2,8 +2,9 @@
 
 import pytest
 
-from twla.bench.report import (
-    MethodRow,
+from twla.bench.rows import MethodRow
+from twla.bench.run import BenchConfig
+from twla.bench.tables import (
     ablation_pairs,
     ablation_table,
     frontier_points,
@@ -11,7 +12,6 @@ from twla.bench.report import (
     reconstruction_table,
     rotation_choice_table,
 )
-from twla.bench.run import BenchConfig
 from twla.quantization.config import QuantConfig
 from twla.quantization.presets import ABLATION_METHODS, DEFAULT_METHOD, FRONTIER_METHODS, resolve_methods
 from twla.quantization.sections import UniformConfig

@@ -9,8 +9,9 @@ from tests.helpers import SMALL_CONFIG, correlated_inputs, tiny_llama
 from twla import QuantConfig, quantize
 from twla.models.adapters import get_adapter
 from twla.quantization.fake_quant import wrap_linears
-from twla.quantization.rotation import apply_residual_rotation, install_rotation, site_rotations, site_weight
+from twla.quantization.rotation import apply_residual_rotation, install_rotation, site_weight
 from twla.quantization.sections import ActivationConfig, KotmsConfig, RelocationConfig, RotationConfig
+from twla.quantization.site_rotations import site_rotations
 from twla.solvers.kotms import (
     activation_noise,
     learn_kotms,
@@ -166,7 +167,7 @@ def test_kotms_lowers_the_loss_and_stays_orthogonal(solver):
     W = T @ R.T + 0.01 * torch.randn(T.shape, generator=g, dtype=torch.float64)
     eye1, eye2 = torch.eye(6).expand(2, 6, 6), torch.eye(8).expand(2, 8, 8)
     lr = 0.2 if solver == "riemannian-sgd" else 5e-2
-    res = learn_kotms(W, eye1, eye2, solver, steps=40, lr=lr)
+    res = learn_kotms(W, eye1, eye2, solver=solver, steps=40, lr=lr)
     assert res.losses[-1] < 0.8 * res.losses[0]
     assert max(_orthogonality_error(r) for r in (*res.R1, *res.R2)) < 1e-12
     fit_before, _ = trimodality(W)
@@ -177,7 +178,7 @@ def test_kotms_lowers_the_loss_and_stays_orthogonal(solver):
 def test_fixed_solver_returns_the_start():
     W = torch.randn(1, 8, 16, dtype=torch.float64)
     R1, R2 = torch.eye(4).expand(1, 4, 4), torch.eye(4).expand(1, 4, 4)
-    res = learn_kotms(W, R1, R2, "fixed", steps=10)
+    res = learn_kotms(W, R1, R2, solver="fixed", steps=10)
     assert torch.equal(res.R1, R1.double()) and len(res.losses) == 2
 
 
@@ -190,13 +191,15 @@ def test_relocation_lowers_the_ternarized_output_error():
     res = relocate(weights, S, R1, R2, steps=30, lr=2e-2, block_size=16)
     assert res.losses[-1] < res.losses[0]
     assert max(_orthogonality_error(r) for r in (res.R1, res.R2)) < 1e-12
-    again = float(relocation_loss([w.float() for w in weights], S.float(), res.R1.float(), res.R2.float(), 16))
+    again = float(
+        relocation_loss([w.float() for w in weights], S.float(), res.R1.float(), res.R2.float(), block_size=16)
+    )
     assert again == pytest.approx(res.losses[-1], rel=1e-4)
 
 
 def test_relocation_is_measured_per_layer(tiny_model, calib_ids):
     cfg = QuantConfig.from_method("e2m+gptq+kotms+reloc")
-    _, report = quantize(tiny_model, cfg, calib_ids, "cpu", progress=False)
+    _, report = quantize(tiny_model, cfg, calib_ids, device="cpu", progress=False)
     for rec in report.records:
         assert rec.relocation["after"] <= rec.relocation["before"]
         assert rec.rotation in ("8⊗8", "10⊗16")
@@ -214,7 +217,7 @@ def test_rotation_config_errors():
         QuantConfig.from_method("e2m+had+kotms")
     bad = replace(QuantConfig.from_method("e2m+gptq"), rotation=RotationConfig(site="hadamard", factors={64: (7, 9)}))
     with pytest.raises(ValueError, match="7×9 do not multiply to the dimension 64"):
-        quantize(tiny_llama(), bad, torch.zeros(1, 8, dtype=torch.long), "cpu", progress=False)
+        quantize(tiny_llama(), bad, torch.zeros(1, 8, dtype=torch.long), device="cpu", progress=False)
 
 
 def test_activation_term_spreads_outliers():
@@ -236,7 +239,7 @@ def test_activation_term_spreads_outliers():
 def test_activation_term_in_the_pipeline(calib_ids):
     cfg = QuantConfig.from_method("e2m+gptq+act+a4")
     assert cfg.rotation.site == "kotms" and cfg.rotation.kotms.activation_weight > 0
-    _, report = quantize(tiny_llama(), cfg, calib_ids, "cpu", progress=False)
+    _, report = quantize(tiny_llama(), cfg, calib_ids, device="cpu", progress=False)
     assert all(len(s.losses) > 2 for s in report.rotation.sites.values())
     with pytest.raises(ValueError, match="several choices of site rotation"):
         QuantConfig.from_method("e2m+had+act")
@@ -257,7 +260,7 @@ def test_site_errors_against_dense_rotation_and_written_out_quantizer():
     X[:, 5] *= 20.0
     R1, R2 = random_orthogonal(6, g).double(), random_orthogonal(8, g).double()
     R = torch.kron(R1, R2)
-    Y, T = X @ W.T, block_atq(W @ R, 128, iters=6)[0]
+    Y, T = X @ W.T, block_atq(W @ R, block_size=128, iters=6)[0]
     XQ = _min_max(X @ R, 4)
 
     def rel(out):
@@ -292,7 +295,7 @@ def test_learned_rotation_kept_only_where_it_lowers_the_combined_error(gate):
             R1, R2 = rotations[(i, site.name)]
             W = site_weight(adapter.decoder_layers(model)[i], adapter, site)
             # the installed rotation is the one the flag names, and its error is the one recorded
-            again = site_errors(W, inputs[(i, site.name)][1::2], R1, R2, 4)["combined"]
+            again = site_errors(W, inputs[(i, site.name)][1::2], R1, R2, bits=4)["combined"]
             assert again == pytest.approx(l if took else f, rel=1e-9)
             if not took:
                 assert all(torch.equal(a, b) for a, b in zip((R1, R2), start[(i, site.name)], strict=True))

@@ -43,7 +43,7 @@ def quantized(config: QuantConfig, calib):
     """A fresh SmolLM2 with its first blocks quantized by ``config``, and the report."""
     model, _ = load_model("smollm2-135m")
     with first_blocks(model):
-        _, report = quantize(model, config, calib, "cpu", progress=False)
+        _, report = quantize(model, config, calib, device="cpu", progress=False)
     return model, report
 
 
@@ -107,7 +107,7 @@ def test_mixed_precision_activations_on_real_model(smollm2, data, tmp_path):
     # and loaded back, give the same outputs
     with first_blocks(model):
         blocks_ppl = perplexity(model, windows, device="cpu").ppl
-        save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "amp"), "e2m+had+amp")
+        save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "amp"), method="e2m+had+amp")
     loaded, _, meta = load_packed(str(tmp_path / "amp"))
     assert {spec["act_bits"] for spec in meta["linears"].values()} == set(al.allocation.bits)
     assert perplexity(loaded, windows, device="cpu").ppl == pytest.approx(blocks_ppl, rel=1e-6)
@@ -128,7 +128,9 @@ def test_packed_smollm2_through_transformers_generates_what_load_packed_does(smo
     ids = encode_prompt(tokenizer, "What is the capital of France?")
     with first_blocks(model):
         fake = model.generate(ids, attention_mask=ids.ne(-1), max_new_tokens=16, do_sample=False)
-        save_packed(pack_model(model, report.weights), tokenizer, str(tmp_path / "w158a4"), "pt2+gptq+ssr+had+a4")
+        save_packed(
+            pack_model(model, report.weights), tokenizer, str(tmp_path / "w158a4"), method="pt2+gptq+ssr+had+a4"
+        )
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "w158a4"))
     reference, _, _ = load_packed(str(tmp_path / "w158a4"))
     out = hf.generate(ids, attention_mask=ids.ne(-1), max_new_tokens=16, do_sample=False)

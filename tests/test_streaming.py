@@ -27,12 +27,12 @@ E2E = "pt2+gptq+ssr+had+a4+recon+e2e"  # end-to-end reconstruction reloads each 
 
 
 @pytest.fixture(scope="module")
-def checkpoint(smollm2, tmp_path_factory) -> str:
+def checkpoint(small_tokenizer, tmp_path_factory) -> str:
     """A tiny random Llama of 3 layers, untied, saved in several safetensors shards."""
-    _, tokenizer = smollm2
+    tokenizer = small_tokenizer
     path = str(tmp_path_factory.mktemp("stream") / "ckpt")
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256, num_hidden_layers=3)
-    model.save_pretrained(path, max_shard_size="3MB")
+    model.save_pretrained(path, max_shard_size="200KB")
     tokenizer.save_pretrained(path)
     assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     return path
@@ -40,7 +40,7 @@ def checkpoint(smollm2, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def calib() -> torch.Tensor:
-    return torch.randint(0, 49152, (8, 32), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, 1024, (8, 32), generator=torch.Generator().manual_seed(1))  # the small tokenizer's ids
 
 
 def _config(method: str) -> QuantConfig:
@@ -51,8 +51,16 @@ def _in_memory(path: str, method: str, calib: torch.Tensor, out: str, dtype=None
     config = _config(method)
     source = model_source(path)
     model, tokenizer = load_model(source)
-    model, report = quantize(model, config, calib, "cpu", progress=False)
-    save_packed(pack_model(model, report.weights), tokenizer, out, method, config.to_dict(), dtype=dtype, source="m")
+    model, report = quantize(model, config, calib, device="cpu", progress=False)
+    save_packed(
+        pack_model(model, report.weights),
+        tokenizer,
+        out,
+        method=method,
+        config=config.to_dict(),
+        dtype=dtype,
+        source="m",
+    )
 
 
 def _same_files(a: str, b: str) -> list[str]:
@@ -83,10 +91,10 @@ def test_streaming_gives_the_same_checkpoint_bytes_as_in_memory(checkpoint, cali
         checkpoint,
         config,
         calib,
-        streamed,
-        method,
-        "cpu",
-        False,
+        path=streamed,
+        method=method,
+        device="cpu",
+        progress=False,
         dtype=storage_dtype(dtype),
         reference="m",
         offload=offload,
@@ -98,9 +106,9 @@ def test_streaming_gives_the_same_checkpoint_bytes_as_in_memory(checkpoint, cali
     assert bits.bits_per_weight > 1.58 and model(calib[:1]).logits.isfinite().all()
 
 
-def test_streaming_gemma3_gives_the_same_checkpoint_bytes(smollm2, calib, tmp_path):
+def test_streaming_gemma3_gives_the_same_checkpoint_bytes(small_tokenizer, calib, tmp_path):
     """Sandwich norms, QK-norm, scaled embeddings and sliding-window layers, read layer by layer."""
-    _, tokenizer = smollm2
+    tokenizer = small_tokenizer
     path = str(tmp_path / "gemma")
     model = tiny_gemma3()
     model.resize_token_embeddings(len(tokenizer))
@@ -108,7 +116,7 @@ def test_streaming_gemma3_gives_the_same_checkpoint_bytes(smollm2, calib, tmp_pa
     memory, streamed = str(tmp_path / "memory"), str(tmp_path / "streamed")
     _in_memory(path, E2E, calib, memory)
     config = _config(E2E)
-    quantize_checkpoint(path, config, calib, streamed, E2E, "cpu", False, reference="m")
+    quantize_checkpoint(path, config, calib, path=streamed, method=E2E, device="cpu", progress=False, reference="m")
     assert _same_files(memory, streamed) == []
 
 
@@ -137,7 +145,9 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(checkpoint, calib, tmp_p
     monkeypatch.setattr(StreamedLayers, "load", counting(StreamedLayers.load))
     monkeypatch.setattr(StreamedLayers, "reload", counting(StreamedLayers.reload))
     monkeypatch.setattr(StreamedLayers, "finish", finishing)
-    quantize_checkpoint(checkpoint, _config(method), calib, str(tmp_path / "out"), method, "cpu", False)
+    quantize_checkpoint(
+        checkpoint, _config(method), calib, path=str(tmp_path / "out"), method=method, device="cpu", progress=False
+    )
     assert all(len(layers) == 1 for layers in materialized)
     assert alive == [7, 7, 7]  # the layer being packed; no dropped layer's modules are kept by anything
     if method == METHOD:
@@ -151,7 +161,7 @@ def test_only_one_decoder_layer_holds_weights_at_a_time(checkpoint, calib, tmp_p
 def test_an_interrupted_streaming_run_leaves_the_old_checkpoint(checkpoint, calib, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     config = QuantConfig.from_method("pt2+gptq+ssr").with_seed(0)
-    quantize_checkpoint(checkpoint, config, calib, out, "pt2+gptq+ssr", "cpu", False)
+    quantize_checkpoint(checkpoint, config, calib, path=out, method="pt2+gptq+ssr", device="cpu", progress=False)
     before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
     release = StreamedLayers.release
 
@@ -162,39 +172,41 @@ def test_an_interrupted_streaming_run_leaves_the_old_checkpoint(checkpoint, cali
 
     monkeypatch.setattr(StreamedLayers, "release", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        quantize_checkpoint(checkpoint, config, calib, out, "pt2+gptq+ssr", "cpu", False, overwrite=True)
+        quantize_checkpoint(
+            checkpoint, config, calib, path=out, method="pt2+gptq+ssr", device="cpu", progress=False, overwrite=True
+        )
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["out"]  # the staging directory is gone
 
 
-def test_bad_checkpoints_are_refused_before_any_work(smollm2, checkpoint, calib, tmp_path):
-    _, tokenizer = smollm2
+def test_bad_checkpoints_are_refused_before_any_work(small_tokenizer, checkpoint, calib, tmp_path):
+    tokenizer = small_tokenizer
     config = QuantConfig.from_method("pt2+gptq+ssr")
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     save_checkpoint(model, tokenizer, str(tmp_path / "nan"))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight contains NaN"):
-        quantize_checkpoint(str(tmp_path / "nan"), config, calib, str(tmp_path / "out"))
+        quantize_checkpoint(str(tmp_path / "nan"), config, calib, path=str(tmp_path / "out"))
     save_checkpoint(
         tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, str(tmp_path / "bin")
     )
     os.remove(tmp_path / "bin" / "model.safetensors")
     torch.save({}, tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="no safetensors weights"):
-        quantize_checkpoint(str(tmp_path / "bin"), config, calib, str(tmp_path / "out"))
+        quantize_checkpoint(str(tmp_path / "bin"), config, calib, path=str(tmp_path / "out"))
     renamed = str(tmp_path / "renamed")
     save_checkpoint(tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256), tokenizer, renamed)
     tensors = CheckpointTensors(renamed)
     save_file({k.replace("model.", "base."): tensors.get(k) for k in tensors.keys()}, f"{renamed}/model.safetensors")
     with pytest.raises(ValueError, match="tensor names differ"):
-        quantize_checkpoint(renamed, config, calib, str(tmp_path / "out"))
+        quantize_checkpoint(renamed, config, calib, path=str(tmp_path / "out"))
     truncated = str(tmp_path / "truncated")
     shutil.copytree(checkpoint, truncated)
     shard = sorted(f for f in os.listdir(truncated) if f.endswith(".safetensors"))[-1]
     os.truncate(os.path.join(truncated, shard), os.path.getsize(os.path.join(truncated, shard)) - 100)
     with pytest.raises(ValueError, match=shard):
-        quantize_checkpoint(truncated, config, calib, str(tmp_path / "out"))
+        quantize_checkpoint(truncated, config, calib, path=str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -234,9 +246,11 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
     peaks = {}
     for depth in (2, 6):
         path = str(tmp_path / f"d{depth}")
-        synthetic_checkpoint(path, 576, depth, 8192)
+        synthetic_checkpoint(path, 576, depth, vocab=8192)
         for mode in ("stream", "memory"):
-            peaks[(mode, depth)] = measure(path, mode, "pt2+gptq+ssr", 4, 64, str(tmp_path))["peak_rss_mb"] * 2**20
+            peaks[(mode, depth)] = (
+                measure(path, mode, "pt2+gptq+ssr", nsamples=4, seqlen=64, work=str(tmp_path))["peak_rss_mb"] * 2**20
+            )
     tensors = CheckpointTensors(path)
     layer = sum(tensors.get(k).nbytes for k in tensors.keys() if k.startswith("model.layers.0."))
     print({k: round(v / 2**20) for k, v in peaks.items()}, f"one layer {layer / 2**20:.1f} MiB")
@@ -249,7 +263,7 @@ def test_streamed_evaluation_gives_the_loaded_models_outputs_one_layer_at_a_time
     checkpoint, calib, tmp_path, monkeypatch, capsys, dtype
 ):
     out = str(tmp_path / "packed")
-    quantize_checkpoint(checkpoint, _config(METHOD), calib, out, METHOD, "cpu", False)
+    quantize_checkpoint(checkpoint, _config(METHOD), calib, path=out, method=METHOD, device="cpu", progress=False)
     loaded, _, _ = load_packed(out, dtype=dtype)
     materialized = []
     load = PackedLayers.load
@@ -263,7 +277,7 @@ def test_streamed_evaluation_gives_the_loaded_models_outputs_one_layer_at_a_time
 
     monkeypatch.setattr(PackedLayers, "load", counting)
     ids = calib[:2]
-    with streamed_packed(out, "cpu", dtype) as (model, tokenizer, meta):
+    with streamed_packed(out, device="cpu", dtype=dtype) as (model, tokenizer, meta):
         assert meta["method"] == METHOD and tokenizer is not None
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert materialized == [[0], [1], [2]]

@@ -38,9 +38,9 @@ def _levels(fit: st.StructuredFit, i: int, salient: bool, groups: int) -> list[t
 def test_fit_never_increases_its_error_and_beats_plain_ternary(k, groups):
     W = _block()
     salient = st.salient_columns(W, torch.ones(W.shape[1], dtype=torch.float64), k)
-    fit, trace = st.fit(W, salient, groups, iters=8)
+    fit, trace = st.fit(W, salient, groups=groups, iters=8)
     assert all(b <= a * (1 + 1e-12) for a, b in zip(trace, trace[1:], strict=False))
-    plain = float(((W - itf(W, 8)[0].dequantize()) ** 2).sum())
+    plain = float(((W - itf(W, iters=8)[0].dequantize()) ** 2).sum())
     assert trace[-1] < 0.95 * plain  # more levels fit better
     assert int(salient.sum()) == k and fit.alpha.shape[1] == groups + (k > 0)
 
@@ -48,7 +48,7 @@ def test_fit_never_increases_its_error_and_beats_plain_ternary(k, groups):
 def test_assignment_is_the_nearest_allowed_level():
     W = _block(1)
     salient = st.salient_columns(W, torch.ones(W.shape[1], dtype=torch.float64), 6)
-    fit, _ = st.fit(W, salient, 2, iters=3)
+    fit, _ = st.fit(W, salient, groups=2, iters=3)
     W2 = W + 0.3 * _block(2)  # other values on the same coefficients
     got = st.assign(W2, fit, salient, 2).dequantize()
     for i in range(W.shape[0]):
@@ -62,10 +62,10 @@ def test_coefficients_solve_the_metric_least_squares_problem():
     M-weighted least squares with numpy (M = L Lᵀ)."""
     W = _block(3)
     salient = st.salient_columns(W, torch.ones(W.shape[1], dtype=torch.float64), 4)
-    fit, _ = st.fit(W, salient, 2, iters=2)
+    fit, _ = st.fit(W, salient, groups=2, iters=2)
     X = correlated_inputs(200, W.shape[1], seed=4)
     M = X.T @ X
-    got = st.coefficients(W, fit, M)
+    got = st.coefficients(W, fit, M=M)
     L = np.linalg.cholesky(M.numpy())
     C = fit.alpha.shape[1]
     for i in range(W.shape[0]):
@@ -102,7 +102,7 @@ def test_gptq_compensation_and_the_stored_levels():
 
 def test_bits_are_counted_from_first_principles(calib_ids):
     model, report = quantize(
-        tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr+struct"), calib_ids, "cpu", progress=False
+        tiny_llama(), QuantConfig.from_method("pt2+gptq+ssr+struct"), calib_ids, device="cpu", progress=False
     )
     counted = count_bits(model, get_adapter(model), report.weights)
     total, count = 0, 0
@@ -133,6 +133,6 @@ def test_structured_weights_are_refused_where_they_do_not_fit(calib_ids):
         QuantConfig.from_method("pt2+sal+struct")
     with pytest.raises(ValueError, match="structured ternary.*plain ternary weights"):
         QuantConfig.from_method("pt2+gptq+struct").check_packable("pt2+gptq+struct")
-    model, report = quantize(tiny_llama(), QuantConfig.from_method("pt2+sal"), calib_ids, "cpu", progress=False)
+    model, report = quantize(tiny_llama(), QuantConfig.from_method("pt2+sal"), calib_ids, device="cpu", progress=False)
     with pytest.raises(NotImplementedError, match="stores plain ternary weights"):
         pack_model(model, report.weights)

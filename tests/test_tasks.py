@@ -54,9 +54,8 @@ def test_sentences_skip_headings_and_keep_paragraphs():
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(smollm2):
-    _, tokenizer = smollm2
-    return tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=512).eval(), tokenizer
+def model_and_tokenizer(small_tokenizer):
+    return tiny_llama(vocab_size=len(small_tokenizer), max_position_embeddings=512).eval(), small_tokenizer
 
 
 @torch.no_grad()

@@ -69,7 +69,7 @@ def test_refit_never_increases_output_error():
     M = X.T @ X / 400
     for seed in range(5):
         W = torch.randn(24, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        fit, _ = itf(W, 10, "lsq")
+        fit, _ = itf(W, iters=10, rule="lsq")
         refit = TernaryFit(fit.codes, *refit_metric(W, fit.codes, M))
         assert output_error(W, refit.dequantize(), M) <= output_error(W, fit.dequantize(), M) + 1e-10
 
@@ -98,10 +98,10 @@ def test_degenerate_rows(fitter):
     elif fitter == "twn":
         fit = twn(W)
     elif fitter == "refit":
-        base, _ = itf(W, 5, "lsq")
+        base, _ = itf(W, iters=5, rule="lsq")
         fit = TernaryFit(base.codes, *refit_metric(W, base.codes, torch.eye(32, dtype=torch.float64)))
     else:
-        fit, _ = itf(W, 5, "lsq" if fitter == "lsq" else "twn")
+        fit, _ = itf(W, iters=5, rule="lsq" if fitter == "lsq" else "twn")
     W_hat = fit.dequantize()
     assert torch.isfinite(W_hat).all()
     assert torch.allclose(W_hat[0], torch.zeros(32, dtype=torch.float64))

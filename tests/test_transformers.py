@@ -20,9 +20,8 @@ METHOD = "pt2+gptq+ssr+had+a4"  # rotations shared by a site's linears, 4-bit ac
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2):
-    _, tokenizer = smollm2
-    tokenizer = copy.deepcopy(tokenizer)  # the session's tokenizer keeps its settings
+def tokenizer(small_tokenizer):
+    tokenizer = copy.deepcopy(small_tokenizer)  # the session's tokenizer keeps its settings
     tokenizer.padding_side = "left"
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     return tokenizer
@@ -33,10 +32,10 @@ def packed(tokenizer, tmp_path_factory):
     """(fake-quantized model, packed checkpoint directory) of a tiny Llama with the real tokenizer."""
     model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=256)
     calib = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(1))
-    model, report = quantize(model, QuantConfig.from_method(METHOD), calib, "cpu", progress=False)
+    model, report = quantize(model, QuantConfig.from_method(METHOD), calib, device="cpu", progress=False)
     fake = copy.deepcopy(model)
     path = str(tmp_path_factory.mktemp("hf") / "ckpt")
-    save_packed(pack_model(model, report.weights), tokenizer, path, METHOD)
+    save_packed(pack_model(model, report.weights), tokenizer, path, method=METHOD)
     return fake, path
 
 

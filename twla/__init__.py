@@ -26,7 +26,7 @@ layer in memory at a time (any method), and a packed checkpoint
 evaluated the same way::
 
     config = twla.QuantConfig.from_method("pt2+gptq+had+a4+recon+e2e")
-    report, bits = twla.quantize_checkpoint("./my-llama", config, calib, "out/model", method="...")
+    report, bits = twla.quantize_checkpoint("./my-llama", config, calib, path="out/model", method="...")
     with twla.streamed_packed("out/model") as (model, tokenizer, info):
         print(twla.perplexity(model, windows).ppl)
 

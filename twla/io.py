@@ -91,6 +91,7 @@ def check_output_dir(
     path: str,
     what: str,
     is_own: Callable[[str], bool],
+    *,
     overwrite: bool = False,
     protect: Sequence[str] = (),
 ) -> None:
@@ -133,7 +134,7 @@ def json_format(path: str) -> str | None:
     return content.get("format") if isinstance(content, dict) else None
 
 
-def check_output_file(path: str, fmt: str, overwrite: bool = False) -> None:
+def check_output_file(path: str, fmt: str, *, overwrite: bool = False) -> None:
     """Refuse, before any work, to replace ``path`` unless it is a JSON file that twla wrote with
     ``"format": fmt`` and ``overwrite`` is given; a missing path is fine."""
     if not os.path.lexists(path):

@@ -21,7 +21,7 @@ BRUTE_FORCE_UNITS = 10  # 4^10 ≈ 10⁶ allocations
 
 
 def synthetic_costs(
-    units: int, seed: int = 0, options: Sequence[int] = (2, 4, 6, 8), reference: int = 8, beta: float = 0.5
+    units: int, *, seed: int = 0, options: Sequence[int] = (2, 4, 6, 8), reference: int = 8, beta: float = 0.5
 ) -> BitCosts:
     """A random chain instance shaped like measured activation-bit costs."""
     rng = np.random.default_rng(seed)
@@ -36,6 +36,7 @@ def synthetic_costs(
 
 def benchmark(
     sizes: Sequence[int] = DEFAULT_SIZES,
+    *,
     solvers: Sequence[str] = tuple(SOLVERS),
     budget: float = 4.0,
     beta: float = 0.5,
@@ -45,7 +46,7 @@ def benchmark(
     """One row per (size, solver): seconds, objective, gap to the best exact objective, status."""
     rows = []
     for name in solvers:  # warm-up: imports and first-call setup are not timed
-        solve_bits(synthetic_costs(3, seed), budget, name)
+        solve_bits(synthetic_costs(3, seed=seed), budget, solver=name)
     for size in sizes:
         costs = synthetic_costs(size, seed=seed + size, beta=beta)
         results = {}
@@ -53,7 +54,7 @@ def benchmark(
             if name == "brute-force" and size > BRUTE_FORCE_UNITS:
                 continue
             options = {"time_limit": time_limit} if name in ("cp-sat", "scip", "milp", "cvxpy") else {}
-            results[name] = solve_bits(costs, budget, name, **options)  # seconds include building the model
+            results[name] = solve_bits(costs, budget, solver=name, **options)  # seconds include building the model
         best = min(a.objective for n, a in results.items() if n in EXACT_SOLVERS and a.status == "optimal")
         for name, a in results.items():
             rows.append(

@@ -25,7 +25,9 @@ from twla.solvers.bits.problem import (
 COST_RESOLUTION = 1e12
 
 
-def solve_cpsat(costs: BitCosts, budget: float, time_limit: float = 60.0, workers: int = 1, seed: int = 0) -> Solution:
+def solve_cpsat(
+    costs: BitCosts, budget: float, *, time_limit: float = 60.0, workers: int = 1, seed: int = 0
+) -> Solution:
     """CP-SAT, started from the greedy allocation (a hint, without extra resources), within
     ``time_limit`` seconds of wall time in all; ``workers=1`` with a fixed seed is deterministic."""
     from ortools.sat.python import cp_model

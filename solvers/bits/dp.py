@@ -16,7 +16,7 @@ from twla.solvers.bits.problem import BitCosts, Solution, budget_constraint
 MAX_CELLS = 50_000_000
 
 
-def solve_dp(costs: BitCosts, budget: float, max_cells: int = MAX_CELLS) -> Solution:
+def solve_dp(costs: BitCosts, budget: float, *, max_cells: int = MAX_CELLS) -> Solution:
     """The optimum by dynamic programming over the chain (bit budget only)."""
     if costs.resources:
         raise ValueError(

@@ -69,7 +69,7 @@ def solve_greedy(costs: BitCosts, budget: float) -> Solution:
     return Solution(repair(costs, budget, start), "heuristic")
 
 
-def solve_brute_force(costs: BitCosts, budget: float, max_assignments: int = MAX_ENUMERATION) -> Solution:
+def solve_brute_force(costs: BitCosts, budget: float, *, max_assignments: int = MAX_ENUMERATION) -> Solution:
     """The optimum by enumeration (K^L ≤ ``max_assignments``); handles extra resources."""
     L, K = costs.units, costs.options
     if K**L > max_assignments:

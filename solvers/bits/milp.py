@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import sparse
 
 from twla.solvers.bits.heuristics import greedy_start, repair
 from twla.solvers.bits.problem import BitCosts, Deadline, InfeasibleBudgetError, Solution
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Formulation:
 
 
 def formulate(costs: BitCosts, budget: float) -> Formulation:
+    from scipy import sparse
+
     L, K = costs.units, costs.options
     nx, ny = L * K, (L - 1) * K * K
     x = np.arange(nx).reshape(L, K)
@@ -81,7 +86,7 @@ def _infeasible() -> InfeasibleBudgetError:
     return InfeasibleBudgetError("no allocation satisfies the budget and the extra resource limits")
 
 
-def solve_milp(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solution:
+def solve_milp(costs: BitCosts, budget: float, *, time_limit: float = 60.0) -> Solution:
     """SciPy ``milp`` (HiGHS branch and cut), within ``time_limit`` seconds of wall time in all."""
     from scipy.optimize import LinearConstraint, milp
 
@@ -106,7 +111,7 @@ def solve_milp(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solu
     return Solution(f.choice(res.x), status, getattr(res, "mip_dual_bound", None))
 
 
-def solve_scip(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solution:
+def solve_scip(costs: BitCosts, budget: float, *, time_limit: float = 60.0) -> Solution:
     """OR-Tools' MIP wrapper with the SCIP backend, started from the greedy allocation (a hint,
     without extra resources),
     within ``time_limit`` seconds of wall time in all."""
@@ -157,7 +162,7 @@ def _cvxpy_problem(f: Formulation, boolean: bool):
     return cp.Problem(cp.Minimize(f.c @ z), constraints), z
 
 
-def solve_cvxpy(costs: BitCosts, budget: float, time_limit: float = 60.0) -> Solution:
+def solve_cvxpy(costs: BitCosts, budget: float, *, time_limit: float = 60.0) -> Solution:
     """CVXPY boolean MILP (HiGHS backend), within ``time_limit`` seconds of wall time in all.
 
     CVXPY's compilation cannot be interrupted: when it outlasts the limit, the call returns with

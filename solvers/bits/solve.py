@@ -25,7 +25,7 @@ SOLVERS: dict[str, Callable[..., Solution]] = {
 EXACT_SOLVERS = ("dp", "cp-sat", "scip", "milp", "cvxpy", "brute-force")
 
 
-def solve_bits(costs: BitCosts | Mapping[str, Any], budget: float, solver: str = "dp", **options: Any) -> Allocation:
+def solve_bits(costs: BitCosts | Mapping[str, Any], budget: float, *, solver: str = "dp", **options: Any) -> Allocation:
     """Choose one bit-width per unit minimizing Σ s + β Σ c under the mean-bits budget.
 
     costs: a :class:`BitCosts` or a mapping with ``bits``, ``unary`` (L×K), ``pairwise``

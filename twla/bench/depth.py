@@ -35,7 +35,7 @@ MODES = ("stream", "memory")
 HEAD = "| width | depth | mode | peak RSS MB | s / layer | total s | packed MB |\n|---|---|---|---|---|---|---|"
 
 
-def synthetic_checkpoint(path: str, hidden: int, depth: int, vocab: int, seed: int = 0) -> None:
+def synthetic_checkpoint(path: str, hidden: int, depth: int, *, vocab: int, seed: int = 0) -> None:
     """A random Llama of the given width and depth, saved to ``path`` in 64 MB safetensors shards."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -88,11 +88,11 @@ def _child(args: argparse.Namespace) -> None:
     calib = torch.randint(0, source.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator())
     start = time.perf_counter()
     if args.child == "stream":
-        report, bits = quantize_checkpoint(source, config, calib, args.out, args.method, progress=False)
+        report, bits = quantize_checkpoint(source, config, calib, path=args.out, method=args.method, progress=False)
     else:
         model, tokenizer = load_model(source)
         model, report = quantize(model, config, calib, progress=False)
-        bits = save_packed(pack_model(model, report.weights), tokenizer, args.out, args.method)
+        bits = save_packed(pack_model(model, report.weights), tokenizer, args.out, method=args.method)
     seconds = time.perf_counter() - start
     layers = source.config.num_hidden_layers
     print(
@@ -107,7 +107,7 @@ def _child(args: argparse.Namespace) -> None:
     )
 
 
-def measure(checkpoint: str, mode: str, method: str, nsamples: int, seqlen: int, work: str) -> dict:
+def measure(checkpoint: str, mode: str, method: str, *, nsamples: int, seqlen: int, work: str) -> dict:
     """Run one quantization in a fresh process and return its measurements."""
     out = os.path.join(work, f"out-{mode}")
     cmd = [sys.executable, "-m", "twla.bench.depth", "--child", mode, "--checkpoint", checkpoint, "--method", method]
@@ -146,7 +146,7 @@ def run_depth(
     if out:
         from twla.io import check_output_file
 
-        check_output_file(os.path.join(out, "report.json"), REPORT_FORMAT, overwrite)
+        check_output_file(os.path.join(out, "report.json"), REPORT_FORMAT, overwrite=overwrite)
     rows = []
     print(f"{method}, {nsamples} × {seqlen} random calibration tokens; random weights: time and memory")
     print(HEAD)
@@ -154,10 +154,10 @@ def run_depth(
         for hidden in widths:
             for depth in depths:
                 checkpoint = os.path.join(work, f"llama-{hidden}-{depth}")
-                synthetic_checkpoint(checkpoint, hidden, depth, vocab)
+                synthetic_checkpoint(checkpoint, hidden, depth, vocab=vocab)
                 for mode in MODES:
                     row = {"width": hidden, "depth": depth, "mode": mode}
-                    row.update(measure(checkpoint, mode, method, nsamples, seqlen, work))
+                    row.update(measure(checkpoint, mode, method, nsamples=nsamples, seqlen=seqlen, work=work))
                     rows.append(row)
                     print(
                         f"| {hidden} | {depth} | {mode} | {row['peak_rss_mb']:.0f} | {row['seconds_per_layer']:.2f} | "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from matplotlib.figure import Figure
 
-from twla.bench.report import MethodRow
+from twla.bench.rows import MethodRow
 from twla.io import atomic_write
 
 
@@ -64,7 +64,7 @@ def plot_frontier(rows: list[MethodRow], path: str) -> None:
     _save_figure(fig, path)
 
 
-def plot_weight_histograms(name: str, original: torch.Tensor, quantized: dict[str, torch.Tensor], path: str) -> None:
+def plot_weight_histograms(name: str, original: torch.Tensor, quantized: dict[str, torch.Tensor], *, path: str) -> None:
     """Histogram of one layer's weights before and after each method."""
     fig = Figure(figsize=(3.2 * (1 + len(quantized)), 2.8))
     axes = fig.subplots(1, 1 + len(quantized), sharey=True)

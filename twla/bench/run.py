@@ -19,7 +19,8 @@ from twla.bench.plots import (
     plot_rotation_histograms,
     plot_weight_histograms,
 )
-from twla.bench.report import REPORT_FORMAT, MethodRow, report_dict, write_report
+from twla.bench.report import report_dict, write_report
+from twla.bench.rows import REPORT_FORMAT, MethodRow
 from twla.data.text import (
     Text,
     bos_token,
@@ -103,9 +104,9 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
         pack_model(model, report.weights),
         tokenizer,
         staged,
-        spec,
-        qcfg.to_dict(),
-        run.provenance[seed],
+        method=spec,
+        config=qcfg.to_dict(),
+        provenance=run.provenance[seed],
         dtype=dtype,
         source=model_reference(cfg.model),
     )
@@ -120,7 +121,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     model's weights are read."""
     device = resolve_device(cfg.device)
     source = model_source(cfg.model)
-    check_output_dir(cfg.out, "bench report", is_bench_report, cfg.overwrite, [source.path] if source.local else [])
+    check_output_dir(
+        cfg.out, "bench report", is_bench_report, overwrite=cfg.overwrite, protect=[source.path] if source.local else []
+    )
     check_window_length(source, cfg.seqlen, "seqlen")
     check_window_length(source, cfg.eval_seqlen, "eval_seqlen")
     cal_text = load_text(cfg.calibration, role="calibration")
@@ -128,8 +131,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     check_disjoint(cal_text, eval_text)
     cal_ids = tokenize(source.tokenizer, cal_text)
     bos = bos_token(source.tokenizer)
-    calib = {seed: calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, seed, bos) for seed in cfg.seeds}
-    windows = evaluation_windows(tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, cfg.eval_tokens, bos)
+    calib = {seed: calibration_windows(cal_ids, cfg.nsamples, cfg.seqlen, seed=seed, bos=bos) for seed in cfg.seeds}
+    windows = evaluation_windows(
+        tokenize(source.tokenizer, eval_text), cfg.eval_seqlen, max_tokens=cfg.eval_tokens, bos=bos
+    )
     check_no_overlap(cal_ids, windows)
     tasks = build_tasks(cfg.tasks)
     check_tasks_disjoint(tasks, cal_text.parts)
@@ -248,14 +253,16 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
 
     def evaluate(label: str, model):
         start = time.perf_counter()
-        result = perplexity(model, run.windows, run.eval_text.name, cfg.batch_size, run.device, progress)
+        result = perplexity(
+            model, run.windows, text=run.eval_text.name, batch_size=cfg.batch_size, device=run.device, progress=progress
+        )
         if progress:
             print(f"{label}: perplexity {result.ppl:.3f} on {result.describe()}", flush=True)
         return result, time.perf_counter() - start
 
     def score(label: str, model) -> list[TaskResult]:
         """Accuracy on the built-in tasks; the continuations of the report's prompts come with the first seed."""
-        results = evaluate_tasks(model, tokenizer, run.tasks, run.bos, run.device, progress)
+        results = evaluate_tasks(model, tokenizer, run.tasks, bos=run.bos, device=run.device, progress=progress)
         if progress and results:
             print(f"{label}: " + "; ".join(r.describe() for r in results), flush=True)
         return results
@@ -277,7 +284,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
             if i or j:
                 model, _ = load_model(run.source)
             qcfg = cfg.quant_config(spec, seed)
-            model, report = quantize(model, qcfg, run.calib[seed], run.device, progress)
+            model, report = quantize(model, qcfg, run.calib[seed], device=run.device, progress=progress)
             label = spec if len(cfg.seeds) == 1 else f"{spec} (seed {seed})"
             result, eval_seconds = evaluate(label, model)
             scores[seed] = score(label, model)
@@ -323,7 +330,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
     text = write_report(run.staging, setup, rows)
     plot_layer_errors(rows, os.path.join(run.staging, "layer_errors.png"))
     plot_frontier(rows, os.path.join(run.staging, "frontier.png"))
-    plot_weight_histograms(hist_name, original, histograms, os.path.join(run.staging, "weight_hist.png"))
+    plot_weight_histograms(hist_name, original, histograms, path=os.path.join(run.staging, "weight_hist.png"))
     if rotation_weights:
         plot_rotation_histograms(rotation_weights, os.path.join(run.staging, "rotation_hist.png"))
     if any(row.allocation for row in rows):

@@ -99,10 +99,10 @@ def kernel_rows(peak_gbs: float, shapes: dict[str, tuple[int, int]], batches: tu
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             a = quantize_activations(x, 4)
             _check(f"{name} M={M} A16", ternary_matmul(x, w), matmul_a16(x.float(), w), 1e-2)
-            _check(f"{name} M={M} int8", ternary_matmul(a, w, wsum), matmul_int(a, w), 1e-4)
+            _check(f"{name} M={M} int8", ternary_matmul(a, w, wsum=wsum), matmul_int(a, w), 1e-4)
 
             def fused(x=x, w=w, wsum=wsum):
-                return ternary_matmul(quantize_activations_triton(x, 4), w, wsum)
+                return ternary_matmul(quantize_activations_triton(x, 4), w, wsum=wsum)
 
             t = {
                 "fp16": _time(partial(torch.matmul, x, W.T), 0),
@@ -157,7 +157,7 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def random_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+def random_model(name: str, device: str, dtype: torch.dtype, *, seed: int = 0) -> nn.Module:
     """A randomly initialized Llama-architecture model of the shapes in :data:`MODELS`."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -167,7 +167,7 @@ def random_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> n
     return model.eval()
 
 
-def pack_randomly(model: nn.Module, act_bits: int = 16, rotate: bool = False, seed: int = 0) -> nn.Module:
+def pack_randomly(model: nn.Module, *, act_bits: int = 16, rotate: bool = False, seed: int = 0) -> nn.Module:
     """Replace every decoder linear by a :class:`~twla.deploy.ternary_linear.TernaryLinear` with random
     codes (and random orthogonal Kronecker input rotations when ``rotate``), in place."""
     from twla.deploy.ternary_linear import TernaryLinear
@@ -187,15 +187,15 @@ def pack_randomly(model: nn.Module, act_bits: int = 16, rotate: bool = False, se
         new.alpha.copy_(w.alpha)
         new.mu.copy_(w.mu)
         if rotation:
-            new.rot1.copy_(random_orthogonal(rotation[0], g, torch.float32))
-            new.rot2.copy_(random_orthogonal(rotation[1], g, torch.float32))
+            new.rot1.copy_(random_orthogonal(rotation[0], g, dtype=torch.float32))
+            new.rot2.copy_(random_orthogonal(rotation[1], g, dtype=torch.float32))
         new.refresh()
         layers.set_submodule(name, new)
     return model
 
 
 @torch.no_grad()
-def decode_speed(model: nn.Module, prompt: int = 16, tokens: int = 128, graphs: bool = True) -> dict:
+def decode_speed(model: nn.Module, *, prompt: int = 16, tokens: int = 128, graphs: bool = True) -> dict:
     """Batch-1 greedy decoding with a static KV cache: tokens/s over ``tokens`` steps after a
     ``prompt``-token prefill. On CUDA one decode step is captured in a CUDA graph and
     replayed; if capture fails, the steps run eagerly and the reason is returned."""
@@ -245,7 +245,7 @@ def decode_speed(model: nn.Module, prompt: int = 16, tokens: int = 128, graphs: 
     return {"tokens_per_s": steps / seconds, "ms_per_token": seconds / steps * 1e3, "mode": mode, "note": note}
 
 
-def decode_rows(models: list[str], tokens: int, device: str, dtype: torch.dtype) -> list[dict]:
+def decode_rows(models: list[str], tokens: int, device: str, *, dtype: torch.dtype) -> list[dict]:
     """fp16 (or the CPU dtype), W1.58A16 and W1.58A4 + rotations, one model at a time."""
     rows = []
     for name in models:
@@ -313,7 +313,7 @@ def run_speed(
     if unknown:
         raise ValueError(f"unknown decode model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
     if out:
-        check_output_file(os.path.join(out, "report.json"), REPORT_FORMAT, overwrite)
+        check_output_file(os.path.join(out, "report.json"), REPORT_FORMAT, overwrite=overwrite)
     if not torch.cuda.is_available():
         print("No CUDA GPU: the GPU rows (Triton kernels, fp16, CUDA graphs) were not measured.")
         print("Torch reference path on CPU (the path a packed model takes without a GPU):")
@@ -321,7 +321,7 @@ def run_speed(
         print("\nDecode on CPU, batch 1, static KV cache (float32; packed models on the torch reference path):")
         print(DECODE_HEAD)
         cpu_models = [m for m in models if m == "smollm2-135m"]
-        decode = decode_rows(cpu_models, 4 if quick else 16, "cpu", torch.float32)
+        decode = decode_rows(cpu_models, 4 if quick else 16, "cpu", dtype=torch.float32)
         if set(models) - set(cpu_models):
             print("llama-7b decode is not run on CPU.")
         return _write(out, peak_gbs, {"device": "cpu", "kernels": kernels, "decode": decode, "targets": []})
@@ -334,7 +334,7 @@ def run_speed(
     print("\n" + "\n".join(verdicts))
     print("\nDecode, batch 1, static KV cache:")
     print(DECODE_HEAD)
-    decode = decode_rows(models, 16 if quick else decode_tokens, "cuda", torch.float16)
+    decode = decode_rows(models, 16 if quick else decode_tokens, "cuda", dtype=torch.float16)
     report = {"device": torch.cuda.get_device_name(), "kernels": kernels, "decode": decode, "targets": verdicts}
     return _write(out, peak_gbs, report)
 

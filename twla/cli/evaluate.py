@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from twla.bench.config import BenchConfig
-from twla.cli.options import DEVICE_HELP, add_evaluation, defaults, int_at_least, names
+from twla.cli.options import add_batch_size, add_evaluation, add_runtime, defaults, int_at_least, names
 
 DESCRIPTION = (
     "Load a packed checkpoint written by `twla quantize` or `twla bench --save`, report its bits per weight\n"
@@ -17,17 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run = defaults(BenchConfig)
     p.add_argument("checkpoint", help="packed checkpoint directory")
     add_evaluation(p, run)
-    p.add_argument("--device", default=None, help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument(
-        "--batch-size",
-        type=int_at_least(1),
-        default=run["batch_size"],
-        help=f"sequences per forward pass (default {run['batch_size']})",
-    )
-    p.add_argument(
-        "--kernels", default="auto", choices=("auto", "triton", "torch"), help="kernel backend (default auto)"
-    )
+    add_runtime(p)
+    add_batch_size(p, run["batch_size"])
     p.add_argument(
         "--tasks",
         default="",

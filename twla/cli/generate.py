@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from twla.cli.options import DEVICE_HELP, int_at_least
+from twla.cli.options import add_runtime, int_at_least
 
 DESCRIPTION = (
     "Continue a prompt with SOURCE (a packed checkpoint, or a model as for --model) and print the tokens as\n"
@@ -28,11 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp-model", default=None, help="full-precision model for --compare (default: the one the checkpoint records)"
     )
-    p.add_argument("--device", default=None, help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument(
-        "--kernels", default="auto", choices=("auto", "triton", "torch"), help="kernel backend (default auto)"
-    )
+    add_runtime(p)
 
 
 def run(args: argparse.Namespace) -> None:

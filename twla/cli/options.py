@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
+from twla.data.corpora import CORPORA, HUB_DATASETS
 from twla.quantization.presets import DEFAULT_METHOD
 
 DATA_HELP = (
-    "a built-in corpus (see docs/cli.md), a hub dataset (needs network and 'datasets'), or a path to a UTF-8 text "
-    "file; join several with '+'"
+    f"a built-in corpus ({', '.join(CORPORA)}), a hub dataset ({', '.join(HUB_DATASETS)}; needs network and "
+    "'datasets'), or a path to a UTF-8 text file; join several with '+'"
 )
 DEVICE_HELP = "compute device (default: cuda if available, else cpu)"
 
@@ -110,12 +111,7 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
         help=f"GPTQ damping λ of H = S + λ·mean(diag S)·I for every method (default {TernaryConfig.damp})",
     )
     p.add_argument("--device", default=None, help=DEVICE_HELP)
-    p.add_argument(
-        "--batch-size",
-        type=int_at_least(1),
-        default=run["batch_size"],
-        help=f"sequences per forward pass (default {run['batch_size']})",
-    )
+    add_batch_size(p, run["batch_size"])
     p.add_argument("--overwrite", action="store_true", help="replace an output that twla wrote earlier")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods only)")
@@ -131,6 +127,21 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
         kind = int_at_least(0) if name == "steps" else float
         stage = "end-to-end" if section == "end_to_end" else "block-wise"
         recon.add_argument(f"--{flag}", type=kind, help=f"{stage} reconstruction: Adam {name} (default {default:g})")
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument(
+        "--batch-size", type=int_at_least(1), default=default, help=f"sequences per forward pass (default {default})"
+    )
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    """Where and how a loaded model runs: device, compute type, kernel backend."""
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument(
+        "--kernels", default="auto", choices=("auto", "triton", "torch"), help="kernel backend (default auto)"
+    )
 
 
 def add_evaluation(p: argparse.ArgumentParser, run: dict[str, object]) -> None:

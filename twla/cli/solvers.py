@@ -34,8 +34,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     if unknown:
         raise ValueError(f"unknown solvers: {', '.join(sorted(unknown))}; choose from {', '.join(SOLVERS)}")
     if args.out:
-        check_output_file(args.out, REPORT_FORMAT, args.overwrite)
-    rows = benchmark(list(args.sizes), list(solvers), args.budget, args.beta, args.seed, args.time_limit)
+        check_output_file(args.out, REPORT_FORMAT, overwrite=args.overwrite)
+    rows = benchmark(
+        list(args.sizes),
+        solvers=list(solvers),
+        budget=args.budget,
+        beta=args.beta,
+        seed=args.seed,
+        time_limit=args.time_limit,
+    )
     print(markdown(rows))
     if args.out:
         write_json(args.out, {"format": REPORT_FORMAT, "setup": vars(args), "rows": rows})

@@ -17,19 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CORPORA = {
-    "emma": "austen_emma.txt",
-    "mansfieldpark": "austen_mansfieldpark.txt",
-    "prideprejudice": "austen_prideprejudice.txt",
-    "persuasion": "austen_persuasion.txt",
-    "northangerabbey": "austen_northangerabbey.txt",
-    "sensesensibility": "austen_sensesensibility.txt",
-    "mobydick": "melville_mobydick.txt",
-}
-HUB_DATASETS = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"calibration": "train", "evaluation": "test"}, "\n\n"),
-    "c4": ("allenai/c4", "en", {"calibration": "train", "evaluation": "validation"}, " "),
-}
+from twla.data.corpora import CORPORA, HUB_DATASETS
 
 
 @dataclass(frozen=True)
@@ -138,7 +126,7 @@ def check_no_overlap(calibration_ids: Tensor, evaluation: Tensor) -> None:
         )
 
 
-def provenance(text: Text, windows: Tensor, seed: int, sample: int = 256) -> dict:
+def provenance(text: Text, windows: Tensor, seed: int, *, sample: int = 256) -> dict:
     """What a quantized model was calibrated on: sources, window count and length, seed, the
     SHA-256 of the token windows, and ``sample`` of their n-gram hashes (evenly spaced), by which
     a later evaluation can detect overlap with its own text."""
@@ -186,7 +174,7 @@ def _prefixed(windows: Tensor, bos: int | None) -> Tensor:
     return windows if bos is None else torch.cat([torch.full((windows.shape[0], 1), bos), windows], dim=1)
 
 
-def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None) -> Tensor:
+def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, *, seed: int, bos: int | None = None) -> Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at random starts drawn with ``seed``; with ``bos``,
     each is that token followed by ``seqlen − 1`` text tokens."""
     if nsamples < 1 or seqlen < 2:
@@ -207,7 +195,7 @@ def calibration_windows(ids: Tensor, nsamples: int, seqlen: int, seed: int, bos:
     return _prefixed(torch.stack([ids[s : s + span] for s in starts.tolist()]), bos)
 
 
-def evaluation_windows(ids: Tensor, seqlen: int, max_tokens: int | None = None, bos: int | None = None) -> Tensor:
+def evaluation_windows(ids: Tensor, seqlen: int, *, max_tokens: int | None = None, bos: int | None = None) -> Tensor:
     """Non-overlapping windows of ``seqlen`` tokens covering the first ``max_tokens`` tokens; with
     ``bos``, each is that token followed by ``seqlen − 1`` text tokens (so every window still
     scores ``seqlen − 1`` predictions)."""

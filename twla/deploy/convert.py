@@ -50,11 +50,11 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
         raise ValueError(f"--stream reads a local checkpoint directory; {cfg.model!r} is a hub id")
     reference = model_reference(cfg.model)
     protect = [source.path] if source.local else []
-    check_output_dir(cfg.out, "packed checkpoint", is_packed_checkpoint, cfg.overwrite, protect)
+    check_output_dir(cfg.out, "packed checkpoint", is_packed_checkpoint, overwrite=cfg.overwrite, protect=protect)
     check_window_length(source, cfg.seqlen, "--seqlen")
     text = load_text(cfg.calibration, "calibration")
     bos = bos_token(source.tokenizer)
-    calib = calibration_windows(tokenize(source.tokenizer, text), cfg.nsamples, cfg.seqlen, cfg.seed, bos)
+    calib = calibration_windows(tokenize(source.tokenizer, text), cfg.nsamples, cfg.seqlen, seed=cfg.seed, bos=bos)
     stream = source.local if cfg.stream is None else cfg.stream
     print(f"{cfg.method}: " + ("one decoder layer at a time" if stream else "whole model in memory"))
     saved = dict(provenance=provenance(text, calib, cfg.seed), dtype=dtype, overwrite=cfg.overwrite)
@@ -63,7 +63,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
             source,
             config,
             calib,
-            cfg.out,
+            path=cfg.out,
             method=cfg.method,
             device=device,
             progress=progress,

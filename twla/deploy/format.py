@@ -1,4 +1,5 @@
-"""Packed ternary checkpoints: save a quantized model in 2 bits per weight and load it back.
+"""The packed checkpoint format: a quantized model in 2 bits per weight, its files, and the checks
+that reading it makes (saving: :mod:`twla.deploy.save`; loading: :mod:`twla.deploy.load`).
 
 A checkpoint is a directory written atomically, in the layout of a transformers checkpoint:
 

@@ -88,7 +88,7 @@ def _check_tensor_names(model: PreTrainedModel, files: list[str]) -> None:
             raise CheckpointError(f"{path}: {key} has shape {shape} in the file but {expected[key]} in the model")
 
 
-def finish_packed_model(model: nn.Module, settings: Mapping, prefix: str = "") -> None:
+def finish_packed_model(model: nn.Module, settings: Mapping, *, prefix: str = "") -> None:
     """After ``from_pretrained`` has read the tensors: share each site's rotation factors and
     compute the buffers derived from the stored ones (of the linears under ``prefix`` when
     ``model`` is the module there, e.g. one decoder layer)."""
@@ -104,7 +104,7 @@ def finish_packed_model(model: nn.Module, settings: Mapping, prefix: str = "") -
 
 
 def load_packed(
-    path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    path: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, object, dict]:
     """Rebuild ``(model, tokenizer, meta)`` from a packed checkpoint, through
     ``AutoModelForCausalLM.from_pretrained`` (which ``import twla`` teaches the packed format);

@@ -106,7 +106,7 @@ def linear_settings(linears: Mapping[str, TernaryLinear]) -> tuple[dict, dict]:
 
 
 def quantization_config(
-    model: nn.Module | None = None, method: str = "", settings: tuple[dict, dict] | None = None
+    model: nn.Module | None = None, *, method: str = "", settings: tuple[dict, dict] | None = None
 ) -> dict:
     """The ``quantization_config`` of a packed model's ``config.json``: everything
     ``from_pretrained`` needs to build its packed modules (each linear's settings, and which
@@ -127,6 +127,7 @@ def stored_tensors(
     items: Iterable[tuple[str, Tensor]],
     linears: Mapping[str, TernaryLinear],
     tied: Mapping[str, str],
+    *,
     dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """The tensors ``items`` (state-dict entries) as stored (:func:`_storage_tensor`), each once: a
@@ -149,13 +150,14 @@ def stored_tensors(
 def packed_state_dict(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The tensors of a packed model as stored, each once (:func:`stored_tensors`; the tied embedding once)."""
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
-    return stored_tensors(model.state_dict().items(), packed_linears(model), tied, dtype)
+    return stored_tensors(model.state_dict().items(), packed_linears(model), tied, dtype=dtype)
 
 
 def save_packed(
     model: PreTrainedModel,
     tokenizer,
     path: str,
+    *,
     method: str = "",
     config: Mapping | None = None,
     provenance: Mapping | None = None,
@@ -177,7 +179,7 @@ def save_packed(
     (:func:`twla.models.loading.model_reference`; ``twla generate --compare`` loads it). Returns the
     sizes counted from the file.
     """
-    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite)
+    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite=overwrite)
     linears = packed_linears(model)
     if not linears:
         raise ValueError("the model has no packed ternary linears; call pack_model(model, report.weights) first")
@@ -195,10 +197,10 @@ def save_packed(
             tmp,
             model.config,
             getattr(model, "generation_config", None),
-            tokenizer,
-            {key: TensorSource.of(t) for key, t in packed_state_dict(model, dtype).items()},
-            quantization_config(model, method),
-            sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
+            tokenizer=tokenizer,
+            tensors={key: TensorSource.of(t) for key, t in packed_state_dict(model, dtype).items()},
+            settings=quantization_config(model, method=method),
+            embeddings=sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
             config=config,
             provenance=provenance,
             report=report,
@@ -210,6 +212,7 @@ def write_packed(
     directory: str,
     model_config: PretrainedConfig,
     generation_config: GenerationConfig | None,
+    *,
     tokenizer,
     tensors: Mapping[str, TensorSource],
     settings: Mapping,
@@ -258,7 +261,7 @@ def write_packed(
     return bits
 
 
-def upgrade_packed(source: str, path: str, overwrite: bool = False) -> PackedBits:
+def upgrade_packed(source: str, path: str, *, overwrite: bool = False) -> PackedBits:
     """Convert the packed checkpoint ``source`` of an older format version (:data:`UPGRADABLE`)
     to this version at ``path`` (atomically; ``source`` is only read). Version 3 differs in the
     order of the codes inside each packed weight (k = 4r + j in bits 2j..2j+1 of row r); every
@@ -267,7 +270,7 @@ def upgrade_packed(source: str, path: str, overwrite: bool = False) -> PackedBit
     if meta["version"] == VERSION:
         raise ValueError(f"{source!r} is already format version {VERSION}")
     check_files(source, meta)
-    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite, [source])
+    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite=overwrite, protect=[source])
     model_config = AutoConfig.from_pretrained(source)
     settings = {**model_config.quantization_config, "version": VERSION}
     tensors = CheckpointTensors(source)
@@ -284,10 +287,10 @@ def upgrade_packed(source: str, path: str, overwrite: bool = False) -> PackedBit
             tmp,
             model_config,
             None,
-            None,
-            sources,
-            settings,
-            meta["embeddings"],
+            tokenizer=None,
+            tensors=sources,
+            settings=settings,
+            embeddings=meta["embeddings"],
             config=meta["config"],
             provenance=meta["provenance"],
             source=meta["model"],

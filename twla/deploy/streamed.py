@@ -34,7 +34,7 @@ class PackedLayers:
         for key, t in layer.state_dict().items():
             if prefix + key in self.tensors:
                 assign(layer, key, self.tensors.get(prefix + key).to(t.dtype))
-        finish_packed_model(layer, self.settings, prefix)
+        finish_packed_model(layer, self.settings, prefix=prefix)
         return layer
 
     def unload(self, layer: nn.Module) -> None:
@@ -53,7 +53,7 @@ class PackedLayers:
 
 @contextmanager
 def streamed_packed(
-    path: str, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+    path: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> Iterator[tuple[PreTrainedModel, object, dict]]:
     """:func:`twla.deploy.load.load_packed` for a packed model that does not fit in memory: inside,
     ``(model, tokenizer, meta)`` with the decoder layers read from the tensor file one at a time

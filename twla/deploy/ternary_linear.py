@@ -91,7 +91,7 @@ class TernaryLinear(nn.Module):
             weight.has_offset,
             getattr(linear, "act", UNQUANTIZED),
         )
-        w = pack_ternary(weight.codes[:, perm], weight.alpha, weight.mu, weight.block_size)
+        w = pack_ternary(weight.codes[:, perm], weight.alpha, weight.mu, group_size=weight.block_size)
         with torch.no_grad():
             module.weight.copy_(w.packed)
             module.alpha.copy_(w.alpha)
@@ -174,11 +174,11 @@ class TernaryLinear(nn.Module):
         y = ternary_linear(
             x.reshape(-1, self.in_features),
             self.packed_weight(),
-            self.act,
-            self.perm,
-            self.inverse_perm,
-            self.wsum,
-            self.bias,
+            act=self.act,
+            perm=self.perm,
+            inverse_perm=self.inverse_perm,
+            wsum=self.wsum,
+            bias=self.bias,
         )
         return y.reshape(*shape[:-1], self.out_features)
 

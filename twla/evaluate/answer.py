@@ -54,7 +54,7 @@ def answer(
         models.append((f"{source} (full precision)", model, tokenizer))
     answers = []
     for label, model, tokenizer in models:
-        ids = encode_prompt(tokenizer, prompt, chat)
+        ids = encode_prompt(tokenizer, prompt, chat=chat)
         print(f"── {label} ──", flush=True)
         with kernel_backend(kernels):
             out = generate(

@@ -33,7 +33,7 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> Tensor:
+def encode_prompt(tokenizer, prompt: str, *, chat: bool | None = None) -> Tensor:
     """The prompt's token ids (1, T): as a user turn of the tokenizer's chat template (with the
     assistant's turn opened) when ``chat`` is True, or None and the tokenizer has a template;
     the plain text otherwise."""
@@ -55,6 +55,7 @@ def generate(
     model,
     tokenizer,
     ids: Tensor,
+    *,
     max_new_tokens: int = 64,
     sample: bool = False,
     temperature: float = 0.7,
@@ -89,7 +90,9 @@ def generate(
 
 
 def continuations(
-    model, tokenizer, prompts: tuple[str, ...] = REPORT_PROMPTS, tokens: int = REPORT_TOKENS
+    model, tokenizer, *, prompts: tuple[str, ...] = REPORT_PROMPTS, tokens: int = REPORT_TOKENS
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (plain text, no chat template), one per prompt."""
-    return [generate(model, tokenizer, encode_prompt(tokenizer, p, chat=False), tokens).text for p in prompts]
+    return [
+        generate(model, tokenizer, encode_prompt(tokenizer, p, chat=False), max_new_tokens=tokens).text for p in prompts
+    ]

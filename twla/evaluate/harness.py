@@ -15,6 +15,7 @@ def run_harness(
     model,
     tokenizer,
     tasks: Sequence[str],
+    *,
     batch_size: int = 8,
     device: str = "cpu",
     limit: int | None = None,

@@ -49,13 +49,13 @@ def evaluate_packed(
     harness = [t for t in tasks if t not in TASKS]
     if stream and harness:
         raise ValueError("--stream evaluates perplexity and the built-in tasks; drop it for harness tasks")
-    with streamed_packed(checkpoint, device, dtype) if stream else nullcontext() as streamed:
+    with streamed_packed(checkpoint, device=device, dtype=dtype) if stream else nullcontext() as streamed:
         model, tokenizer, meta = streamed or load_packed(checkpoint, dtype=dtype)
         if tokenizer is None:
             raise ValueError(f"{checkpoint} holds no tokenizer; it is needed to tokenize the evaluation text")
         ids = tokenize(tokenizer, text)
         bos = bos_token(tokenizer)
-        windows = evaluation_windows(ids, eval_seqlen, eval_tokens, bos)
+        windows = evaluation_windows(ids, eval_seqlen, max_tokens=eval_tokens, bos=bos)
         shared = calibration_overlap(meta.get("provenance", {}), ids)
         if shared is not None and shared >= OVERLAP_LIMIT:
             print(
@@ -67,14 +67,22 @@ def evaluate_packed(
         check_tasks_disjoint(builtin, meta.get("provenance", {}).get("calibration", {}).get("sources", ()))
         label = meta["method"] or checkpoint
         with kernel_backend(kernels):
-            result = perplexity(model, windows, text.name, batch_size, device, progress)
+            result = perplexity(model, windows, text=text.name, batch_size=batch_size, device=device, progress=progress)
             print(f"{label}: perplexity {result.ppl:.4f} on {result.describe()}")
-            for task in evaluate_tasks(model, tokenizer, builtin, bos, device, progress):
+            for task in evaluate_tasks(model, tokenizer, builtin, bos=bos, device=device, progress=progress):
                 print(f"{label}: {task.describe()}")
             if harness:
                 from twla.evaluate.harness import run_harness
 
-                scores = run_harness(model.to(device), tokenizer, harness, batch_size, device, limit, include_path)
+                scores = run_harness(
+                    model.to(device),
+                    tokenizer,
+                    harness,
+                    batch_size=batch_size,
+                    device=device,
+                    limit=limit,
+                    include_path=include_path,
+                )
                 for task, metrics in scores.items():
                     values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                     print(f"{label}: {task} (lm-evaluation-harness) {values}")

@@ -30,6 +30,7 @@ LOGITS_LIMIT = 2**28  # logits per forward pass (1 GiB in float32)
 def perplexity(
     model: nn.Module,
     windows: Tensor,
+    *,
     text: str = "",
     batch_size: int = 4,
     device: str | torch.device | None = None,

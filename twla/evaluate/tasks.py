@@ -79,7 +79,7 @@ def sentences(text: str) -> list[list[str]]:
     return paragraphs
 
 
-def lastword_task(corpus: str = "persuasion", items: int = 80, seed: int = 0, min_words: int = 40) -> Task:
+def lastword_task(corpus: str = "persuasion", *, items: int = 80, seed: int = 0, min_words: int = 40) -> Task:
     """Final-word prediction (module docstring); ``items`` passages drawn with ``seed``."""
     candidates = []
     for paragraph in sentences(load_text(corpus).text):
@@ -100,7 +100,7 @@ def lastword_task(corpus: str = "persuasion", items: int = 80, seed: int = 0, mi
 
 
 def nextsent_task(
-    corpus: str = "northangerabbey", items: int = 40, seed: int = 0, choices: int = 4, words: tuple = (6, 25)
+    corpus: str = "northangerabbey", *, items: int = 40, seed: int = 0, choices: int = 4, words: tuple = (6, 25)
 ) -> Task:
     """Next sentence among ``choices`` (module docstring); ``items`` drawn with ``seed``."""
     flat = [(i, s) for i, paragraph in enumerate(sentences(load_text(corpus).text)) for s in paragraph]
@@ -184,7 +184,7 @@ def _score(
 
 
 def evaluate_task(
-    model: nn.Module, tokenizer, task: Task, bos: int | None = None, progress: bool = False
+    model: nn.Module, tokenizer, task: Task, *, bos: int | None = None, progress: bool = False
 ) -> TaskResult:
     """Score every item of ``task`` (``bos``: the token every window starts with, if any). An
     item with one continuation is right when greedy decoding gives it (acc); one with several
@@ -206,9 +206,9 @@ def evaluate_task(
 
 
 def evaluate_tasks(
-    model: nn.Module, tokenizer, tasks: Sequence[Task], bos: int | None, device: torch.device, progress: bool = False
+    model: nn.Module, tokenizer, tasks: Sequence[Task], *, bos: int | None, device: torch.device, progress: bool = False
 ) -> list[TaskResult]:
     model.to(device)
-    results = [evaluate_task(model, tokenizer, task, bos, progress) for task in tasks]
+    results = [evaluate_task(model, tokenizer, task, bos=bos, progress=progress) for task in tasks]
     model.to("cpu")
     return results

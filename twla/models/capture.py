@@ -111,7 +111,7 @@ def reloading(
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device, offload: bool = False
+    model: nn.Module, adapter: Adapter, windows: Tensor, *, batch_size: int, device: torch.device, offload: bool = False
 ) -> LayerInputs:
     """Inputs of decoder layer 0 per batch, and every layer's keyword arguments: the layers are
     swapped for recorders for one pass, so only the embedding and the rotary tables run.
@@ -160,6 +160,7 @@ def collect_statistics(
     layer: nn.Module,
     linear: nn.Module,
     batches: LayerInputs | list[tuple[Tensor, dict]],
+    *,
     keep: int = 0,
     statistics: bool = True,
 ) -> SiteInputs:

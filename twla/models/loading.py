@@ -95,7 +95,7 @@ def model_source(name_or_path: str = DEFAULT_MODEL) -> ModelSource:
 
 
 def load_model(
-    name_or_path: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, layers: int | None = None
+    name_or_path: str | ModelSource = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, layers: int | None = None
 ):
     """Load ``(model, tokenizer)`` from a built-in name, a local directory, a hub id or a
     :class:`ModelSource`.
@@ -155,11 +155,11 @@ def keep_layers(model: PreTrainedModel, count: int) -> None:
         model.config.layer_types = model.config.layer_types[:count]
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer, path: str, overwrite: bool = False) -> None:
+def save_checkpoint(model: PreTrainedModel, tokenizer, path: str, *, overwrite: bool = False) -> None:
     """Write a (full-precision) checkpoint atomically: into a temporary sibling directory, then
     rename. An existing checkpoint at ``path`` is replaced only with ``overwrite``; any other
     non-empty directory or file there is refused."""
-    check_output_dir(path, "checkpoint", lambda p: os.path.isfile(os.path.join(p, "config.json")), overwrite)
+    check_output_dir(path, "checkpoint", lambda p: os.path.isfile(os.path.join(p, "config.json")), overwrite=overwrite)
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from twla.quantization.fake_quant import QuantLinear, wrap_linears
 from twla.quantization.sections import AllocationConfig
 from twla.solvers.bits import Allocation, BitCosts, solve_bits
 from twla.solvers.bits.problem import option_index
+
+if TYPE_CHECKING:
+    from twla.quantization.state import QuantRun
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class CostProbe:
         self.positions = torch.arange(stride - 1, windows.shape[1] - 1, stride)
         self.targets = windows[:, self.positions + 1].to(device)
         self.reset()
-        captured = capture_layer_inputs(model, adapter, windows, windows.shape[0], device)
+        captured = capture_layer_inputs(model, adapter, windows, batch_size=windows.shape[0], device=device)
         self.inputs, (self.kwargs,) = list(captured.hidden), captured.kwargs  # one batch: kwargs per layer
         with torch.no_grad():
             for layer, kwargs in zip(self.layers, self.kwargs, strict=True):
@@ -129,7 +133,7 @@ class CostProbe:
 
 
 def measure_costs(
-    probe: CostProbe, units: list[Unit], options: tuple[int, ...], beta: float, progress: bool = False
+    probe: CostProbe, units: list[Unit], options: tuple[int, ...], *, beta: float, progress: bool = False
 ) -> BitCosts:
     """Unary and adjacent pairwise costs by measurement; entries with a unit at the reference bits
     are 0 by definition and not measured."""
@@ -168,7 +172,8 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
         def forward(mod, args, out):
             x = mod.rotate_input(args[0].detach()).float()
             steps = torch.cat(
-                [uniform_grid(x, b, mod.act_clips.get(b, 1.0), mod.act.symmetric)[0] for b in options], -1
+                [uniform_grid(x, b, clip=mod.act_clips.get(b, 1.0), symmetric=mod.act.symmetric)[0] for b in options],
+                -1,
             )  # per-token step Δ_t(b) of each option's grid
 
             def backward(grad: Tensor) -> None:
@@ -276,6 +281,7 @@ def allocate(
     model: nn.Module,
     adapter: Adapter,
     calibration: Tensor,
+    *,
     cfg: AllocationConfig,
     device: torch.device,
     progress: bool = True,
@@ -303,9 +309,9 @@ def allocate(
         model.to(device)
         try:
             probe = CostProbe(model, adapter, windows, linears, cfg.reference, cfg.metric, cfg.stride, device)
-            costs = measure_costs(probe, units, cfg.options, cfg.beta, progress)
+            costs = measure_costs(probe, units, cfg.options, beta=cfg.beta, progress=progress)
             estimate = fisher_estimate(probe, units, cfg.options) if kept is None else None
-            allocation = solve_bits(costs, cfg.budget, cfg.solver)
+            allocation = solve_bits(costs, cfg.budget, solver=cfg.solver)
             uniform = None
             if int(cfg.budget) == cfg.budget and int(cfg.budget) in cfg.options:
                 pred, meas = _evaluate(probe, costs, units, [int(cfg.budget)] * len(units))
@@ -328,3 +334,24 @@ def allocate(
         reference_nll=probe.ref_nll,
         bits={name: b for unit, b in zip(units, allocation.bits, strict=True) for name in unit.linears},
     )
+
+
+def allocate_bits(run: QuantRun) -> dict:
+    """Stage, after the last layer (and end-to-end reconstruction): the activation bits of every
+    linear, from costs measured on the quantized model; kept layers are then finished."""
+    report = run.report
+    report.allocation = allocate(
+        run.model,
+        run.adapter,
+        run.calibration,
+        cfg=run.config.allocation,
+        device=run.device,
+        progress=run.progress,
+        kept=run.stream,
+    )
+    for record in report.records:
+        record.act_bits = report.allocation.bits[record.name]
+        record.act_clip = (record.act_clips or {}).get(record.act_bits, 1.0)
+    for index in range(len(run.layers) if run.stream is not None else 0):
+        run.stream.finish(index, *run.stream.reload(index))
+    return {"mean bits": report.allocation.allocation.mean_bits}

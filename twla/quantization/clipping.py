@@ -30,7 +30,7 @@ class ClipChoice:
 
 @torch.no_grad()
 def calibrate_clip(
-    X: Tensor, W_ref: Tensor, W_hat: Tensor, bits: int, symmetric: bool, grid: tuple[float, ...]
+    X: Tensor, W_ref: Tensor, W_hat: Tensor, *, bits: int, symmetric: bool, grid: tuple[float, ...]
 ) -> ClipChoice:
     """Pick p from ``grid`` minimizing the layer's relative output error (ties: the larger p).
     p = 1 (no clipping) is always evaluated, so ``errors[1.0]`` is the unclipped reference.
@@ -45,7 +45,7 @@ def calibrate_clip(
     W_hat = W_hat.float()
     errors = {}
     for p in sorted({1.0, *grid}, reverse=True):
-        out = fake_quantize(X, bits, p, symmetric) @ W_hat.T
+        out = fake_quantize(X, bits, clip=p, symmetric=symmetric) @ W_hat.T
         errors[p] = float(((out - target) ** 2).sum()) / energy
     best = min(errors, key=lambda p: (errors[p], -p))
     return ClipChoice(best, errors)

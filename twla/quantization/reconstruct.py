@@ -22,7 +22,9 @@ rounded to the 16 bits it is stored in.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +33,15 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from twla.models.adapters import Adapter
-from twla.models.capture import KeptLayers, layer_output, layers_replaced
+from twla.models.capture import KeptLayers, layer_output, layers_replaced, reloading
 from twla.quantization.fake_quant import QuantLinear
+from twla.quantization.records import refresh_clips
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
 from twla.quantization.weights import QuantizedWeight
 from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
+
+if TYPE_CHECKING:
+    from twla.quantization.state import QuantRun
 
 Window = tuple[Tensor, dict]
 MIN_CLIP = 0.1  # the learned clipping ratio stays in [MIN_CLIP, 1]
@@ -72,7 +78,7 @@ def kl_positions(seqlen: int, stride: int) -> Tensor:
 
 @torch.no_grad()
 def teacher_log_probs(
-    model: nn.Module, calibration: Tensor, stride: int, device: torch.device, progress: bool = False
+    model: nn.Module, calibration: Tensor, stride: int, *, device: torch.device, progress: bool = False
 ) -> list[Tensor]:
     """The full-precision model's next-token log-probabilities at :func:`kl_positions` of every
     calibration window (float16, CPU; call before quantizing)."""
@@ -193,16 +199,16 @@ def _solve(
                 params,
                 error,
                 reference,
-                list(range(windows - holdout)),
-                list(range(windows - holdout, windows)),
-                config.steps,
-                config.lr,
-                config.batch,
-                config.eval_every,
-                config.patience,
-                torch.Generator().manual_seed(config.seed * 100_003 + stream),
-                project,
-                progress,
+                train=list(range(windows - holdout)),
+                holdout=list(range(windows - holdout, windows)),
+                steps=config.steps,
+                lr=config.lr,
+                batch=config.batch,
+                eval_every=config.eval_every,
+                patience=config.patience,
+                generator=torch.Generator().manual_seed(config.seed * 100_003 + stream),
+                project=project,
+                progress=progress,
             )
     finally:
         for p, flag in flags.items():
@@ -213,6 +219,7 @@ def reconstruct_block(
     layer: nn.Module,
     index: int,
     adapter: Adapter,
+    *,
     windows: list[Window],
     targets: list[Tensor],
     weights: dict[str, QuantizedWeight],
@@ -283,6 +290,7 @@ def reconstruct_model(
     model: nn.Module,
     adapter: Adapter,
     calibration: Tensor,
+    *,
     teacher: list[Tensor],
     weights: dict[str, QuantizedWeight],
     config: EndToEndConfig,
@@ -349,3 +357,71 @@ def reconstruct_model(
         if done is not None:
             done(index, layer, found)
     return result
+
+
+# The pipeline's reconstruction stages (:mod:`twla.quantization.pipeline`).
+
+
+def record_teacher(run: QuantRun) -> None:
+    """Stage, before any change to the model: the full-precision next-token distribution that
+    end-to-end reconstruction matches."""
+    stream = run.stream
+    with (
+        nullcontext()
+        if stream is None
+        else layers_replaced(run.model, run.adapter, reloading(stream.load, stream.unload, run.device))
+    ):
+        run.teacher = teacher_log_probs(
+            run.model, run.calibration, run.config.end_to_end.stride, device=run.device, progress=run.progress
+        )
+
+
+def record_block_targets(run: QuantRun) -> None:
+    """Stage, per layer, before its linears are quantized: the full-precision block's outputs on
+    the calibration windows, which block-wise reconstruction matches."""
+    run.layer.to(run.device)
+    windows = split_windows(run.batches)
+    run.block["windows"], run.block["targets"] = windows, block_targets(run.layer, windows)
+
+
+def reconstruct_layer(run: QuantRun) -> dict:
+    """Stage, per layer: block-wise reconstruction of the quantized layer."""
+    block, report = run.block, run.report
+    result = reconstruct_block(
+        run.layer,
+        run.index,
+        run.adapter,
+        windows=block.pop("windows"),
+        targets=block.pop("targets"),
+        weights=report.weights,
+        config=run.config.reconstruction,
+    )
+    report.reconstruction.append({"layer": run.index, **result.to_dict()})
+    refresh_clips(run.layer, run.index, run.adapter.layers, records=report.records)
+    done = report.reconstruction  # the summary: the mean over the blocks reconstructed so far
+    return {"held-out error": {k: sum(r[k] for r in done) / len(done) for k in ("before", "after")}}
+
+
+def reconstruct_end_to_end(run: QuantRun) -> dict:
+    """Stage, after the last layer: every block's parameters tuned at once against the teacher."""
+    stream = run.stream
+
+    def done(index: int, layer: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+        refresh_clips(layer, index, run.adapter.layers, records=run.report.records)
+        if stream is not None:
+            (stream.store if run.config.allocation else stream.finish)(index, layer, weights)
+
+    result = reconstruct_model(
+        run.model,
+        run.adapter,
+        run.calibration,
+        teacher=run.teacher,
+        weights=run.report.weights,
+        config=run.config.end_to_end,
+        device=run.device,
+        progress=run.progress,
+        done=done,
+        kept=stream,
+    )
+    run.report.end_to_end = result.to_dict()
+    return {"held-out KL": {"before": result.before, "after": result.after}}

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from twla.quantization.allocation import AllocationReport
+from torch import nn
+
 from twla.quantization.config import QuantConfig
-from twla.quantization.rotation import (
-    RotationReport,
-)
-from twla.quantization.weights import QuantizedWeight
+from twla.quantization.fake_quant import QuantLinear
+
+if TYPE_CHECKING:
+    from twla.quantization.allocation import AllocationReport
+    from twla.quantization.site_rotations import RotationReport
+    from twla.quantization.weights import QuantizedWeight
 
 
 @dataclass
@@ -53,6 +57,7 @@ class QuantReport:
     allocation: AllocationReport | None = None
     reconstruction: list[dict] = field(default_factory=list)  # per block: held-out error before/after, traces
     end_to_end: dict | None = None  # held-out mean KL before/after, traces
+    stages: dict[str, dict] = field(default_factory=dict)  # per pipeline stage: seconds, calls, its summary
     seconds: float = 0.0
     rotation_seconds: float = 0.0
     calibration_tokens: int = 0
@@ -63,9 +68,21 @@ class QuantReport:
             "seconds": self.seconds,
             "rotation_seconds": self.rotation_seconds,
             "calibration_tokens": self.calibration_tokens,
+            "stages": self.stages,
             "rotation": self.rotation.to_dict() if self.rotation else None,
             "allocation": self.allocation.to_dict() if self.allocation else None,
             "reconstruction": self.reconstruction,
             "end_to_end": self.end_to_end,
             "layers": [asdict(r) for r in self.records],
         }
+
+
+def refresh_clips(layer: nn.Module, index: int, layers: str, *, records: list[LayerRecord]) -> None:
+    """Copy the clipping ratios of decoder layer ``index`` (``layers``: the decoder layers' path),
+    after reconstruction tuned them, into its records."""
+    for record in records:
+        if record.layer == index:
+            module = layer.get_submodule(record.name.removeprefix(f"{layers}.{index}."))
+            if isinstance(module, QuantLinear) and module.act_clips:
+                record.act_clips = dict(module.act_clips)
+                record.act_clip = module.act_clips.get(record.act_bits, 1.0)

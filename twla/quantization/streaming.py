@@ -74,7 +74,9 @@ def _check_tensors(model: PreTrainedModel, adapter: Adapter, tensors: Checkpoint
             check_finite(tensors.get(key), key)
 
 
-def empty_model(source: ModelSource, tensors: CheckpointTensors, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def empty_model(
+    source: ModelSource, tensors: CheckpointTensors, *, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """The model of ``source`` with its decoder layers on the meta device and everything else
     (embedding, final norm, head, rotary tables) read from ``tensors`` in ``dtype``."""
     with parameters_on_meta():
@@ -164,7 +166,7 @@ class StreamedLayers:
         settings, sources = linear_settings(linears)
         self.linears.update(settings)
         self.sources.update(sources)
-        stored = stored_tensors(layer.state_dict(prefix=prefix).items(), linears, {}, self.dtype)
+        stored = stored_tensors(layer.state_dict(prefix=prefix).items(), linears, {}, dtype=self.dtype)
         file = os.path.join(self.scratch, f"layer-{index:05d}.safetensors")
         write_safetensors(file, {key: TensorSource.of(t) for key, t in stored.items()}, {})
         self.files.append(file)
@@ -177,7 +179,7 @@ class StreamedLayers:
         layers = self.adapter.layers + "."
         tied = self.model.get_expanded_tied_weights_keys(all_submodels=True)
         ends = ((k, t) for k, t in self.model.state_dict().items() if not k.startswith(layers))
-        sources = {key: TensorSource.of(t) for key, t in stored_tensors(ends, {}, tied, self.dtype).items()}
+        sources = {key: TensorSource.of(t) for key, t in stored_tensors(ends, {}, tied, dtype=self.dtype).items()}
         scratch = CheckpointTensors.of_files(self.files)
         sources.update({key: scratch.source(key) for key in scratch.keys()})
         return sources
@@ -187,6 +189,7 @@ def quantize_checkpoint(
     source: str | ModelSource,
     config: QuantConfig,
     calibration: Tensor,
+    *,
     path: str,
     method: str = "",
     device: str | torch.device | None = None,
@@ -210,21 +213,23 @@ def quantize_checkpoint(
         raise ValueError(
             f"{source.path!r} is not a local checkpoint directory; layer-by-layer loading reads local files"
         )
-    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite, [source.path])
+    check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite=overwrite, protect=[source.path])
     tensors = CheckpointTensors(source.path)
     model = empty_model(source, tensors)
     adapter = get_adapter(model)
     with atomic_directory(path) as tmp:
         stream = StreamedLayers(model, tensors, os.path.join(tmp, SCRATCH), dtype)
-        model, report = quantize(model, config, calibration, device, progress, stream, offload)
+        model, report = quantize(
+            model, config, calibration, device=device, progress=progress, stream=stream, offload=offload
+        )
         bits = write_packed(
             tmp,
             model.config,
             model.generation_config,
-            source.tokenizer,
-            stream.packed_tensors(),
-            quantization_config(method=method, settings=(stream.linears, stream.sources)),
-            sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
+            tokenizer=source.tokenizer,
+            tensors=stream.packed_tensors(),
+            settings=quantization_config(method=method, settings=(stream.linears, stream.sources)),
+            embeddings=sorted({f"{adapter.embed}.weight", f"{adapter.head}.weight"}),
             config=config.to_dict(),
             provenance=provenance,
             report=report.to_dict(),

@@ -199,7 +199,7 @@ def structured_block_fitter(cfg: TernaryConfig) -> BlockFit:
     def fit(Wb: Tensor, metric: Tensor, Pbb: Tensor | None) -> tuple[Tensor, dict[str, Tensor], StructuredFit]:
         inv_diag = torch.diagonal(Pbb) if Pbb is not None else 1 / torch.diagonal(metric)
         salient = structured.salient_columns(Wb, inv_diag, cfg.salient)
-        result, _ = structured.fit(Wb, salient, cfg.groups, cfg.itf_iters, cfg.itf_rule)
+        result, _ = structured.fit(Wb, salient, groups=cfg.groups, iters=cfg.itf_iters, rule=cfg.itf_rule)
         stages = {"structured": result.dequantize()}
         if Pbb is not None:
             classes, codes, residual = (torch.empty_like(result.codes) for _ in range(3))
@@ -213,7 +213,7 @@ def structured_block_fitter(cfg: TernaryConfig) -> BlockFit:
             result = StructuredFit(classes, codes, residual, result.alpha, result.mu, result.beta)
             stages["gptq-round"] = result.dequantize()
         if cfg.refit:
-            result = structured.coefficients(Wb, result, metric)
+            result = structured.coefficients(Wb, result, M=metric)
             stages["refit"] = result.dequantize()
         return result.dequantize(), stages, result
 
@@ -237,7 +237,7 @@ def ternary_block_fitter(cfg: TernaryConfig) -> BlockFit:
         elif cfg.quantizer == "twn":
             result = twn(Wb)
         else:
-            result, _ = itf(Wb, cfg.itf_iters, cfg.itf_rule)
+            result, _ = itf(Wb, iters=cfg.itf_iters, rule=cfg.itf_rule)
         stages = {cfg.quantizer if cfg.quantizer != "atq" else "itf": result.dequantize()}
         if Pbb is not None:
             alpha, mu = result.alpha, result.mu
@@ -277,15 +277,17 @@ def uniform_block_fitter(cfg: UniformConfig) -> BlockFit:
         def dequant(codes: Tensor, s: Tensor, z: Tensor) -> Tensor:
             return s * (codes - z)
 
-        codes = quantize_codes(Wb, scale, zero, cfg.bits, symmetric=False)
+        codes = quantize_codes(Wb, scale, zero, bits=cfg.bits, symmetric=False)
         stages = {"rtn": dequant(codes, scale, zero)}
         if Pbb is not None:
 
             def round_column(w: Tensor, j: int) -> Tensor:
-                return dequant(quantize_codes(w[:, None], scale, zero, cfg.bits, False), scale, zero).squeeze(1)
+                return dequant(
+                    quantize_codes(w[:, None], scale, zero, bits=cfg.bits, symmetric=False), scale, zero
+                ).squeeze(1)
 
             Q = sequential_round(Wb, Pbb, round_column)
-            codes = quantize_codes(Q, scale, zero, cfg.bits, symmetric=False)
+            codes = quantize_codes(Q, scale, zero, bits=cfg.bits, symmetric=False)
             stages["gptq-round"] = dequant(codes, scale, zero)
         return dequant(codes, scale, zero), stages, UniformFit(codes, scale.squeeze(1), zero.squeeze(1))
 
@@ -306,7 +308,15 @@ def quantize_weight(W: Tensor, S: Tensor, cfg: WeightConfig) -> tuple[QuantizedW
     """
     if not torch.isfinite(W).all():
         raise ValueError("weight contains NaN or inf values")
-    res = gptq(W, S, block_fitter(cfg), cfg.block_size, cfg.compensate, cfg.reorder, cfg.damp)
+    res = gptq(
+        W,
+        S,
+        block_fitter(cfg),
+        block_size=cfg.block_size,
+        compensate=cfg.compensate,
+        reorder=cfg.reorder,
+        damp=cfg.damp,
+    )
     perm = torch.cat(res.blocks).cpu()
 
     def assembled(attr: str, dtype: torch.dtype = torch.int8) -> Tensor:

@@ -240,11 +240,12 @@ def test_quantize_command_streams_a_checkpoint_directory(checkpoint, tmp_path, c
 
 @pytest.mark.slow
 def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
-    """Peak RSS of real runs, each in its own process, at 2 and 6 decoder layers of SmolLM2's width."""
+    """Peak RSS of real runs, each in its own process, at 2 and 8 decoder layers of SmolLM2's width (six
+    more layers, so that in memory they stand clear of the peak's run-to-run noise, about 60 MB)."""
     from twla.bench.depth import measure, synthetic_checkpoint
 
     peaks = {}
-    for depth in (2, 6):
+    for depth in (2, 8):
         path = str(tmp_path / f"d{depth}")
         synthetic_checkpoint(path, 576, depth, vocab=8192)
         for mode in ("stream", "memory"):
@@ -254,8 +255,8 @@ def test_streaming_peak_memory_does_not_grow_with_depth(tmp_path):
     tensors = CheckpointTensors(path)
     layer = sum(tensors.get(k).nbytes for k in tensors.keys() if k.startswith("model.layers.0."))
     print({k: round(v / 2**20) for k, v in peaks.items()}, f"one layer {layer / 2**20:.1f} MiB")
-    assert peaks[("stream", 6)] < 1.1 * peaks[("stream", 2)]
-    assert peaks[("memory", 6)] - peaks[("memory", 2)] > 2 * layer  # in memory, the 4 more layers add up
+    assert peaks[("stream", 8)] < 1.1 * peaks[("stream", 2)]
+    assert peaks[("memory", 8)] - peaks[("memory", 2)] > 2 * layer  # in memory, the 6 more layers add up
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

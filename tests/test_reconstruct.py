@@ -12,6 +12,7 @@ from twla import QuantConfig, quantize
 from twla.bench.run import BenchConfig
 from twla.deploy.save import pack_model
 from twla.kernels.uniform import fake_quantize
+from twla.quantization.reconstruct import straight_through_codes
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
 from twla.solvers.reconstruct import Scaled, reconstruct
 
@@ -81,7 +82,7 @@ def test_straight_through_quantizer_has_the_same_values_and_a_gradient():
 
 def _recon_config(spec: str, **overrides) -> QuantConfig:
     config = QuantConfig.from_method(spec)
-    recon = replace(config.reconstruction, steps=30, holdout=2, eval_every=5, **overrides)
+    recon = replace(config.reconstruction, **{"steps": 30, "holdout": 2, "eval_every": 5, **overrides})
     return replace(config, reconstruction=recon)
 
 
@@ -105,6 +106,45 @@ def test_reconstruction_keeps_codes_and_lowers_the_held_out_block_error(spec):
         for value in weight.grid().values():
             assert torch.equal(value, value.half().float())  # stored in 16 bits
         assert torch.equal(model.get_submodule(name).weight.detach(), weight.dequantize())
+
+
+def test_straight_through_codes_round_to_ternary_levels_with_an_identity_gradient():
+    z = torch.tensor([-1.7, -0.6, -0.4, 0.3, 0.51, 1.4], requires_grad=True)
+    codes = straight_through_codes(z)
+    assert codes.tolist() == [-1, -1, 0, 0, 1, 1]
+    codes.sum().backward()
+    assert torch.equal(z.grad, torch.ones(6))
+
+
+def test_learned_rounding_moves_codes_one_level_and_packs_exactly():
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    _, frozen = quantize(tiny_llama(), QuantConfig.from_method("pt2+gptq+had+a4"), calib, device="cpu", progress=False)
+    config = _recon_config("pt2+gptq+had+a4+round", code_lr=0.1, holdout=0, batch=2)
+    model, report = quantize(tiny_llama(), config, calib, device="cpu", progress=False)
+    first = report.reconstruction[0]  # judged on the training windows (no held-out ones)
+    assert first["after"] < first["before"]
+    moved = 0
+    for name, weight in report.weights.items():
+        assert set(weight.codes.unique().tolist()) <= {-1, 0, 1} and weight.codes.dtype == torch.int8
+        assert torch.equal(model.get_submodule(name).weight.detach(), weight.dequantize())
+        if ".0." in name:  # layer 0 sees the same inputs and starts from the same codes
+            step = (weight.codes.int() - frozen.weights[name].codes.int()).abs()
+            assert int(step.max()) <= 1  # an offset in [−1, 1] moves a code at most one level
+            moved += int(step.sum())
+    assert moved > 0
+    ids = calib[:2]
+    with torch.no_grad():
+        assert torch.equal(pack_model(model, report.weights)(ids).logits, model(ids).logits)
+
+
+def test_learned_rounding_is_refused_for_weights_without_plain_ternary_codes():
+    for spec in ("rtn4+gptq+round", "pt2+gptq+struct+round"):
+        with pytest.raises(ValueError, match="learns plain ternary codes"):
+            QuantConfig.from_method(spec)
+    with pytest.raises(ValueError, match="code_lr"):
+        ReconstructionConfig(codes=True, code_lr=0)
+    with pytest.raises(ValueError, match="choose one"):
+        QuantConfig.from_method("pt2+gptq+recon+round")
 
 
 def test_reconstruction_tunes_clipping_and_packs_to_the_same_outputs():

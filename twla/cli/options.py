@@ -59,6 +59,7 @@ def defaults(cls: type) -> dict[str, object]:
 RECONSTRUCTION_FLAGS = (
     ("recon-steps", "reconstruction", "steps"),
     ("recon-lr", "reconstruction", "lr"),
+    ("round-lr", "reconstruction", "code_lr"),
     ("e2e-steps", "end_to_end", "steps"),
     ("e2e-lr", "end_to_end", "lr"),
 )
@@ -70,7 +71,7 @@ OVERRIDE_FLAGS = (
     ("amp-solver", "allocation", "solver"),
     *RECONSTRUCTION_FLAGS,
 )
-_USERS = {"allocation": "+amp or +amp-site", "reconstruction": "+recon", "end_to_end": "+e2e"}
+_USERS = {"allocation": "+amp or +amp-site", "reconstruction": "+recon or +round", "end_to_end": "+e2e"}
 
 
 def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None:
@@ -126,7 +127,8 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
         default = getattr(EndToEndConfig if section == "end_to_end" else ReconstructionConfig, name)
         kind = int_at_least(0) if name == "steps" else float
         stage = "end-to-end" if section == "end_to_end" else "block-wise"
-        recon.add_argument(f"--{flag}", type=kind, help=f"{stage} reconstruction: Adam {name} (default {default:g})")
+        what = "learned rounding: the codes' Adam lr" if name == "code_lr" else f"Adam {name}"
+        recon.add_argument(f"--{flag}", type=kind, help=f"{stage} reconstruction: {what} (default {default:g})")
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int) -> None:

@@ -62,6 +62,14 @@ class QuantConfig:
     true_sequential: bool = True
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        for name in ("reconstruction", "end_to_end"):
+            recon = getattr(self, name)
+            if recon is not None and recon.codes and not self.weights.packable:
+                raise ValueError(
+                    f"{name} learns plain ternary codes (learned rounding); {self.weights.format} weights have none"
+                )
+
     @classmethod
     def from_method(cls, spec: str, overrides: Mapping[str, Mapping] | None = None, **kwargs: object) -> QuantConfig:
         """Parse a method spec (module docstring) into a full configuration.
@@ -177,7 +185,8 @@ class QuantConfig:
 # 2: the KOTMS and relocation problems nested in the rotation section; end_to_end.
 # 3: KOTMS keeps a learned rotation only where it measures better (kotms.gate).
 # 4: ternary weights may be structured (weights.salient, weights.groups).
-CONFIG_VERSION = 4
+# 5: reconstruction may learn the ternary codes (reconstruction.codes, code_lr).
+CONFIG_VERSION = 5
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -199,13 +208,14 @@ def _upgrade_v2(data: dict) -> dict:
     return {**data, "rotation": rotation}
 
 
-def _upgrade_v3(data: dict) -> dict:
-    """A version-3 configuration in the version-4 layout: its ternary weights were plain
-    (salient = 0, groups = 1, the defaults), so nothing changes."""
+def _new_fields_default(data: dict) -> dict:
+    """A configuration in the next layout when that layout only adds fields whose defaults
+    describe what the older version did (4: plain ternary weights; 5: frozen codes)."""
     return data
 
 
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _upgrade_v3}  # version → the next version's layout
+# version → the next version's layout
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _new_fields_default, 4: _new_fields_default}
 
 
 WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}

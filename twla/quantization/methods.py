@@ -172,6 +172,15 @@ VOCABULARY: tuple[Term, ...] = (
         "block-wise output reconstruction: once a decoder block is quantized, its α, μ (or uniform scales), "
         "RMSNorm gains and activation clipping ratios are tuned with Adam against the full-precision block's "
         "outputs, codes frozen, early stopping on 4 held-out calibration windows",
+        "block reconstruction",
+    ),
+    Term(
+        ("round",),
+        "reconstruction",
+        ({"reconstruction": ReconstructionConfig(codes=True)},),
+        "block-wise reconstruction (as `+recon`) with learned rounding: each ternary code may also move one "
+        "level, through an offset per weight trained straight-through with the grid",
+        "block reconstruction",
     ),
     Term(
         ("e2e",),

@@ -1,4 +1,4 @@
-"""Output reconstruction of quantized decoder blocks (codes frozen).
+"""Output reconstruction of quantized decoder blocks.
 
 Block-wise (``recon``): once every linear of decoder block ℓ is quantized and its
 clipping ratios calibrated, the block's continuous parameters θ — the grid of every linear
@@ -7,6 +7,10 @@ ratios — are tuned so that the quantized block reproduces the full-precision b
 inputs it actually receives (the outputs of the quantized blocks before it):
 
     min_θ Σ_i ‖F̂_ℓ(X_i; θ) − F_ℓ(X_i)‖²_F.
+
+With learned rounding (``round``) θ also holds an offset V ∈ [−1, 1] per ternary weight, and
+the block runs with the codes T = clamp(round(T₀ + V), −1, 1) (straight-through): the codes of
+the layer-wise solve are a start, not a constraint.
 
 End-to-end (``e2e``): once every block is quantized, the same parameters of all blocks at
 once are tuned so that the model's next-token distribution matches the full-precision
@@ -71,6 +75,11 @@ def block_targets(layer: nn.Module, windows: list[Window]) -> list[Tensor]:
     return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in windows]
 
 
+def straight_through_codes(z: Tensor) -> Tensor:
+    """clamp(round(z), −1, 1) in the forward pass, the identity in the backward pass."""
+    return z + (z.round().clamp(-1, 1) - z).detach()
+
+
 def kl_positions(seqlen: int, stride: int) -> Tensor:
     """The positions whose next-token distributions the end-to-end objective compares."""
     return torch.arange(0, seqlen, stride)
@@ -97,13 +106,14 @@ def teacher_log_probs(
 
 @dataclass
 class Tunables:
-    """The continuous parameters θ of some quantized blocks, addressed by module path under a
-    root module (a decoder block, or the whole model): grids and clipping ratios by linear path,
-    RMSNorm gains by parameter path; ``weights`` are the quantized weights the grids belong to,
-    by linear path. θ holds no module (a streamed block's modules come and go with their
-    weights)."""
+    """The parameters θ of some quantized blocks, addressed by module path under a root module
+    (a decoder block, or the whole model): grids, learned codes T₀ + V and clipping ratios by
+    linear path, RMSNorm gains by parameter path; ``weights`` are the quantized weights the grids
+    and codes belong to, by linear path. θ holds no module (a streamed block's modules come and
+    go with their weights)."""
 
     grids: dict[str, dict[str, Scaled]]
+    codes: dict[str, Scaled]
     norms: dict[str, Scaled]
     clips: dict[str, Scaled]
     weights: dict[str, QuantizedWeight]
@@ -120,16 +130,20 @@ class Tunables:
         """θ of the blocks {path prefix under ``root`` (``""`` or ``"model.layers.3."``): index};
         ``weights`` by full linear name."""
         device = next(root.parameters()).device
-        grids, norms, clips, found = {}, {}, {}, {}
+        grids, codes, norms, clips, found = {}, {}, {}, {}, {}
+        code_step = torch.tensor(config.code_lr / config.lr, device=device)  # Adam moves δ by about lr
         for prefix, index in blocks.items():
             for path in adapter.linear_names():
                 module = root.get_submodule(prefix + path)
-                if config.grid:
+                if config.grid or config.codes:
                     weight = found[prefix + path] = weights[f"{adapter.layers}.{index}.{path}"]
+                if config.grid:
                     units = weight.grid_magnitudes()  # e.g. μ moves in units of |α|
                     grids[prefix + path] = {
                         k: Scaled(v.to(device), units[k].to(device)) for k, v in weight.grid().items()
                     }
+                if config.codes:
+                    codes[prefix + path] = Scaled(weight.codes.to(device, torch.float32), code_step)
                 if config.clips and isinstance(module, QuantLinear) and module.act.quantized:
                     start = torch.tensor(float(module.act.clip), device=device)
                     clips[prefix + path] = Scaled(start, start.clone())
@@ -138,19 +152,33 @@ class Tunables:
                     gain = root.get_submodule(prefix + site.norm).weight.detach()
                     scale = (gain + adapter.norm_offset).abs()  # the norm scales by offset + w
                     norms[f"{prefix}{site.norm}.weight"] = Scaled(gain.clone(), scale)
-        return cls(grids, norms, clips, found)
+        return cls(grids, codes, norms, clips, found)
 
     def params(self) -> list[Scaled]:
         grids = [s for grid in self.grids.values() for s in grid.values()]
-        return grids + [*self.norms.values(), *self.clips.values()]
+        return grids + [*self.codes.values(), *self.norms.values(), *self.clips.values()]
+
+    def _grid(self, path: str) -> dict[str, Tensor]:
+        """The quantized weight ``path``'s grid and codes under θ (its stored ones where θ has none)."""
+        if path in self.grids:
+            values = {k: s.value() for k, s in self.grids[path].items()}
+        else:
+            values = {k: v.to(self.codes[path].base) for k, v in self.weights[path].grid().items()}
+        if path in self.codes:
+            values["codes"] = straight_through_codes(self.codes[path].value())
+        return values
+
+    def _weight_paths(self) -> list[str]:
+        """The linears whose weights θ changes (grid or codes), in a fixed order."""
+        return list(dict.fromkeys([*self.grids, *self.codes]))
 
     def overrides(self, root: nn.Module) -> dict[str, Tensor]:
         """The parameter values of θ for :func:`functional_call` on ``root`` (clipping ratios are set
         on their modules directly)."""
         values = {name: s.value() for name, s in self.norms.items()}
-        for path, grid in self.grids.items():
+        for path in self._weight_paths():
             dtype = root.get_submodule(path).weight.dtype
-            values[f"{path}.weight"] = self.weights[path].with_grid(**{k: s.value() for k, s in grid.items()}).to(dtype)
+            values[f"{path}.weight"] = self.weights[path].with_grid(**self._grid(path)).to(dtype)
         for path, s in self.clips.items():
             module = root.get_submodule(path)
             module.act = replace(module.act, clip=s.value())
@@ -159,14 +187,19 @@ class Tunables:
     def project(self) -> None:
         for s in self.clips.values():
             s.delta.clamp_((MIN_CLIP - s.base) / s.scale, (1 - s.base) / s.scale)
+        for s in self.codes.values():  # V = scale·δ ∈ [−1, 1]
+            s.delta.clamp_(-1 / s.scale, 1 / s.scale)
 
     @torch.no_grad()
     def write_back(self, root: nn.Module) -> None:
-        """Store θ: grids into the quantized weights and the modules' dequantized weights, gains
-        into the norms, clipping ratios into the modules' per-bit-width ratios."""
-        for path, grid in self.grids.items():
+        """Store θ: codes and grids into the quantized weights and the modules' dequantized
+        weights, gains into the norms, clipping ratios into the modules' per-bit-width ratios."""
+        for path in self._weight_paths():
             weight = self.weights[path]
-            weight.set_grid(**{k: s.value() for k, s in grid.items()})
+            if path in self.codes:
+                weight.codes = self.codes[path].value().round().clamp(-1, 1).to("cpu", torch.int8)
+            if path in self.grids:
+                weight.set_grid(**{k: s.value() for k, s in self.grids[path].items()})
             linear = root.get_submodule(path)
             linear.weight.copy_(weight.dequantize(linear.weight.dtype).to(linear.weight.device))
         for name, s in self.norms.items():

@@ -253,6 +253,11 @@ class ReconstructionConfig:
     prefix): Adam, ``steps`` steps of ``batch`` windows, learning rate ``lr`` on steps
     relative to each parameter's magnitude, early stopping on the last ``holdout``
     calibration windows (checked every ``eval_every`` steps, ``patience`` checks).
+
+    codes: also learn the ternary codes (learned rounding). Each weight gets an offset
+    V ∈ [−1, 1] on its code T₀ from the layer-wise solve; the block runs with
+    T = clamp(round(T₀ + V), −1, 1), differentiated straight through, so a code moves at most one
+    level when its offset passes ±½. Adam moves an offset by about ``code_lr`` per step.
     """
 
     steps: int = 50
@@ -264,13 +269,17 @@ class ReconstructionConfig:
     grid: bool = True
     norms: bool = True
     clips: bool = True
+    codes: bool = False
+    code_lr: float = 0.02
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or min(self.batch, self.eval_every, self.patience) < 1 or self.holdout < 0:
             raise ValueError("reconstruction needs steps ≥ 0, lr > 0, batch, eval_every, patience ≥ 1, holdout ≥ 0")
-        if not (self.grid or self.norms or self.clips):
-            raise ValueError("reconstruction has nothing to tune: enable grid, norms or clips")
+        if self.code_lr <= 0:
+            raise ValueError(f"reconstruction code_lr must be > 0, got {self.code_lr}")
+        if not (self.grid or self.norms or self.clips or self.codes):
+            raise ValueError("reconstruction has nothing to tune: enable grid, norms, clips or codes")
 
     def check_windows(self, windows: int) -> None:
         """Refuse a calibration set that leaves no training window beside the held-out ones."""

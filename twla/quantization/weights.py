@@ -72,10 +72,11 @@ class TernaryWeight(BlockWeight):
         """The continuous parameters: α, and μ when the grid has an offset."""
         return {"alpha": self.alpha, "mu": self.mu} if self.has_offset else {"alpha": self.alpha}
 
-    def with_grid(self, alpha: Tensor, mu: Tensor | None = None) -> Tensor:
-        """Ŵ on the grid (α, μ) with this weight's codes (differentiable in α, μ)."""
+    def with_grid(self, alpha: Tensor, mu: Tensor | None = None, codes: Tensor | None = None) -> Tensor:
+        """Ŵ on the grid (α, μ) with this weight's codes, or with ``codes`` (float, e.g. learned
+        codes under a straight-through estimator); differentiable in α, μ and ``codes``."""
         b = self.block_of_column()
-        W = alpha[:, b] * self.codes.to(alpha.dtype)
+        W = alpha[:, b] * (self.codes.to(alpha.dtype) if codes is None else codes.to(alpha.dtype))
         return W + mu[:, b] if mu is not None else W + self.mu[:, b].to(W)
 
     def set_grid(self, alpha: Tensor, mu: Tensor | None = None) -> None:

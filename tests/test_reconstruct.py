@@ -12,8 +12,8 @@ from twla import QuantConfig, quantize
 from twla.bench.run import BenchConfig
 from twla.deploy.save import pack_model
 from twla.kernels.uniform import fake_quantize
-from twla.quantization.reconstruct import straight_through_codes
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
+from twla.quantization.tunables import straight_through_codes
 from twla.solvers.reconstruct import Scaled, reconstruct
 
 

@@ -318,13 +318,18 @@ def test_checkpoint_config_must_match(saved):
 
 @pytest.mark.parametrize("spec", ["pt2+gptq+ssr+had+a4+recon+e2e", "e2m+act+reloc+r1+amp-site", "rtn3+gptq+g64+sym+a4"])
 def test_config_dicts_round_trip_and_older_versions_upgrade(spec):
-    """to_dict → JSON → from_dict is the identity; a version-3 dict (plain ternary weights, no
-    structured fields) rebuilds the same configuration; a version-1 dict (flat rotation fields, before the
+    """to_dict → JSON → from_dict is the identity; a version-4 dict (frozen codes, no learned
+    rounding fields) and a version-3 dict (plain ternary weights, no structured fields either)
+    rebuild the same configuration; a version-1 dict (flat rotation fields, before the
     KOTMS and relocation problems were nested) rebuilds the same configuration; a version-2 dict
     (before learned rotations were gated) rebuilds one that keeps every learned rotation."""
     config = QuantConfig.from_method(spec).with_seed(5)
     assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     v3 = json.loads(json.dumps(config.to_dict()))
+    for section in ("reconstruction", "end_to_end"):  # version 4 kept the codes
+        for key in ("codes", "code_lr"):
+            (v3[section] or {}).pop(key, None)
+    assert QuantConfig.from_dict({**v3, "version": 4}) == config
     for key in ("salient", "groups"):  # version 3 had plain ternary weights only
         v3["weights"].pop(key, None)
     assert QuantConfig.from_dict({**v3, "version": 3}) == config

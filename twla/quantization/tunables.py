@@ -24,9 +24,14 @@ from twla.solvers.reconstruct import Scaled
 MIN_CLIP = 0.1  # the learned clipping ratio stays in [MIN_CLIP, 1]
 
 
+def ternary_codes(z: Tensor) -> Tensor:
+    """clamp(round(z), −1, 1): the codes that learned offsets z = T₀ + V stand for."""
+    return z.round().clamp(-1, 1)
+
+
 def straight_through_codes(z: Tensor) -> Tensor:
-    """clamp(round(z), −1, 1) in the forward pass, the identity in the backward pass."""
-    return z + (z.round().clamp(-1, 1) - z).detach()
+    """:func:`ternary_codes` in the forward pass, the identity in the backward pass."""
+    return z + (ternary_codes(z) - z).detach()
 
 
 @dataclass
@@ -122,7 +127,7 @@ class Tunables:
         for path in self._weight_paths():
             weight = self.weights[path]
             if path in self.codes:
-                weight.codes = self.codes[path].value().round().clamp(-1, 1).to("cpu", torch.int8)
+                weight.codes = ternary_codes(self.codes[path].value()).to("cpu", torch.int8)
             if path in self.grids:
                 weight.set_grid(**{k: s.value() for k, s in self.grids[path].items()})
             linear = root.get_submodule(path)

@@ -48,6 +48,11 @@ def kernel_backend(name: str) -> Iterator[None]:
         _backend = previous
 
 
+def current_backend() -> str:
+    """The chosen backend: ``auto``, ``triton`` or ``torch``."""
+    return _backend
+
+
 def resolve(device: torch.device) -> str:
     """The backend that runs on ``device`` now: ``triton`` or ``torch``."""
     if _backend == "auto":

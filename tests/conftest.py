@@ -8,6 +8,18 @@ if not torch.cuda.is_available():  # Triton kernels run on CPU tensors through t
 from transformers import LlamaForCausalLM
 
 from tests.helpers import tiny_llama, tiny_tokenizer
+from twla.kernels.dispatch import kernel_backend
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(request):
+    """Tests run on the reference kernels (exact against the fake-quantized model), except those
+    marked ``cpu_layout``, which load packed models into the CPU kernel's layout as users do."""
+    if request.node.get_closest_marker("cpu_layout"):
+        yield
+        return
+    with kernel_backend("torch"):
+        yield
 
 
 @pytest.fixture

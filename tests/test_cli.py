@@ -62,7 +62,7 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     saved = out / "models" / "e2m_gptq"
     packed = report["rows"][2]["packed"]
-    assert packed["path"] == str(saved) and packed["ppl"] == pytest.approx(report["rows"][2]["ppl"], rel=1e-6)
+    assert packed["path"] == str(saved) and packed["ppl"] == pytest.approx(report["rows"][2]["ppl"], rel=1e-3)
     assert packed["bits_per_weight"] == pytest.approx(report["rows"][2]["bits_storage"], rel=1e-9)
     assert "## Packed checkpoints" in text and "| e2m+gptq | " + str(saved) in text
     model, _, meta = load_packed(str(saved))
@@ -131,7 +131,7 @@ def test_generate_and_zero_shot_eval_commands(tiny_checkpoint, tmp_path, capsys)
     assert main(["generate", out, "--prompt", "It is a truth", "--max-new-tokens", "5", "--compare"]) == 0
     printed = capsys.readouterr().out
     assert f"── full precision ({os.path.abspath(tiny_checkpoint)}) ──" in printed
-    assert "── quantized (pt2+gptq+ssr) ──" in printed and printed.count("tokens/s on cpu") == 2
+    assert "── quantized (pt2+gptq+ssr) ──" in printed and printed.count("s on cpu: prefill") == 2
     assert "the two answers are" in printed
     assert main(["generate", tiny_checkpoint, "--prompt", "Hello", "--max-new-tokens", "3", "--sample"]) == 0
     assert "(full precision) ──" in capsys.readouterr().out

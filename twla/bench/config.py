@@ -28,7 +28,7 @@ class BenchConfig(JobConfig):
     seeds: tuple[int, ...] = (0,)  # each method runs once per seed (calibration windows, rotations, batches)
     out: str = "runs/latest"
     save: tuple[str, ...] = field(default_factory=tuple)
-    save_dtype: str = "keep"  # storage of unquantized tensors in saved checkpoints: keep, float16, bfloat16
+    save_dtype: str = "bfloat16"  # storage of the embeddings and head in saved checkpoints: keep, float16, bfloat16
     histogram_layer: str | None = None  # default: the middle layer's down_proj
     tasks: tuple[str, ...] = DEFAULT_TASKS  # built-in zero-shot tasks scored for every row (twla.evaluate.tasks)
 

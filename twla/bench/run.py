@@ -110,7 +110,7 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
         dtype=dtype,
         source=model_reference(cfg.model),
     )
-    loaded, _, _ = load_packed(staged)
+    loaded, _, _ = load_packed(staged, device=run.device)
     result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
     return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files)}
 

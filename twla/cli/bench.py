@@ -50,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--save-dtype",
         default=run["save_dtype"],
         choices=("keep", "float16", "bfloat16"),
-        help="storage type of the saved checkpoints' unquantized tensors (default keep: as loaded, so the reloaded "
-        "model is bit-identical; float16 halves the embeddings)",
+        help="storage type of the saved checkpoints' embeddings and head (default bfloat16, which halves them; "
+        "keep: as loaded, so the reloaded model is bit-identical)",
     )
 
 

@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default=run["dtype"],
         choices=("keep", "float16", "bfloat16"),
-        help=f"storage type of the unquantized tensors (embeddings, norms, rotation factors; default {run['dtype']}; "
-        "keep = as loaded, bit-identical)",
+        help=f"storage type of the unquantized matrices (embeddings, head; default {run['dtype']}; "
+        "keep = as loaded, bit-identical; norms and rotation factors are always kept)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(

@@ -20,7 +20,7 @@ class ConvertConfig(JobConfig):
     method: str = DEFAULT_METHOD
     out: str = ""
     seed: int = 0
-    dtype: str = "float16"
+    dtype: str = "bfloat16"
     stream: bool | None = None
     offload: bool = False
 

@@ -78,9 +78,11 @@ class TwlaHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        from twla.deploy.cpu_layout import to_cpu_layout
         from twla.deploy.load import finish_packed_model
 
         finish_packed_model(model, self.quantization_config.to_dict())
+        to_cpu_layout(model)
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -109,9 +109,11 @@ def load_packed(
     """Rebuild ``(model, tokenizer, meta)`` from a packed checkpoint, through
     ``AutoModelForCausalLM.from_pretrained`` (which ``import twla`` teaches the packed format);
     ``dtype`` is that of the unquantized parameters and activations (α, μ and codes keep
-    their own). ``meta`` is the checkpoint's ``twla_quant.json``."""
+    their own). On the CPU (``device`` None or ``cpu``) with the ``auto`` kernel backend, the
+    ternary linears, embedding and head are converted to the CPU kernel's layout
+    (:mod:`twla.deploy.cpu_layout`). ``meta`` is the checkpoint's ``twla_quant.json``."""
     meta = read_meta(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=None if device is None else str(device))
     has_tokenizer = any(f.startswith(("tokenizer", "vocab", "merges")) for f in os.listdir(path))
     tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     return model, tokenizer, meta

@@ -20,6 +20,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from twla.deploy.cpu_layout import converted
 from twla.deploy.format import (
     CONFIG_FILES,
     FORMAT,
@@ -73,7 +74,8 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
 
 def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], dtype: torch.dtype | None) -> Tensor:
     """The tensor as stored: α, μ in fp16 (they are fp16-rounded, checked), column orders in
-    int16, other floating tensors in ``dtype`` (None: as they are)."""
+    int16, the unquantized matrices (embeddings, head) in ``dtype`` (None: as they are); vectors
+    (norm gains, biases) and the packed linears' rotation factors as they are."""
     owner, _, leaf = key.rpartition(".")
     t = t.detach().cpu()
     if owner in linears and leaf in ("alpha", "mu"):
@@ -83,7 +85,7 @@ def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], d
         return half
     if owner in linears and leaf == "perm":
         return t.to(torch.int16 if linears[owner].in_features <= torch.iinfo(torch.int16).max else torch.int32)
-    if dtype is not None and t.is_floating_point():
+    if dtype is not None and t.is_floating_point() and t.ndim >= 2 and owner not in linears:
         t = t.to(dtype)
     return t.contiguous()
 
@@ -149,6 +151,11 @@ def stored_tensors(
 
 def packed_state_dict(model: PreTrainedModel, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The tensors of a packed model as stored, each once (:func:`stored_tensors`; the tied embedding once)."""
+    if converted(model):
+        raise ValueError(
+            "this model was converted to the CPU kernel's layout when it was loaded and cannot be saved; "
+            "load the checkpoint with the torch kernel backend (TWLA_KERNELS=torch) to save it again"
+        )
     tied = model.get_expanded_tied_weights_keys(all_submodels=True)
     return stored_tensors(model.state_dict().items(), packed_linears(model), tied, dtype=dtype)
 
@@ -173,9 +180,9 @@ def save_packed(
     in ``twla_quant.json``;
     ``report`` (run metadata, e.g. timings) in ``twla_report.json``. An existing checkpoint at
     ``path`` is replaced only with ``overwrite``; anything else there is never touched.
-    ``dtype`` (e.g. ``torch.float16``) stores the unquantized floating tensors (embeddings,
-    norms, biases, rotation factors) in that type; None keeps them as they are, so the loaded
-    model is bit-identical. ``source`` names the full-precision model it was quantized from
+    ``dtype`` (e.g. ``torch.bfloat16``) stores the unquantized matrices (embeddings, head) in that
+    type; None keeps them as they are, so the loaded model is bit-identical. Norm gains, biases
+    and rotation factors are always kept. ``source`` names the full-precision model it was quantized from
     (:func:`twla.models.loading.model_reference`; ``twla generate --compare`` loads it). Returns the
     sizes counted from the file.
     """

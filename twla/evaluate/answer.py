@@ -38,7 +38,8 @@ def answer(
         raise ValueError(f"--compare needs a packed checkpoint; {source!r} is not one")
     models = []  # (label, model, tokenizer), the full-precision one first
     if packed:
-        model, tokenizer, meta = load_packed(source, dtype=dtype)
+        with kernel_backend(kernels):  # the CPU layout is chosen at load
+            model, tokenizer, meta = load_packed(source, dtype=dtype, device=device)
         if tokenizer is None:
             raise ValueError(f"{source} holds no tokenizer; it is needed to encode the prompt")
         if compare:
@@ -68,7 +69,7 @@ def answer(
                 seed=seed,
                 stream=True,
             )
-        print(f"[{out.new_tokens} tokens in {out.seconds:.2f} s: {out.tokens_per_second:.1f} tokens/s on {device}]\n")
+        print(f"[{out.new_tokens} tokens in {out.seconds:.2f} s on {device}: {out.speed(ids.shape[1])}]\n")
         answers.append((label, out))
     if len(answers) > 1:
         same = answers[0][1].text == answers[1][1].text

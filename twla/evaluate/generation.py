@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 # continued by every benched model (greedy, no chat template) so that the report shows what
 # the numbers mean; plain English that none of the built-in books contains verbatim
@@ -22,15 +23,49 @@ REPORT_TOKENS = 24
 
 @dataclass(frozen=True)
 class Generation:
-    """A continuation and how fast it came."""
+    """A continuation and how fast it came: ``prefill_seconds`` until the first new token (the
+    prompt's forward pass), ``seconds`` in all; the other new tokens are the decoding."""
 
     text: str
     new_tokens: int
     seconds: float
+    prefill_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second after the first (one forward pass of one token each)."""
+        decode = self.seconds - self.prefill_seconds
+        return (self.new_tokens - 1) / decode if decode > 0 and self.new_tokens > 1 else float("nan")
+
+    def speed(self, prompt_tokens: int) -> str:
+        """``prefill … tokens/s, decode … tokens/s`` for a prompt of ``prompt_tokens`` tokens."""
+        prefill = prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("inf")
+        return (
+            f"prefill {prompt_tokens} tokens in {self.prefill_seconds:.2f} s ({prefill:.1f} tokens/s), "
+            f"decode {self.decode_tokens_per_second:.1f} tokens/s"
+        )
+
+
+class _FirstToken(BaseStreamer):
+    """Notes when the first new token arrives, and hands every token on to ``inner``."""
+
+    def __init__(self, inner: BaseStreamer | None) -> None:
+        self.inner, self.calls, self.first = inner, 0, None
+
+    def put(self, value: Tensor) -> None:
+        self.calls += 1  # the first call carries the prompt
+        if self.calls == 2:
+            self.first = time.perf_counter()
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool | None = None) -> Tensor:
@@ -75,18 +110,20 @@ def generate(
     if sample:
         torch.manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    timer = _FirstToken(TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None)
     start = time.perf_counter()
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         pad_token_id=pad,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
+        streamer=timer,
         **options,
     )
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     new = out[0, ids.shape[1] :]
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), seconds)
+    first = timer.first if timer.first is not None else end
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), len(new), end - start, first - start)
 
 
 def continuations(

@@ -50,7 +50,10 @@ def evaluate_packed(
     if stream and harness:
         raise ValueError("--stream evaluates perplexity and the built-in tasks; drop it for harness tasks")
     with streamed_packed(checkpoint, device=device, dtype=dtype) if stream else nullcontext() as streamed:
-        model, tokenizer, meta = streamed or load_packed(checkpoint, dtype=dtype)
+        if streamed is None:
+            with kernel_backend(kernels):  # the CPU layout is chosen at load
+                streamed = load_packed(checkpoint, dtype=dtype, device=device)
+        model, tokenizer, meta = streamed
         if tokenizer is None:
             raise ValueError(f"{checkpoint} holds no tokenizer; it is needed to tokenize the evaluation text")
         ids = tokenize(tokenizer, text)

@@ -1,0 +1,99 @@
+"""The CPU kernel of the ternary linear: torch's grouped 4-bit weight matmul.
+
+torch ships a CPU matmul for weights of 4-bit codes q ∈ [0, 15] in groups of input columns,
+
+    Ŵ_nk = (q_nk − 8)·s_gn + z_gn,
+
+(``torch._weight_int4pack_mm_for_cpu``: bfloat16 activations and results, float32 sums; float16
+and float32 activations take a fallback 80–100× slower, measured). A ternary
+group is such a group exactly: q = t + 8, s = α, z = μ. The codes are converted once into
+the kernel's own layout (:func:`to_int4`, half a byte per weight; the 2-bit codes are not
+kept), and every call multiplies without unpacking the weight.
+
+Groups: the kernel's group is 64 columns when the ternary group is a multiple of 64 (a group
+of 128 is two groups with the same α, μ), else 32; ternary groups of other sizes are not
+served (:func:`int4_group` is None). The output rows are padded to a multiple of 16 (rows of
+zeros, cut off) and the inputs to a multiple of the group (zero activations, so the padded
+columns add nothing).
+
+Rounding: α, μ and the results become bfloat16 (8 significant bits), and so do unquantized
+activations. For quantized activations x̂ = s(q − z) the integers q − z (exact in bfloat16 up to
+256) go in and the per-token scale s multiplies the result, so they add no rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from twla.kernels.packing import PackedTernary, unpack_codes
+from twla.kernels.uniform import ActivationQuant, quantize_codes, uniform_grid
+
+ROW_MULTIPLE = 16  # the kernel's output rows come in blocks of 16
+
+
+def int4_available() -> bool:
+    """Whether this torch has the CPU 4-bit weight kernel (torch ≥ 2.5)."""
+    return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def int4_group(group_size: int) -> int | None:
+    """The kernel's group for a ternary group of ``group_size`` columns (64 or 32), or None."""
+    for size in (64, 32):
+        if group_size % size == 0:
+            return size
+    return None
+
+
+@dataclass
+class Int4Ternary:
+    """A ternary weight (N outputs, K inputs) in the CPU kernel's layout."""
+
+    packed: Tensor  # uint8, the kernel's layout of (N_pad, K_pad) 4-bit codes
+    scales_zeros: Tensor  # bfloat16 (K_pad / group, N_pad, 2): α and μ per kernel group
+    in_features: int
+    out_features: int
+    group: int
+
+    @property
+    def padded_in(self) -> int:
+        return self.scales_zeros.shape[0] * self.group
+
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+
+def to_int4(w: PackedTernary) -> Int4Ternary:
+    """The kernel layout of a packed ternary weight (q = t + 8, s = α, z = μ per kernel group)."""
+    group = int4_group(w.group_size)
+    if group is None:
+        raise ValueError(f"the CPU 4-bit kernel needs groups of a multiple of 32 columns, not {w.group_size}")
+    N, K = w.out_features, w.in_features
+    n_pad, k_pad = -(-N // ROW_MULTIPLE) * ROW_MULTIPLE, -(-K // group) * group
+    q = torch.full((n_pad, k_pad), 8, dtype=torch.int32)
+    q[:N, :K] = unpack_codes(w.packed.cpu(), K, w.group_size).to(torch.int32) + 8
+    owner = torch.arange(0, k_pad, group) // w.group_size  # the ternary group of each kernel group
+    scales_zeros = torch.zeros(k_pad // group, n_pad, 2)
+    scales_zeros[:, :N, 0] = w.alpha.cpu()[owner]
+    scales_zeros[:, :N, 1] = w.mu.cpu()[owner]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return Int4Ternary(packed, scales_zeros.to(torch.bfloat16), K, N, group)
+
+
+def matmul_int4(x: Tensor, w: Int4Ternary, act: ActivationQuant) -> Tensor:
+    """y = Q_a(x) Ŵᵀ in float32 for x (M, K), with Ŵ in the kernel layout (module docstring)."""
+    scale = None
+    if act.quantized:
+        xf = x.float()
+        scale, zero = uniform_grid(xf, act.bits, clip=float(act.clip), symmetric=act.symmetric)
+        x = quantize_codes(xf, scale, zero, bits=act.bits, symmetric=act.symmetric) - zero
+    xb = x.to(torch.bfloat16)
+    if w.padded_in > w.in_features:
+        xb = F.pad(xb, (0, w.padded_in - w.in_features))
+    y = torch._weight_int4pack_mm_for_cpu(xb, w.packed, w.group, w.scales_zeros)[:, : w.out_features].float()
+    return y if scale is None else y * scale

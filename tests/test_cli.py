@@ -187,8 +187,23 @@ def test_kernel_benchmark_command(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert ("GPU rows" in printed) != torch.cuda.is_available()
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["kernels"] and all(v > 0 for row in report["kernels"] for k, v in row.items() if k.endswith("ms"))
+    if torch.cuda.is_available():
+        assert report["kernels"] and all(v > 0 for row in report["kernels"] for k, v in row.items() if k.endswith("ms"))
+    else:  # every CPU path timed, each weight's bytes counted: the 4-bit layout holds under a third of fp32's
+        assert report["kernels"] and all(v > 0 for row in report["kernels"] for v in row["ms"].values())
+        assert all(4 * row["weight_bytes"]["int4 A4"] < row["weight_bytes"]["fp32"] for row in report["kernels"])
     assert main(["kernels", "--models", "gpt5"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_layout
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rows run where there is no GPU")
+def test_kernel_benchmark_times_whole_models_on_the_cpu(tmp_path):
+    assert main(["kernels", "--quick", "--models", "smollm2-135m", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "report.json").read_text())["models"]
+    assert [r["variant"] for r in rows] == ["float32", "bfloat16", "W1.58A16 packed", "W1.58A4 + rot packed"]
+    assert all(r["tokens_per_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+    assert rows[2]["memory_vs_fp32"] < 0.25 and rows[3]["memory_vs_fp32"] < 0.25
 
 
 def test_bench_refuses_shared_text(tiny_checkpoint, tmp_path, capsys):

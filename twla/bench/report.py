@@ -17,6 +17,7 @@ from twla.bench.tables import (
     rotation_choice_table,
     seed_table,
     shaping_table,
+    speed_table,
     stage_table,
 )
 from twla.evaluate.generation import REPORT_PROMPTS, REPORT_TOKENS
@@ -135,6 +136,8 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
         ]
     if any(row.packed for row in rows):
         parts += ["## Packed checkpoints (2-bit codes; saved, loaded back and evaluated)", packed_table(rows)]
+    if speed_table(rows):
+        parts += ["## Speed on the CPU (batch 1, this machine, one run)", speed_table(rows)]
     if any(row.samples for row in rows):
         parts += [
             f"## Continuations (greedy, {REPORT_TOKENS} new tokens, first seed)",

@@ -52,6 +52,7 @@ class MethodRow:
     packed: dict | None = None
     accuracy: dict[str, dict] | None = None
     samples: list[str] | None = None
+    speed: dict[str, dict] | None = None  # on the CPU: batch-1 prefill and decode of this model, by variant
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MethodRow:

@@ -3,6 +3,7 @@ precision (perplexity, zero-shot tasks, bits, time), and write the report."""
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from twla.bench.config import BenchConfig
+from twla.bench.cpu_speed import model_speed
 from twla.bench.plots import (
     plot_allocations,
     plot_cost_predictions,
@@ -112,7 +114,8 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
     )
     loaded, _, _ = load_packed(staged, device=run.device)
     result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
-    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files)}
+    speed = {"speed": model_speed(loaded)} if run.device.type == "cpu" else {}
+    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files), **speed}
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -277,6 +280,9 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
     rows = [MethodRow("fp", "W16A16", "none", fp.ppl, 16.0, 16.0, 16.0, fp_bits.fp16_size_bytes / 2**20, fp_seconds)]
     rows[0].accuracy = accuracy({0: score("full precision", model)})
     rows[0].samples = samples(model)
+    if run.device.type == "cpu" and cfg.save:  # what the saved checkpoints' speed is judged against
+        rows[0].speed = {"float32": model_speed(model)}
+        rows[0].speed["bfloat16"] = model_speed(copy.deepcopy(model).to(torch.bfloat16))
     histograms, rotation_weights = {}, {}
     for i, spec in enumerate(cfg.methods):
         row, per_seed, scores = None, {}, {}

@@ -197,15 +197,19 @@ def pack_randomly(model: nn.Module, *, act_bits: int = 16, rotate: bool = False,
 @torch.no_grad()
 def decode_speed(model: nn.Module, *, prompt: int = 16, tokens: int = 128, graphs: bool = True) -> dict:
     """Batch-1 greedy decoding with a static KV cache: tokens/s over ``tokens`` steps after a
-    ``prompt``-token prefill. On CUDA one decode step is captured in a CUDA graph and
-    replayed; if capture fails, the steps run eagerly and the reason is returned."""
+    ``prompt``-token prefill (timed too, ``prefill_s``). On CUDA one decode step is captured in a
+    CUDA graph and replayed; if capture fails, the steps run eagerly and the reason is returned."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
     length = prompt + tokens + 8
     cache = StaticCache(config=model.config, max_cache_len=length)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
     logits = model(input_ids=ids.to(device), past_key_values=cache, cache_position=torch.arange(prompt, device=device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prefill = time.perf_counter() - start
     token = logits.logits[:, -1:].argmax(-1)
     position = torch.tensor([prompt], device=device)
 
@@ -242,7 +246,13 @@ def decode_speed(model: nn.Module, *, prompt: int = 16, tokens: int = 128, graph
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": steps / seconds, "ms_per_token": seconds / steps * 1e3, "mode": mode, "note": note}
+    return {
+        "tokens_per_s": steps / seconds,
+        "ms_per_token": seconds / steps * 1e3,
+        "prefill_s": prefill,
+        "mode": mode,
+        "note": note,
+    }
 
 
 def decode_rows(models: list[str], tokens: int, device: str, *, dtype: torch.dtype) -> list[dict]:
@@ -274,25 +284,6 @@ def decode_rows(models: list[str], tokens: int, device: str, *, dtype: torch.dty
 DECODE_HEAD = f"{'model':14s} {'variant':20s} {'tokens/s':>10s} {'ms/token':>9s} {'vs fp':>8s} {'mode':10s}"
 
 
-def cpu_rows(repeat: int = 5) -> list[dict]:
-    """The torch reference path on CPU, at the default model's shapes, against fp32 matmul."""
-    rows = []
-    print(f"{'shape':26s} {'M':>5s} {'fp32 ms':>9s} {'A16 ref ms':>11s} {'int8 ref ms':>12s}")
-    for name, (N, K) in list(SHAPES.items())[:3]:
-        w = random_packed(N, K)
-        W = torch.randn(N, K)
-        for M in (1, 16, 128):
-            x = torch.randn(M, K)
-            t = [
-                _time(partial(torch.matmul, x, W.T), repeat),
-                _time(partial(matmul_a16, x, w), repeat),
-                _time(lambda x=x, w=w: matmul_int(quantize_activations(x, 4), w), repeat),
-            ]
-            rows.append({"shape": name, "M": M, "fp32 ms": t[0], "a16 ref ms": t[1], "int8 ref ms": t[2]})
-            print(f"{name:26s} {M:5d} {t[0]:9.3f} {t[1]:11.3f} {t[2]:12.3f}", flush=True)
-    return rows
-
-
 REPORT_FORMAT = "kernel benchmark"  # marks report.json as written by this benchmark
 
 
@@ -315,16 +306,14 @@ def run_speed(
     if out:
         check_output_file(os.path.join(out, "report.json"), REPORT_FORMAT, overwrite=overwrite)
     if not torch.cuda.is_available():
+        from twla.bench.cpu_speed import run_cpu_speed
+
         print("No CUDA GPU: the GPU rows (Triton kernels, fp16, CUDA graphs) were not measured.")
-        print("Torch reference path on CPU (the path a packed model takes without a GPU):")
-        kernels = cpu_rows(repeat=2 if quick else 5)
-        print("\nDecode on CPU, batch 1, static KV cache (float32; packed models on the torch reference path):")
-        print(DECODE_HEAD)
-        cpu_models = [m for m in models if m == "smollm2-135m"]
-        decode = decode_rows(cpu_models, 4 if quick else 16, "cpu", dtype=torch.float32)
+        cpu_models = tuple(m for m in models if m == "smollm2-135m")
+        cpu = run_cpu_speed(quick=quick, models=cpu_models)
         if set(models) - set(cpu_models):
-            print("llama-7b decode is not run on CPU.")
-        return _write(out, peak_gbs, {"device": "cpu", "kernels": kernels, "decode": decode, "targets": []})
+            print("llama-7b is not run whole on the CPU (its float32 weights alone are 27 GB); its linears are above.")
+        return _write(out, peak_gbs, {"device": "cpu", **cpu, "targets": []})
     print(f"{torch.cuda.get_device_name()}; peak bandwidth taken as {peak_gbs:.0f} GB/s; kernel times are "
           "medians of triton.testing.do_bench")  # fmt: skip
     print(KERNEL_HEAD)

@@ -223,5 +223,28 @@ def packed_table(rows: list[MethodRow]) -> str:
     return "\n".join(lines)
 
 
+def speed_table(rows: list[MethodRow]) -> str:
+    """Batch-1 speed on the CPU: full precision in float32 and bfloat16, and each saved checkpoint as
+    loaded (CPU kernel layout); prefill of 512 tokens, greedy decode, the weights' memory."""
+    measured = [(v, s) for v, s in (rows[0].speed or {}).items()]
+    measured += [
+        (f"{row.method} (packed)", row.packed["speed"]) for row in rows if row.packed and "speed" in row.packed
+    ]
+    if not measured:
+        return ""
+    base = measured[0][1]
+    lines = [
+        "| model | prefill 512 s | decode tokens/s | weights MiB | prefill vs fp32 | decode vs fp32 | memory vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, s in measured:
+        lines.append(
+            f"| {label} | {s['prefill_s']:.2f} | {s['tokens_per_s']:.1f} | {s['weight_mib']:.1f} "
+            f"| {s['prefill_s'] / base['prefill_s']:.2f}× | {s['tokens_per_s'] / base['tokens_per_s']:.2f}× "
+            f"| {s['weight_mib'] / base['weight_mib']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def _avg(values: list[float]) -> float:
     return sum(values) / len(values)

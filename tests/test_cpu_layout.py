@@ -137,3 +137,19 @@ def test_from_pretrained_converts_and_a_converted_model_is_not_saved(checkpoint,
     with pytest.raises(ValueError, match="cannot be saved"):
         model.save_pretrained(str(tmp_path / "again"))
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
+
+
+@pytest.mark.parametrize(
+    "act",
+    [ActivationQuant(4), ActivationQuant(4, 0.85), ActivationQuant(4, 0.9, symmetric=True), ActivationQuant(8, 0.7)],
+)
+def test_token_codes_are_the_fake_quantizers_values(act):
+    from twla.kernels.cpu import token_codes
+    from twla.kernels.uniform import fake_quantize
+
+    g = torch.Generator().manual_seed(act.bits)
+    x = torch.randn(32, 576, generator=g) * torch.rand(32, 1, generator=g) * 10
+    x[3], x[4] = 0.5, 0.0  # constant rows: the scale falls back to 1
+    q, scale = token_codes(x, act)
+    assert torch.equal(q, q.round()) and q.abs().max() <= 2**act.bits
+    assert torch.equal(scale * q, fake_quantize(x, act.bits, clip=act.clip, symmetric=act.symmetric))

@@ -85,32 +85,36 @@ def to_int4(w: PackedTernary) -> Int4Ternary:
     return Int4Ternary(packed, scales_zeros.to(torch.bfloat16), K, N, group)
 
 
-def token_codes(x: Tensor, act: ActivationQuant) -> tuple[Tensor, Tensor]:
+def token_codes(x: Tensor, bits: int, clip: float | Tensor = 1.0, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """Per-token quantization x̂ = s·(q − z) of x (M, K) in float32, as integers q − z and scales s
     (M, 1): the values of :func:`twla.kernels.uniform.fake_quantize`, in fewer operations (a call
-    at M = 1 is bound by their count)."""
-    clip, top = float(act.clip), 2**act.bits - 1
-    if act.symmetric:
-        top = 2 ** (act.bits - 1) - 1
-        scale = x.abs().amax(dim=-1, keepdim=True).mul_(clip).div_(top)
-        scale = torch.where(scale > 0, scale, 1.0)
+    at M = 1 is bound by their count, not their size). ``clip`` may be a tensor of L ratios of
+    shape (L, 1, 1): the codes of L linears reading the same x at once, (L, M, K) and (L, M, 1)."""
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        scale = x.abs().amax(dim=-1, keepdim=True).mul(clip).div_(top)
+        scale.masked_fill_(scale == 0, 1.0)
         return x.div(scale).round_().clamp_(-top, top), scale
+    top = 2**bits - 1
     lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
-    if clip != 1.0:
+    if not isinstance(clip, float) or clip != 1.0:
         lo, hi = lo * clip, hi * clip
-    scale = (hi - lo).div_(top)
-    scale = torch.where(scale > 0, scale, 1.0)
+    scale = hi.sub_(lo).div_(top)
+    scale.masked_fill_(scale == 0, 1.0)  # a constant token: the scale falls back to 1
     zero = lo.neg_().div_(scale).round_()
     return x.div(scale).round_().add_(zero).clamp_(0, top).sub_(zero), scale
 
 
-def matmul_int4(x: Tensor, w: Int4Ternary, act: ActivationQuant) -> Tensor:
-    """y = Q_a(x) Ŵᵀ in float32 for x (M, K), with Ŵ in the kernel layout (module docstring)."""
-    scale = None
-    if act.quantized:
-        x, scale = token_codes(x.float(), act)
-    xb = x.to(torch.bfloat16)
+def int4_mm(xb: Tensor, w: Int4Ternary) -> Tensor:
+    """x Ŵᵀ for bfloat16 x (M, K): bfloat16 (M, N)."""
     if w.padded_in > w.in_features:
         xb = F.pad(xb, (0, w.padded_in - w.in_features))
-    y = torch._weight_int4pack_mm_for_cpu(xb, w.packed, w.group, w.scales_zeros)[:, : w.out_features]
-    return y.float() if scale is None else torch.mul(y, scale)
+    return torch._weight_int4pack_mm_for_cpu(xb, w.packed, w.group, w.scales_zeros)[:, : w.out_features]
+
+
+def matmul_int4(x: Tensor, w: Int4Ternary, act: ActivationQuant) -> Tensor:
+    """y = Q_a(x) Ŵᵀ in float32 for x (M, K), with Ŵ in the kernel layout (module docstring)."""
+    if not act.quantized:
+        return int4_mm(x.to(torch.bfloat16), w).float()
+    q, scale = token_codes(x.float(), act.bits, float(act.clip), act.symmetric)
+    return torch.mul(int4_mm(q.to(torch.bfloat16), w), scale)

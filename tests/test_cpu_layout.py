@@ -98,6 +98,35 @@ def test_cpu_linear_matches_the_reference_linear_with_rotation_order_and_bias():
         fast(torch.empty(1, 64, device="meta"))
 
 
+def test_a_sites_linears_share_rotation_and_codes_and_compute_what_each_computes_alone():
+    from twla.deploy.cpu_layout import SiteInput
+
+    g = torch.Generator().manual_seed(6)
+    R1, R2 = (torch.linalg.qr(torch.randn(8, 8, generator=g))[0] for _ in range(2))
+    acts = [ActivationQuant(4, 0.9), ActivationQuant(4, 0.7), ActivationQuant(8, 0.8), ActivationQuant(16)]
+    refs = []
+    for k, act in enumerate(acts):
+        w = random_weight(32 + 16 * k, 64, 64, seed=k)
+        ref = TernaryLinear(64, w.out_features, 64, rotation=(8, 8), reordered=k == 1, act=act)
+        with torch.no_grad():
+            ref.weight.copy_(w.packed)
+            ref.alpha.copy_(w.alpha)
+            ref.mu.copy_(w.mu)
+            ref.rot1.copy_(R1)
+            ref.rot2.copy_(R2)
+            if k == 1:
+                ref.perm.copy_(torch.randperm(64, generator=g))
+        ref.refresh()
+        refs.append(ref)
+    site = SiteInput(refs[0].rot1, refs[0].rot2)
+    shared = [CpuTernaryLinear(ref, site) for ref in refs]
+    assert [m.slot for m in shared] == [0, 1, None, None]  # 8 bits quantize alone, 16 bits not at all
+    for x in (torch.randn(1, 1, 64, generator=g), torch.randn(3, 5, 64, generator=g)):
+        outs = [m(x) for m in shared]
+        alone = [CpuTernaryLinear(ref)(x) for ref in refs]
+        assert all(torch.equal(a, b) for a, b in zip(outs, alone, strict=True))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -150,6 +179,10 @@ def test_token_codes_are_the_fake_quantizers_values(act):
     g = torch.Generator().manual_seed(act.bits)
     x = torch.randn(32, 576, generator=g) * torch.rand(32, 1, generator=g) * 10
     x[3], x[4] = 0.5, 0.0  # constant rows: the scale falls back to 1
-    q, scale = token_codes(x, act)
+    q, scale = token_codes(x, act.bits, act.clip, act.symmetric)
     assert torch.equal(q, q.round()) and q.abs().max() <= 2**act.bits
     assert torch.equal(scale * q, fake_quantize(x, act.bits, clip=act.clip, symmetric=act.symmetric))
+    clips = (act.clip, 0.75, 1.0)  # several linears reading x, each with its own ratio, at once
+    q, scale = token_codes(x, act.bits, torch.tensor(clips).view(-1, 1, 1), act.symmetric)
+    for k, clip in enumerate(clips):
+        assert torch.equal(scale[k] * q[k], fake_quantize(x, act.bits, clip=clip, symmetric=act.symmetric))

@@ -169,28 +169,36 @@ def random_model(name: str, device: str, dtype: torch.dtype, *, seed: int = 0) -
 
 def pack_randomly(model: nn.Module, *, act_bits: int = 16, rotate: bool = False, seed: int = 0) -> nn.Module:
     """Replace every decoder linear by a :class:`~twla.deploy.ternary_linear.TernaryLinear` with random
-    codes (and random orthogonal Kronecker input rotations when ``rotate``), in place."""
+    codes (and, when ``rotate``, one random orthogonal Kronecker input rotation per site, shared by
+    its linears as in a packed checkpoint), in place."""
     from twla.deploy.ternary_linear import TernaryLinear
     from twla.solvers.kronecker import kron_factors, random_orthogonal
 
     g = torch.Generator().manual_seed(seed)
-    layers = get_adapter(model).decoder_layers(model)
-    linears = [(n, m) for n, m in layers.named_modules() if isinstance(m, nn.Linear | TernaryLinear)]
-    for index, (name, old) in enumerate(linears):
-        device = old.weight.device
-        K, N = old.in_features, old.out_features
-        rotation = kron_factors(K) if rotate else None
-        with torch.device(device):
-            new = TernaryLinear(K, N, 128, rotation=rotation, act=ActivationQuant(act_bits))
-        w = random_packed(N, K, device=device, seed=seed * 100003 + index)
-        new.weight.copy_(w.packed)
-        new.alpha.copy_(w.alpha)
-        new.mu.copy_(w.mu)
-        if rotation:
-            new.rot1.copy_(random_orthogonal(rotation[0], g, dtype=torch.float32))
-            new.rot2.copy_(random_orthogonal(rotation[1], g, dtype=torch.float32))
-        new.refresh()
-        layers.set_submodule(name, new)
+    adapter = get_adapter(model)
+    index = 0
+    for layer in adapter.decoder_layers(model):
+        for site in adapter.sites:
+            owner = None
+            for path, old in adapter.site_linears(layer, site).items():
+                device = old.weight.device
+                K, N = old.in_features, old.out_features
+                rotation = kron_factors(K) if rotate else None
+                with torch.device(device):
+                    new = TernaryLinear(K, N, 128, rotation=rotation, act=ActivationQuant(act_bits))
+                w = random_packed(N, K, device=device, seed=seed * 100003 + index)
+                index += 1
+                new.weight.copy_(w.packed)
+                new.alpha.copy_(w.alpha)
+                new.mu.copy_(w.mu)
+                if rotation and owner is None:
+                    new.rot1.copy_(random_orthogonal(rotation[0], g, dtype=torch.float32))
+                    new.rot2.copy_(random_orthogonal(rotation[1], g, dtype=torch.float32))
+                    owner = new
+                elif rotation:
+                    new.share_rotation(owner)
+                new.refresh()
+                layer.set_submodule(path, new)
     return model
 
 

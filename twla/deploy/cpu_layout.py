@@ -15,15 +15,69 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from twla.deploy.ternary_linear import TernaryLinear
-from twla.kernels.cpu import Int4Ternary, int4_available, int4_group, matmul_int4, to_int4
+from twla.kernels.cpu import Int4Ternary, int4_available, int4_group, int4_mm, matmul_int4, to_int4, token_codes
 from twla.kernels.dispatch import current_backend
+from twla.kernels.uniform import ActivationQuant
 from twla.quantization.fake_quant import online_rotation
+
+
+class SiteInput:
+    """What the linears of one site share, computed once: they are called one after another on
+    the same tensor x (q, k, v; gate, up), so the first call's results serve the others while x is
+    unchanged (the same object at the same version). That is the rotated input x R (R = R₁ ⊗ R₂;
+    one token takes two small 2-D products, half the cost of a batched one) and, for the linears
+    that quantize it with the same bits and grid, their codes at once (:func:`token_codes` with one
+    clipping ratio per linear)."""
+
+    def __init__(self, R1: Tensor, R2: Tensor) -> None:
+        self.R1, self.R2, self.R1t = R1, R2, R1.T.contiguous()
+        self.acts: list[ActivationQuant] = []
+        self.x: Tensor | None = None
+        self.version = -1
+        self.rotated: Tensor | None = None
+        self.codes: tuple[Tensor, Tensor] | None = None
+
+    def join(self, act: ActivationQuant) -> int | None:
+        """Enrol a linear that quantizes with ``act``: its slot among the site's codes, or None
+        when its bits or grid differ from the others' (it quantizes alone)."""
+        if not act.quantized or (
+            self.acts and (act.bits, act.symmetric) != (self.acts[0].bits, self.acts[0].symmetric)
+        ):
+            return None
+        self.acts.append(act)
+        return len(self.acts) - 1
+
+    def _refresh(self, x: Tensor) -> None:
+        if x is self.x and x._version == self.version:
+            return
+        if x.dtype != self.R1.dtype:
+            self.R1, self.R2, self.R1t = (R.to(x.dtype) for R in (self.R1, self.R2, self.R1t))
+        if x.numel() == x.shape[-1]:  # one token
+            self.rotated = torch.mm(torch.mm(self.R1t, x.view(self.R1.shape[0], -1)), self.R2).view(x.shape)
+        else:
+            self.rotated = online_rotation(x, self.R1, self.R2)
+        self.x, self.version, self.codes = x, x._version, None
+
+    def rotate(self, x: Tensor) -> Tensor:
+        self._refresh(x)
+        return self.rotated
+
+    def quantized(self, x: Tensor, slot: int) -> tuple[Tensor, Tensor]:
+        """The bfloat16 codes q − z (M, K) and scales (M, 1) of the linear in ``slot``."""
+        self._refresh(x)
+        if self.codes is None:
+            first = self.acts[0]
+            clips = torch.tensor([float(a.clip) for a in self.acts]).view(-1, 1, 1)
+            flat = self.rotated.reshape(-1, self.rotated.shape[-1]).float()
+            q, scale = token_codes(flat, first.bits, clips, first.symmetric)
+            self.codes = (q.to(torch.bfloat16), scale)
+        return self.codes[0][slot], self.codes[1][slot]
 
 
 class CpuTernaryLinear(nn.Module):
     """:class:`TernaryLinear` on the CPU kernel's layout: y = Q_a(x R)_π Ŵ_πᵀ + b."""
 
-    def __init__(self, source: TernaryLinear) -> None:
+    def __init__(self, source: TernaryLinear, site: SiteInput | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act = source.in_features, source.out_features, source.act
         w = to_int4(source.packed_weight())
@@ -32,10 +86,15 @@ class CpuTernaryLinear(nn.Module):
         self.register_buffer("scales_zeros", w.scales_zeros)
         self.register_buffer("perm", None if source.perm is None else source.perm.long())
         self.rot1, self.rot2 = source.rot1, source.rot2  # the site's shared factors stay shared
+        self.site = site if site is not None or source.rot1 is None else SiteInput(source.rot1, source.rot2)
+        self.slot = None if self.site is None else self.site.join(self.act)
         self.bias = source.bias
 
     def weight_layout(self) -> Int4Ternary:
-        return Int4Ternary(self.int4, self.scales_zeros, self.in_features, self.out_features, self.group)
+        scales_zeros = self.scales_zeros  # the kernel takes bfloat16 whatever dtype the model was cast to
+        if scales_zeros.dtype != torch.bfloat16:
+            self.scales_zeros = scales_zeros = scales_zeros.to(torch.bfloat16)
+        return Int4Ternary(self.int4, scales_zeros, self.in_features, self.out_features, self.group)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
@@ -44,10 +103,12 @@ class CpuTernaryLinear(nn.Module):
                 f"on {x.device.type} (load_packed(..., device=...)) to run it there"
             )
         shape = x.shape
-        x2 = online_rotation(x, self.rot1, self.rot2).reshape(-1, self.in_features)
-        if self.perm is not None:
-            x2 = x2[:, self.perm]
-        y = matmul_int4(x2, self.weight_layout(), self.act)
+        if self.slot is not None:  # codes shared with the site: permuting codes = quantizing permuted inputs
+            q, scale = self.site.quantized(x, self.slot)
+            y = torch.mul(int4_mm(q if self.perm is None else q[:, self.perm], self.weight_layout()), scale)
+        else:
+            x2 = (x if self.site is None else self.site.rotate(x)).reshape(-1, self.in_features)
+            y = matmul_int4(x2 if self.perm is None else x2[:, self.perm], self.weight_layout(), self.act)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
@@ -105,8 +166,11 @@ def to_cpu_layout(model: nn.Module) -> int:
     """Convert, in place, every :class:`TernaryLinear` the CPU kernel serves, and the embedding and
     head to bfloat16; returns how many linears were converted (0: the model is left as it is)."""
     names = [name for name, m in model.named_modules() if isinstance(m, TernaryLinear) and serves_cpu(m)]
+    sites: dict[int, SiteInput] = {}  # one per pair of rotation factors, i.e. per site
     for name in names:
-        model.set_submodule(name, CpuTernaryLinear(model.get_submodule(name)))
+        source = model.get_submodule(name)
+        site = None if source.rot1 is None else sites.setdefault(id(source.rot1), SiteInput(source.rot1, source.rot2))
+        model.set_submodule(name, CpuTernaryLinear(source, site))
     if names:
         _bfloat16_ends(model)
     return len(names)

@@ -65,6 +65,9 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert packed["path"] == str(saved) and packed["ppl"] == pytest.approx(report["rows"][2]["ppl"], rel=1e-3)
     assert packed["bits_per_weight"] == pytest.approx(report["rows"][2]["bits_storage"], rel=1e-9)
     assert "## Packed checkpoints" in text and "| e2m+gptq | " + str(saved) in text
+    # the saved checkpoint's CPU speed, beside the full-precision model in float32 and bfloat16
+    assert set(report["rows"][0]["speed"]) == {"float32", "bfloat16"} and packed["speed"]["tokens_per_s"] > 0
+    assert "## Speed on the CPU" in text and "| e2m+gptq (packed) |" in text
     model, _, meta = load_packed(str(saved))
     assert meta["method"] == "e2m+gptq" and meta["format"] == "twla-packed"
     w = model.model.layers[0].self_attn.q_proj.dequantize()

@@ -123,6 +123,7 @@ def test_a_sites_linears_share_rotation_and_codes_and_compute_what_each_computes
     assert [m.slot for m in shared] == [0, 1, None, None]  # 8 bits quantize alone, 16 bits not at all
     for x in (torch.randn(1, 1, 64, generator=g), torch.randn(3, 5, 64, generator=g)):
         outs = [m(x) for m in shared]
+        assert site.x is None and site.rotated is None and site.codes is None  # let go once all are served
         alone = [CpuTernaryLinear(ref)(x) for ref in refs]
         assert all(torch.equal(a, b) for a, b in zip(outs, alone, strict=True))
 

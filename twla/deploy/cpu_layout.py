@@ -10,6 +10,8 @@ of the unquantized activations and of the embedding and head (:mod:`twla.kernels
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -20,6 +22,8 @@ from twla.kernels.dispatch import current_backend
 from twla.kernels.uniform import ActivationQuant
 from twla.quantization.fake_quant import online_rotation
 
+T = TypeVar("T")
+
 
 class SiteInput:
     """What the linears of one site share, computed once: they are called one after another on
@@ -27,11 +31,14 @@ class SiteInput:
     unchanged (the same object at the same version). That is the rotated input x R (R = R₁ ⊗ R₂;
     one token takes two small 2-D products, half the cost of a batched one) and, for the linears
     that quantize it with the same bits and grid, their codes at once (:func:`token_codes` with one
-    clipping ratio per linear)."""
+    clipping ratio per linear). Once every linear of the site has been served, the results are
+    let go (an evaluation batch's would otherwise stay in memory, site after site)."""
 
     def __init__(self, R1: Tensor, R2: Tensor) -> None:
         self.R1, self.R2, self.R1t = R1, R2, R1.T.contiguous()
         self.acts: list[ActivationQuant] = []
+        self.members = 0
+        self.served = 0
         self.x: Tensor | None = None
         self.version = -1
         self.rotated: Tensor | None = None
@@ -40,9 +47,9 @@ class SiteInput:
     def join(self, act: ActivationQuant) -> int | None:
         """Enrol a linear that quantizes with ``act``: its slot among the site's codes, or None
         when its bits or grid differ from the others' (it quantizes alone)."""
-        if not act.quantized or (
-            self.acts and (act.bits, act.symmetric) != (self.acts[0].bits, self.acts[0].symmetric)
-        ):
+        self.members += 1
+        grid = (act.bits, act.symmetric)
+        if not act.quantized or (self.acts and grid != (self.acts[0].bits, self.acts[0].symmetric)):
             return None
         self.acts.append(act)
         return len(self.acts) - 1
@@ -56,11 +63,17 @@ class SiteInput:
             self.rotated = torch.mm(torch.mm(self.R1t, x.view(self.R1.shape[0], -1)), self.R2).view(x.shape)
         else:
             self.rotated = online_rotation(x, self.R1, self.R2)
-        self.x, self.version, self.codes = x, x._version, None
+        self.x, self.version, self.codes, self.served = x, x._version, None, 0
+
+    def _serve(self, value: T) -> T:
+        self.served += 1
+        if self.served >= self.members:
+            self.x = self.rotated = self.codes = None
+        return value
 
     def rotate(self, x: Tensor) -> Tensor:
         self._refresh(x)
-        return self.rotated
+        return self._serve(self.rotated)
 
     def quantized(self, x: Tensor, slot: int) -> tuple[Tensor, Tensor]:
         """The bfloat16 codes q − z (M, K) and scales (M, 1) of the linear in ``slot``."""
@@ -71,7 +84,7 @@ class SiteInput:
             flat = self.rotated.reshape(-1, self.rotated.shape[-1]).float()
             q, scale = token_codes(flat, first.bits, clips, first.symmetric)
             self.codes = (q.to(torch.bfloat16), scale)
-        return self.codes[0][slot], self.codes[1][slot]
+        return self._serve((self.codes[0][slot], self.codes[1][slot]))
 
 
 class CpuTernaryLinear(nn.Module):

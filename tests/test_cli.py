@@ -95,6 +95,12 @@ def test_quantize_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
     assert main(args) == 0
     assert "bits per packed weight" in capsys.readouterr().out
     assert read_config(str(out)).weights.damp == 0.05
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))  # by default the embedding in bfloat16, the rest kept
+    assert stored["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert stored["model.norm.weight"].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for k, t in stored.items() if k.endswith(("rot1", "rot2")))
     meta = json.loads((out / "twla_quant.json").read_text())
     report = json.loads((out / "twla_report.json").read_text())
     assert len(report["layers"]) == 14 and meta["linears"]["model.layers.1.mlp.up_proj"]["act_bits"] == 4

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from twla.bench.speed import SHAPES, _check, _time, decode_speed, pack_randomly, random_model
+from twla.bench.speed import SHAPES, check_close, decode_speed, median_ms, pack_randomly, random_model
 from twla.deploy.cpu_layout import to_cpu_layout
 from twla.kernels.cpu import int4_available, matmul_int4, to_int4
 from twla.kernels.packing import dequantize, random_packed
@@ -49,8 +49,8 @@ def cpu_kernel_rows(
         memory["int4 A16"] = memory["int4 A4"] = w4.nbytes()
         for M in batches:
             x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-            _check(f"{name} M={M} int4 A16", matmul_int4(x, w4, UNQUANTIZED), x @ W.T, 2e-2)
-            _check(f"{name} M={M} int4 A4", matmul_int4(x, w4, A4), A4(x) @ W.T, 2e-2)
+            check_close(f"{name} M={M} int4 A16", matmul_int4(x, w4, UNQUANTIZED), x @ W.T, 2e-2)
+            check_close(f"{name} M={M} int4 A4", matmul_int4(x, w4, A4), A4(x) @ W.T, 2e-2)
             xb = x.to(torch.bfloat16)
             calls = {
                 "fp32": partial(F.linear, x, W),
@@ -59,7 +59,7 @@ def cpu_kernel_rows(
                 "int4 A16": partial(matmul_int4, x, w4, UNQUANTIZED),
                 "int4 A4": partial(matmul_int4, x, w4, A4),
             }
-            ms = {path: _time(call, repeat if M < 512 else max(2, repeat // 2)) for path, call in calls.items()}
+            ms = {path: median_ms(call, repeat if M < 512 else max(2, repeat // 2)) for path, call in calls.items()}
             rows.append({"shape": name, "N": N, "K": K, "M": M, "ms": ms, "weight_bytes": memory})
             times = " ".join(f"{ms[p]:12.3f}" for p in PATHS)
             print(f"{name:26s} {M:4d} {times} {ms['fp32'] / ms['int4 A4']:10.2f}", flush=True)

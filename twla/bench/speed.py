@@ -64,7 +64,7 @@ MODELS = {  # Llama-architecture shapes of real models
 TARGET_SHAPE = "7b down 4096x11008"
 
 
-def _time(fn: Callable[[], object], repeat: int) -> float:
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median milliseconds: triton.testing.do_bench on CUDA, wall clock on CPU."""
     if torch.cuda.is_available():
         from triton.testing import do_bench
@@ -79,7 +79,7 @@ def _time(fn: Callable[[], object], repeat: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-12))
     if err > tol:
         raise RuntimeError(f"{name}: kernel disagrees with the torch reference (relative error {err:.2e})")
@@ -98,17 +98,17 @@ def kernel_rows(peak_gbs: float, shapes: dict[str, tuple[int, int]], batches: tu
         for M in batches:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             a = quantize_activations(x, 4)
-            _check(f"{name} M={M} A16", ternary_matmul(x, w), matmul_a16(x.float(), w), 1e-2)
-            _check(f"{name} M={M} int8", ternary_matmul(a, w, wsum=wsum), matmul_int(a, w), 1e-4)
+            check_close(f"{name} M={M} A16", ternary_matmul(x, w), matmul_a16(x.float(), w), 1e-2)
+            check_close(f"{name} M={M} int8", ternary_matmul(a, w, wsum=wsum), matmul_int(a, w), 1e-4)
 
             def fused(x=x, w=w, wsum=wsum):
                 return ternary_matmul(quantize_activations_triton(x, 4), w, wsum=wsum)
 
             t = {
-                "fp16": _time(partial(torch.matmul, x, W.T), 0),
-                "a16": _time(partial(ternary_matmul, x, w), 0),
-                "int8": _time(partial(ternary_matmul, a, w, wsum), 0),
-                "int8+quant": _time(fused, 0),
+                "fp16": median_ms(partial(torch.matmul, x, W.T), 0),
+                "a16": median_ms(partial(ternary_matmul, x, w), 0),
+                "int8": median_ms(partial(ternary_matmul, a, w, wsum), 0),
+                "int8+quant": median_ms(fused, 0),
             }
             row = {"shape": name, "N": N, "K": K, "M": M, **{f"{k} ms": v for k, v in t.items()}}
             if M == 1:

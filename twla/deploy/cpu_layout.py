@@ -28,14 +28,13 @@ T = TypeVar("T")
 class SiteInput:
     """What the linears of one site share, computed once: they are called one after another on
     the same tensor x (q, k, v; gate, up), so the first call's results serve the others while x is
-    unchanged (the same object at the same version). That is the rotated input x R (R = R₁ ⊗ R₂;
-    one token takes two small 2-D products, half the cost of a batched one) and, for the linears
-    that quantize it with the same bits and grid, their codes at once (:func:`token_codes` with one
-    clipping ratio per linear). Once every linear of the site has been served, the results are
-    let go (an evaluation batch's would otherwise stay in memory, site after site)."""
+    unchanged (the same object at the same version). That is the rotated input x R (R = R₁ ⊗ R₂)
+    and, for the linears that quantize it with the same bits and grid, their codes at once
+    (:func:`token_codes` with one clipping ratio per linear). Once every linear of the site has
+    been served, the results are let go (an evaluation batch's would otherwise stay in memory, site after site)."""
 
     def __init__(self, R1: Tensor, R2: Tensor) -> None:
-        self.R1, self.R2, self.R1t = R1, R2, R1.T.contiguous()
+        self.R1, self.R2 = R1, R2
         self.acts: list[ActivationQuant] = []
         self.members = 0
         self.served = 0
@@ -57,12 +56,7 @@ class SiteInput:
     def _refresh(self, x: Tensor) -> None:
         if x is self.x and x._version == self.version:
             return
-        if x.dtype != self.R1.dtype:
-            self.R1, self.R2, self.R1t = (R.to(x.dtype) for R in (self.R1, self.R2, self.R1t))
-        if x.numel() == x.shape[-1]:  # one token
-            self.rotated = torch.mm(torch.mm(self.R1t, x.view(self.R1.shape[0], -1)), self.R2).view(x.shape)
-        else:
-            self.rotated = online_rotation(x, self.R1, self.R2)
+        self.rotated = online_rotation(x, self.R1, self.R2)
         self.x, self.version, self.codes, self.served = x, x._version, None, 0
 
     def _serve(self, value: T) -> T:

@@ -22,10 +22,15 @@ ROTATION_BUFFERS = ("rot1", "rot2")
 
 
 def online_rotation(x: Tensor, R1: Tensor | None, R2: Tensor | None) -> Tensor:
-    """x (R₁ ⊗ R₂) in x's dtype, or x itself without a rotation."""
+    """x (R₁ ⊗ R₂) in x's dtype, or x itself without a rotation. One token (decoding) takes two
+    small 2-D products R₁ᵀ X R₂, half the cost of the batched ones."""
     if R1 is None:
         return x
-    return kron_apply(x, R1.to(x.dtype), R2.to(x.dtype))
+    if R1.dtype != x.dtype:
+        R1, R2 = R1.to(x.dtype), R2.to(x.dtype)
+    if x.numel() == x.shape[-1] and R1.ndim == 2:
+        return torch.mm(torch.mm(R1.T, x.reshape(R1.shape[0], R2.shape[0])), R2).view(x.shape)
+    return kron_apply(x, R1, R2)
 
 
 class QuantLinear(nn.Module):

@@ -278,6 +278,7 @@ def test_method_vocabulary_drives_parser_help_and_docs(capsys):
         main(["bench", "--help"])
     printed = capsys.readouterr().out
     sections = {"weights": "weights", "rotation": "rotation", "activations": "activations", "allocation": "allocation"}
+    sections["weight allocation"] = "weight_allocation"
     for term in VOCABULARY:
         for name, sets in zip(term.names, term.sets, strict=True):
             label = name if term.group == "base" else f"+{name}"

@@ -19,6 +19,7 @@ from twla.bench.tables import (
     shaping_table,
     speed_table,
     stage_table,
+    weight_allocation_table,
 )
 from twla.evaluate.generation import REPORT_PROMPTS, REPORT_TOKENS
 from twla.io import write_json, write_text
@@ -126,6 +127,12 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
         parts += [
             "## Relocation and activations (relative output errors, per-layer means)",
             activation_table(rows),
+        ]
+    if any(row.weight_allocation for row in rows):
+        metric = next(row.weight_allocation["metric"] for row in rows if row.weight_allocation)
+        parts += [
+            f"## Mixed-precision weights: Δ = {metric} change vs the full-precision model, on calibration tokens",
+            weight_allocation_table(rows),
         ]
     if any(row.allocation for row in rows):
         metric = next(row.allocation["metric"] for row in rows if row.allocation)

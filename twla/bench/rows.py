@@ -17,9 +17,10 @@ class MethodRow:
     output_error: mean relative output error over linears; stages: per stage of the block fit,
     mean weight / output error; relocation, activations: means of the per-layer records;
     reconstruction: per-block errors before / after; end_to_end: held-out mean KL before / after
-    the end-to-end reconstruction; shaping: per-site rotation scores;
-    allocation: ILA-AMP costs and choice; bits: the bit accounting; config: the QuantConfig
-    dict; layers: per-layer records; packed: the saved checkpoint, reloaded and evaluated;
+    the end-to-end reconstruction; shaping: per-site rotation scores; weight_allocation: the
+    weight formats' costs and choice; allocation: ILA-AMP costs and choice; bits: the bit
+    accounting; config: the QuantConfig dict; layers: per-layer records; packed: the saved
+    checkpoint, reloaded and evaluated;
     accuracy: per built-in task, its headline metric (mean and std over seeds, the first seed's
     items, binomial standard error and every metric; :mod:`twla.evaluate.tasks`); samples: the first
     seed's greedy continuations of :data:`twla.evaluate.generation.REPORT_PROMPTS`.
@@ -45,6 +46,7 @@ class MethodRow:
     reconstruction: dict | None = None
     end_to_end: dict | None = None
     shaping: dict | None = None
+    weight_allocation: dict | None = None
     allocation: dict | None = None
     bits: dict | None = None
     config: dict | None = None

@@ -60,11 +60,15 @@ from twla.quantization.accounting import ACCOUNTING_RULES, count_bits
 from twla.quantization.config import QuantConfig
 from twla.quantization.pipeline import quantize
 from twla.quantization.records import LayerRecord
+from twla.quantization.weight_allocation import format_config
 
 
 def scheme(config: QuantConfig) -> str:
-    """W1.58A4-style label of a configuration (mixed activation bits show their range)."""
+    """W1.58A4-style label of a configuration (mixed weight formats and activation bits show their range)."""
     w = config.weights.label
+    if config.weight_allocation:
+        labels = [format_config(o, config.weights).label.removeprefix("W") for o in config.weight_allocation.options]
+        w = f"W{'/'.join(labels)}"
     if config.allocation:
         return f"{w}A{min(config.allocation.options)}-{max(config.allocation.options)} mixed"
     bits = {config.activations.bits, *config.activations.layer_bits.values()}
@@ -238,6 +242,7 @@ def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_se
         else None,
         end_to_end=report.end_to_end,
         shaping=report.rotation.to_dict()["sites"] if report.rotation else None,
+        weight_allocation=report.weight_allocation.to_dict() if report.weight_allocation else None,
         allocation=report.allocation.to_dict() if report.allocation else None,
         bits=asdict(bits),
         config=qcfg.to_dict(),

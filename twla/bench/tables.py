@@ -180,6 +180,35 @@ def activation_table(rows: list[MethodRow]) -> str:
     return "\n".join(lines)
 
 
+def weight_allocation_table(rows: list[MethodRow]) -> str:
+    """Mixed-precision weights: the formats chosen per linear type, and the cost model's prediction
+    against the measured change (every linear at its format's uncompensated candidate at once)."""
+    lines = [
+        "| method | solver | stored bits/w (budget) | linears per format | by linear: format counts "
+        "| predicted Δ (mixed) | measured Δ (mixed) | measured Δ (all ternary) | cost passes, s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        wa = row.weight_allocation
+        if not wa:
+            continue
+        kinds: dict[str, dict[str, int]] = {}
+        for name, option in wa["formats"].items():
+            counts = kinds.setdefault(name.rsplit(".", 1)[-1], {})
+            counts[option] = counts.get(option, 0) + 1
+        by_kind = "; ".join(
+            f"{kind} " + ", ".join(f"{o} {n}" for o, n in counts.items()) for kind, counts in kinds.items()
+        )
+        per_format = ", ".join(f"{o}: {n}" for o, n in wa["counts"].items())
+        ternary = f"{wa['ternary']['measured']:.4f}" if wa["ternary"] else "–"
+        lines.append(
+            f"| {row.method} | {wa['allocation']['solver']} | {wa['stored_bits']:.3f} ({wa['budget']:g}) "
+            f"| {per_format} | {by_kind} | {wa['predicted']:.4f} | {wa['measured']:.4f} | {ternary} "
+            f"| {wa['passes']}, {wa['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def allocation_table(rows: list[MethodRow]) -> str:
     """ILA-AMP: the chosen bits, and the cost model's prediction against the measured change."""
     lines = [

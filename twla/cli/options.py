@@ -69,14 +69,28 @@ OVERRIDE_FLAGS = (
     ("amp-beta", "allocation", "beta"),
     ("amp-options", "allocation", "options"),
     ("amp-solver", "allocation", "solver"),
+    ("wmix-budget", "weight_allocation", "budget"),
+    ("wmix-options", "weight_allocation", "options"),
     *RECONSTRUCTION_FLAGS,
 )
-_USERS = {"allocation": "+amp or +amp-site", "reconstruction": "+recon or +round", "end_to_end": "+e2e"}
+_USERS = {
+    "allocation": "+amp or +amp-site",
+    "weight_allocation": "+wmix",
+    "reconstruction": "+recon or +round",
+    "end_to_end": "+e2e",
+}
 
 
 def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None:
     """Model, calibration and method settings; ``run`` holds the defaults (a run config's fields)."""
-    from twla.quantization.sections import AllocationConfig, EndToEndConfig, ReconstructionConfig, TernaryConfig
+    from twla.quantization.sections import (
+        WEIGHT_FORMATS,
+        AllocationConfig,
+        EndToEndConfig,
+        ReconstructionConfig,
+        TernaryConfig,
+        WeightAllocationConfig,
+    )
 
     p.add_argument(
         "--model",
@@ -122,6 +136,14 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     options = ",".join(map(str, a.options))
     amp.add_argument("--amp-options", type=int_list, help=f"comma-separated bit-widths (default {options})")
     amp.add_argument("--amp-solver", help=f"bit-allocation solver (default {a.solver}; see `twla solvers`)")
+    wmix = p.add_argument_group("mixed-precision weights (wmix methods only)")
+    w = WeightAllocationConfig
+    wmix.add_argument("--wmix-budget", type=float, help=f"stored bits per quantized weight (default {w.budget:g})")
+    wmix.add_argument(
+        "--wmix-options",
+        type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated weight formats of {', '.join(WEIGHT_FORMATS)} (default {','.join(w.options)})",
+    )
     recon = p.add_argument_group("reconstruction (recon / e2e methods only)")
     for flag, section, name in RECONSTRUCTION_FLAGS:
         default = getattr(EndToEndConfig if section == "end_to_end" else ReconstructionConfig, name)

@@ -32,7 +32,7 @@ from twla.kernels.uniform import uniform_grid
 from twla.models.adapters import Adapter
 from twla.models.capture import KeptLayers, capture_layer_inputs, layer_output, layers_replaced, reloading
 from twla.quantization.fake_quant import QuantLinear, wrap_linears
-from twla.quantization.sections import AllocationConfig
+from twla.quantization.sections import AllocationConfig, WeightAllocationConfig
 from twla.solvers.bits import Allocation, BitCosts, solve_bits
 from twla.solvers.bits.problem import option_index
 
@@ -269,7 +269,7 @@ def _evaluate(probe: CostProbe, costs: BitCosts, units: list[Unit], bits: list[i
     return sum(costs.parts(option_index(costs, bits))), probe.score(0)
 
 
-def cost_windows(calibration: Tensor, cfg: AllocationConfig) -> Tensor:
+def cost_windows(calibration: Tensor, cfg: AllocationConfig | WeightAllocationConfig) -> Tensor:
     """The calibration tokens the costs are measured on (first ``samples`` windows, ``seqlen`` long)."""
     windows = calibration[: cfg.samples, : cfg.seqlen]
     if windows.shape[1] <= cfg.stride:

@@ -12,6 +12,7 @@ from twla.quantization.methods import (
     ALLOCATION_MODIFIERS,
     RECONSTRUCTION_MODIFIERS,
     ROTATION_MODIFIERS,
+    WEIGHT_ALLOCATION_MODIFIERS,
     _flags,
     _parse,
     method_config,
@@ -26,11 +27,12 @@ from twla.quantization.sections import (
     RotationConfig,
     TernaryConfig,
     UniformConfig,
+    WeightAllocationConfig,
     WeightConfig,
 )
 
 # The sections of a configuration that QuantConfig.from_method can override field by field.
-OVERRIDABLE = ("weights", "allocation", "reconstruction", "end_to_end")
+OVERRIDABLE = ("weights", "weight_allocation", "allocation", "reconstruction", "end_to_end")
 
 
 def _check_sections(names: Iterable[str]) -> None:
@@ -43,6 +45,8 @@ def _check_sections(names: Iterable[str]) -> None:
 class QuantConfig:
     """The whole post-training quantization run.
 
+    weight_allocation: a weight format per linear (ternary or N-bit integer) under a stored-bits
+    budget, chosen before the layer-wise pass, which quantizes each linear in its format.
     allocation: ILA-AMP mixed activation bits, chosen after the layers are quantized (the
     layer-wise pass itself runs with ``activations.bits``).
     reconstruction: block-wise output reconstruction of each decoder block once its linears
@@ -55,6 +59,7 @@ class QuantConfig:
 
     weights: WeightConfig = field(default_factory=TernaryConfig)
     rotation: RotationConfig = field(default_factory=RotationConfig)
+    weight_allocation: WeightAllocationConfig | None = None
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     allocation: AllocationConfig | None = None
     reconstruction: ReconstructionConfig | None = None
@@ -69,6 +74,16 @@ class QuantConfig:
                 raise ValueError(
                     f"{name} learns plain ternary codes (learned rounding); {self.weights.format} weights have none"
                 )
+            if recon is not None and recon.codes and self.weight_allocation is not None:
+                raise ValueError(
+                    f"{name} learns ternary codes (learned rounding); a weight allocation mixes in integer ones"
+                )
+        plain = isinstance(self.weights, TernaryConfig) and self.weights.packable
+        if self.weight_allocation is not None and not plain:
+            raise ValueError(
+                f"a weight allocation mixes the method's plain ternary weights with integer ones; "
+                f"the method's weights are {self.weights.format}"
+            )
 
     @classmethod
     def from_method(cls, spec: str, overrides: Mapping[str, Mapping] | None = None, **kwargs: object) -> QuantConfig:
@@ -88,6 +103,11 @@ class QuantConfig:
             allocation = AllocationConfig(**{**_flags(mods, ALLOCATION_MODIFIERS), **overrides.pop("allocation", {})})
             # the layer-wise pass runs at the budget's bits (rounded down to a supported width)
             acts.setdefault("bits", max(b for b in ACTIVATION_BITS if b <= max(allocation.budget, 2)))
+        weight_allocation = None
+        if any(m in WEIGHT_ALLOCATION_MODIFIERS for m in mods):
+            weight_allocation = WeightAllocationConfig(
+                **{**_flags(mods, WEIGHT_ALLOCATION_MODIFIERS), **overrides.pop("weight_allocation", {})}
+            )
         sections = _flags(mods, RECONSTRUCTION_MODIFIERS)
         for name in ("reconstruction", "end_to_end"):
             if name in overrides and name in sections:
@@ -98,6 +118,7 @@ class QuantConfig:
         return cls(
             weights=method_config(spec, **overrides.get("weights", {})),
             rotation=RotationConfig(**_flags(mods, ROTATION_MODIFIERS)),
+            weight_allocation=weight_allocation,
             activations=ActivationConfig(**acts),
             allocation=allocation,
             **sections,
@@ -141,6 +162,12 @@ class QuantConfig:
         rotation["relocation"] = relocation
         activations = dict(_section(data, "activations"))
         activations["clip_grid"] = tuple(activations.get("clip_grid", ActivationConfig.clip_grid))
+        weight_allocation = _section(data, "weight_allocation", optional=True)
+        if weight_allocation is not None:
+            options = tuple(weight_allocation.get("options", WeightAllocationConfig.options))
+            weight_allocation = _build(
+                WeightAllocationConfig, {**weight_allocation, "options": options}, "weight_allocation"
+            )
         allocation = _section(data, "allocation", optional=True)
         if allocation is not None:
             allocation = {**allocation, "options": tuple(allocation.get("options", AllocationConfig.options))}
@@ -152,6 +179,7 @@ class QuantConfig:
         return cls(
             weights=_build(WEIGHT_KINDS[kind], weights, "weights"),
             rotation=_build(RotationConfig, rotation, "rotation"),
+            weight_allocation=weight_allocation,
             activations=_build(ActivationConfig, activations, "activations"),
             allocation=None if allocation is None else _build(AllocationConfig, allocation, "allocation"),
             reconstruction=None
@@ -167,6 +195,11 @@ class QuantConfig:
             raise ValueError(
                 f"{method} quantizes weights to {self.weights.format}; "
                 "the packed checkpoint format stores plain ternary weights"
+            )
+        if self.weight_allocation is not None:
+            raise ValueError(
+                f"{method} mixes ternary and integer weights (+wmix); the packed checkpoint format stores plain "
+                "ternary weights, so a mixed model is evaluated fake-quantized only"
             )
 
     def check_windows(self, windows: int) -> None:
@@ -186,7 +219,8 @@ class QuantConfig:
 # 3: KOTMS keeps a learned rotation only where it measures better (kotms.gate).
 # 4: ternary weights may be structured (weights.salient, weights.groups).
 # 5: reconstruction may learn the ternary codes (reconstruction.codes, code_lr).
-CONFIG_VERSION = 5
+# 6: a weight format per linear (weight_allocation).
+CONFIG_VERSION = 6
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -210,12 +244,12 @@ def _upgrade_v2(data: dict) -> dict:
 
 def _new_fields_default(data: dict) -> dict:
     """A configuration in the next layout when that layout only adds fields whose defaults
-    describe what the older version did (4: plain ternary weights; 5: frozen codes)."""
+    describe what the older version did (4: plain ternary weights; 5: frozen codes; 6: one weight format)."""
     return data
 
 
 # version → the next version's layout
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _new_fields_default, 4: _new_fields_default}
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _new_fields_default, 4: _new_fields_default, 5: _new_fields_default}
 
 
 WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}

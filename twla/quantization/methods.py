@@ -34,7 +34,7 @@ class Term:
     """
 
     names: tuple[str, ...]
-    group: str  # base, weights, rotation, activations, allocation or reconstruction
+    group: str  # base, weights, rotation, activations, weight allocation, allocation or reconstruction
     sets: tuple[object, ...]  # per name: a weight config (base) or the fields it sets
     help: str
     choice: str | None = None
@@ -151,6 +151,14 @@ VOCABULARY: tuple[Term, ...] = (
     ),
     Term(("sym",), "activations", ({"symmetric": True},), "symmetric activations (the integer kernel's variant)"),
     Term(
+        ("wmix",),
+        "weight allocation",
+        ({},),
+        "weight mixed precision: each linear ternary, 3-bit or 4-bit integer (GPTQ in its format), at most 2.5 "
+        "stored bits per weight over all linears, chosen by an integer program from each linear's measured cost "
+        "in each format (KL to the full-precision model on calibration tokens, one linear at a time)",
+    ),
+    Term(
         ("amp",),
         "allocation",
         ({"granularity": "block"},),
@@ -210,6 +218,9 @@ ACTIVATION_MODIFIERS = _vocabulary("activations")
 
 
 ALLOCATION_MODIFIERS = _vocabulary("allocation")
+
+
+WEIGHT_ALLOCATION_MODIFIERS = _vocabulary("weight allocation")
 
 
 RECONSTRUCTION_MODIFIERS = _vocabulary("reconstruction")

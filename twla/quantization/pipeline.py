@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from twla.models.adapters import get_adapter
+from twla.models.adapters import Adapter, get_adapter
 from twla.models.capture import capture_layer_inputs
 from twla.models.loading import resolve_device
 from twla.quantization.allocation import allocate_bits, cost_windows
@@ -33,6 +33,7 @@ from twla.quantization.rotation import check_residual_rotation, rotate_residual
 from twla.quantization.site_rotations import choose_layer_rotations, start_site_rotations
 from twla.quantization.sites import quantize_sites
 from twla.quantization.state import LayerStream, QuantRun, Stage
+from twla.quantization.weight_allocation import allocate_weights, check_weight_budget, format_config, weight_units
 
 
 def capture_inputs(run: QuantRun) -> None:
@@ -52,6 +53,7 @@ BEFORE_LAYERS = (
     Stage("residual rotation", rotate_residual, lambda c: c.rotation.residual != "none"),
     Stage("capture", capture_inputs),
     Stage("site rotations", start_site_rotations, lambda c: c.rotation.site != "none"),
+    Stage("weight allocation", allocate_weights, lambda c: c.weight_allocation is not None),
 )
 PER_LAYER = (
     Stage("rotation choice", choose_layer_rotations, lambda c: c.rotation.site != "none"),
@@ -77,6 +79,19 @@ def check_finite_tensors(model: nn.Module) -> None:
     for name, tensor in model.state_dict().items():
         if not tensor.is_meta:
             check_finite(tensor, name)
+
+
+def check_weight_allocation(
+    model: nn.Module, adapter: Adapter, config: QuantConfig, calibration: Tensor, stream: LayerStream | None
+) -> None:
+    """Refuse a weight allocation that cannot run: a streamed model, too short windows, a budget below
+    every linear's cheapest format."""
+    if stream is not None:
+        raise ValueError("a weight allocation measures every linear on the whole model; it cannot stream layers")
+    cfg = config.weight_allocation
+    cost_windows(calibration, cfg)
+    formats = [format_config(option, config.weights) for option in cfg.options]
+    check_weight_budget(weight_units(model, adapter), formats, cfg.budget)
 
 
 @torch.no_grad()
@@ -108,6 +123,8 @@ def quantize(
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:
         cost_windows(calibration, config.allocation)  # fail before the work, not after it
+    if config.weight_allocation:
+        check_weight_allocation(model, adapter, config, calibration, stream)
     config.check_windows(calibration.shape[0])
     report = QuantReport(config, calibration_tokens=calibration.numel())
     run = QuantRun(model, adapter, config, calibration, resolve_device(device), report, progress, stream, offload)

@@ -13,6 +13,7 @@ from twla.quantization.fake_quant import QuantLinear
 if TYPE_CHECKING:
     from twla.quantization.allocation import AllocationReport
     from twla.quantization.site_rotations import RotationReport
+    from twla.quantization.weight_allocation import WeightAllocationReport
     from twla.quantization.weights import QuantizedWeight
 
 
@@ -54,6 +55,7 @@ class QuantReport:
     records: list[LayerRecord] = field(default_factory=list)
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     rotation: RotationReport | None = None
+    weight_allocation: WeightAllocationReport | None = None
     allocation: AllocationReport | None = None
     reconstruction: list[dict] = field(default_factory=list)  # per block: held-out error before/after, traces
     end_to_end: dict | None = None  # held-out mean KL before/after, traces
@@ -70,6 +72,7 @@ class QuantReport:
             "calibration_tokens": self.calibration_tokens,
             "stages": self.stages,
             "rotation": self.rotation.to_dict() if self.rotation else None,
+            "weight_allocation": self.weight_allocation.to_dict() if self.weight_allocation else None,
             "allocation": self.allocation.to_dict() if self.allocation else None,
             "reconstruction": self.reconstruction,
             "end_to_end": self.end_to_end,

@@ -22,6 +22,14 @@ Granularity = Literal["block", "site"]
 CostMetric = Literal["kl", "loss"]
 
 
+# The weight formats a weight allocation may give a linear: the method's own ternary weights,
+# or uniform integer weights of 2, 3, 4 or 8 bits with the same block size and compensation.
+WEIGHT_FORMATS = ("ternary", "int2", "int3", "int4", "int8")
+
+# The bit solvers that take the stored-bits budget (an extra resource) of a weight allocation.
+WEIGHT_SOLVERS = ("milp", "scip", "cp-sat", "cvxpy")
+
+
 def check_choice(what: str, value: object, allowed: object) -> None:
     """Refuse ``value`` unless it is one of the values of the ``Literal`` type ``allowed``."""
     options = get_args(allowed)
@@ -353,3 +361,41 @@ class AllocationConfig:
     def clip_bits(self) -> tuple[int, ...]:
         """The bit-widths whose clipping ratios the allocation needs."""
         return tuple(sorted({*self.options, self.reference} - {16}))
+
+
+@dataclass(frozen=True)
+class WeightAllocationConfig:
+    """Weight mixed precision: a weight format per linear from measured costs and an integer program.
+
+    options: formats of :data:`WEIGHT_FORMATS` (``ternary`` is the method's own weights, ``intN``
+    N-bit uniform integer weights with the method's block size and compensation); budget: stored
+    bits per quantized weight over all linears (codes and grids: Σ bits_ℓ ≤ budget · Σ n_ℓ); solver:
+    one of :data:`WEIGHT_SOLVERS`. Costs are deltas of
+    ``metric`` against the full-precision model, one linear at a time in each format, on the first
+    ``samples`` calibration windows cut to ``seqlen`` tokens, scoring every ``stride``-th position.
+    """
+
+    options: tuple[str, ...] = ("ternary", "int3", "int4")
+    budget: float = 2.5
+    metric: CostMetric = "kl"
+    solver: str = "milp"
+    samples: int = 2
+    seqlen: int = 256
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        check_choice("cost metric", self.metric, CostMetric)
+        unknown = [o for o in self.options if o not in WEIGHT_FORMATS]
+        if unknown or not self.options or len(set(self.options)) != len(self.options):
+            raise ValueError(
+                f"weight allocation options must be distinct formats of {', '.join(WEIGHT_FORMATS)}, got {self.options}"
+            )
+        if self.solver not in WEIGHT_SOLVERS:
+            raise ValueError(
+                f"weight allocation solver {self.solver!r}: choose one that takes a stored-bits budget "
+                f"({', '.join(WEIGHT_SOLVERS)})"
+            )
+        if not (self.budget > 0 and self.budget < float("inf")):
+            raise ValueError(f"weight allocation budget must be a positive number of bits per weight: {self.budget}")
+        if min(self.samples, self.seqlen, self.stride) < 1 or self.seqlen <= self.stride:
+            raise ValueError("weight allocation needs samples ≥ 1, stride ≥ 1 and seqlen > stride")

@@ -104,7 +104,7 @@ def _quantize_linear(
     start = time.perf_counter()
     config = run.config
     W = linear.weight.detach().to(S.device, torch.float64)
-    tw, res = quantize_weight(W, S, config.weights)
+    tw, res = quantize_weight(W, S, run.weights_for(name))
     W_hat = tw.dequantize(torch.float64).to(S.device)
     E = W - W_hat
     energy_s = float(((W @ S) * W).sum())

@@ -18,6 +18,7 @@ from twla.quantization.config import QuantConfig
 from twla.quantization.fake_quant import wrap_layer
 from twla.quantization.records import QuantReport
 from twla.quantization.rotation import Factors, rotate_residual_layer
+from twla.quantization.sections import WeightConfig
 from twla.quantization.weights import QuantizedWeight
 
 
@@ -57,6 +58,7 @@ class QuantRun:
     rotations: dict[tuple[int, str], Factors] = field(default_factory=dict)  # site rotations
     learned: dict[tuple[int, str], Factors] | None = None  # KOTMS rotations still to be judged
     samples: dict[tuple[int, str], Tensor] = field(default_factory=dict)  # full-precision input rows
+    formats: dict[str, WeightConfig] = field(default_factory=dict)  # a weight allocation's format per linear
     batches: LayerInputs | None = None
     index: int = -1
     layer: nn.Module | None = None
@@ -70,6 +72,10 @@ class QuantRun:
     def wrapped(self) -> bool:
         """Whether the linears become quantized modules (rotated or quantized inputs)."""
         return self.config.rotation.online or self.config.activations.quantized or self.config.allocation is not None
+
+    def weights_for(self, name: str) -> WeightConfig:
+        """The weight quantizer of the linear ``name``: its allocated format, or the method's."""
+        return self.formats.get(name, self.config.weights)
 
     @property
     def keeps_layers(self) -> bool:

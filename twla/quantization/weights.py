@@ -185,6 +185,20 @@ class StructuredWeight(BlockWeight):
 QuantizedWeight = TernaryWeight | UniformWeight | StructuredWeight
 
 
+def stored_bits(cfg: WeightConfig, shape: tuple[int, int]) -> int:
+    """Bits an (n, m) weight quantized with plain ternary or uniform ``cfg`` stores, known before
+    it is quantized: its codes and grid (and the column order with ``reorder``), as
+    ``code_bits() + side_bits()`` of the quantized weight count them."""
+    n, m = shape
+    grids = n * math.ceil(m / cfg.block_size)
+    order = m * INDEX_BITS if cfg.reorder else 0
+    if isinstance(cfg, UniformConfig):
+        return n * m * cfg.bits + grids * (SCALE_BITS + cfg.bits) + order
+    if cfg.structured:
+        raise ValueError("structured ternary weights store data-dependent bits (their salient columns)")
+    return n * m * 2 + grids * SCALE_BITS * (1 + cfg.has_offset) + order
+
+
 def structured_block_fitter(cfg: TernaryConfig) -> BlockFit:
     """The per-block fit of structured ternary weights (:mod:`twla.solvers.structured`):
 

@@ -22,7 +22,9 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
         "--model",
         tiny_checkpoint,
         "--methods",
-        "absmean,e2m+gptq,e2m+gptq+kotms+a4,e2m+had+amp",
+        "absmean,e2m+gptq,e2m+gptq+kotms+a4,e2m+had+amp,pt2+gptq+wmix",
+        "--wmix-budget",
+        "3",
         "--nsamples",
         "4",
         "--seqlen",
@@ -39,7 +41,8 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["fp", "absmean", "e2m+gptq", "e2m+gptq+kotms+a4", "e2m+had+amp"]
+    methods = ["fp", "absmean", "e2m+gptq", "e2m+gptq+kotms+a4", "e2m+had+amp", "pt2+gptq+wmix"]
+    assert [r["method"] for r in report["rows"]] == methods
     assert all(r["ppl"] > 1 for r in report["rows"])
     assert report["rows"][2]["bits_storage"] > 2.0
     a4 = report["rows"][3]
@@ -57,6 +60,11 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert "Mixed-precision activations (ILA-AMP)" in text
     counts = ", ".join(f"{b}: {mixed['allocation']['allocation']['bits'].count(b)}" for b in (2, 4, 6, 8))
     assert f"| {counts} |" in text
+    wmix = report["rows"][5]  # ternary and integer linears in one model: each stage averaged where it ran
+    assert wmix["scheme"] == "W1.58/3/4A16" and 2.2 < wmix["bits_storage"] <= 3.0
+    assert len(set(wmix["weight_allocation"]["formats"].values())) > 1
+    assert {"itf", "rtn", "gptq-round"} <= set(wmix["stages"])
+    assert "## Mixed-precision weights" in text
     plots = ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png")
     for plot in (*plots, "frontier.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"

@@ -219,9 +219,9 @@ def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_se
         quant_seconds=report.seconds,
         rotation_seconds=report.rotation_seconds,
         eval_seconds=eval_seconds,
-        stages={
-            s: {k: _mean([r.stages[s][k] for r in records]) for k in ("weight_error", "output_error")}
-            for s in records[0].stages
+        stages={  # mixed weight formats have different stages: each averaged over the linears that have it
+            s: {k: _mean([r.stages[s][k] for r in records if s in r.stages]) for k in ("weight_error", "output_error")}
+            for s in dict.fromkeys(s for r in records for s in r.stages)
         },
         relocation={k: _mean([r[k] for r in relocated]) for k in ("before", "after")} if relocated else None,
         activations={

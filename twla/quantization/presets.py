@@ -30,14 +30,15 @@ ABLATION_METHODS = (
 
 
 # Perplexity against stored bits per weight, at A16 and at A4 (with Hadamard rotations): ternary
-# variants (plain, g64, structured), and uniform int2/int3/int4 GPTQ weights with grids per 128
-# and per 64 columns.
+# variants (plain, g64, structured, mixed with int3/int4 linears at 2.5 bits), and uniform
+# int2/int3/int4 GPTQ weights with grids per 128 and per 64 columns.
 _FRONTIER_WEIGHTS = (
     "pt2+gptq+ssr",
     "pt2+gptq+ssr+recon",
     "pt2+gptq+ssr+g64+recon",
     "pt2+gptq+ssr+sal+recon",
     "pt2+gptq+ssr+struct+recon",
+    "pt2+gptq+ssr+wmix+recon",
     *(f"rtn{b}+gptq{g}" for b in (2, 3, 4) for g in ("", "+g64")),
     "rtn2+gptq+g64+recon",
 )

@@ -9,8 +9,10 @@ from twla.bench.report import markdown_report
 from twla.bench.rows import MethodRow
 from twla.cli import main
 from twla.deploy.format import read_config
+from twla.deploy.integer_linear import IntegerLinear
 from twla.deploy.load import load_packed
 from twla.evaluate.tasks import build_tasks, evaluate_tasks
+from twla.kernels.dispatch import kernel_backend
 from twla.quantization.config import QuantConfig
 from twla.quantization.methods import VOCABULARY, method_table
 
@@ -36,7 +38,7 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
         "--out",
         str(out),
         "--save",
-        "e2m+gptq",
+        "e2m+gptq,pt2+gptq+wmix",
         "--quiet",
     ]
     assert main(args) == 0
@@ -65,6 +67,9 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert len(set(wmix["weight_allocation"]["formats"].values())) > 1
     assert {"itf", "rtn", "gptq-round"} <= set(wmix["stages"])
     assert "## Mixed-precision weights" in text
+    mixed_packed = wmix["packed"]  # its integer linears packed beside the ternary ones, reloaded
+    assert mixed_packed["ppl"] == pytest.approx(wmix["ppl"], rel=1e-3)
+    assert mixed_packed["bits_per_weight"] == pytest.approx(wmix["bits_storage"], rel=1e-9)
     plots = ("layer_errors.png", "weight_hist.png", "rotation_hist.png", "allocation.png", "cost_prediction.png")
     for plot in (*plots, "frontier.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
@@ -189,14 +194,23 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "lr > 0" in capsys.readouterr().err
 
 
-def test_uniform_weight_methods_are_not_packed(tiny_checkpoint, tmp_path, capsys):
-    args = ["quantize", "--model", tiny_checkpoint, "--method", "rtn4+had+a4", "--out", str(tmp_path / "q")]
+def test_integer_weights_are_packed_and_structured_ones_refused(tiny_checkpoint, tmp_path, capsys):
+    """A uniform method streams into integer linears (a checkpoint directory is quantized one layer
+    at a time); structured ternary has no packed format and is refused before any work."""
+    out = str(tmp_path / "q")
+    quantize = ["quantize", "--model", tiny_checkpoint, "--method", "rtn4+had+a4", "--nsamples", "4", "--seqlen", "64"]
+    assert main([*quantize, "--out", out, "--quiet"]) == 0
+    model = load_packed(out, dtype=torch.float32)[0]
+    with kernel_backend("torch"):
+        assert sum(isinstance(m, IntegerLinear) for m in load_packed(out)[0].modules()) == 14
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    args = ["quantize", "--model", tiny_checkpoint, "--method", "pt2+gptq+sal", "--out", str(tmp_path / "s")]
     assert main([*args, "--quiet"]) == 2
-    assert "stores plain ternary weights" in capsys.readouterr().err
-    assert not (tmp_path / "q").exists()
-    bench = ["bench", "--model", tiny_checkpoint, "--methods", "rtn4", "--save", "rtn4", "--quiet"]
+    assert "stores plain ternary and integer weights" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    bench = ["bench", "--model", tiny_checkpoint, "--methods", "pt2+sal", "--save", "pt2+sal", "--quiet"]
     assert main(bench) == 2
-    assert "stores plain ternary weights" in capsys.readouterr().err
+    assert "stores plain ternary and integer weights" in capsys.readouterr().err
 
 
 def test_kernel_benchmark_command(tmp_path, capsys):

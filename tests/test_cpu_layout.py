@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
-from twla.deploy.cpu_layout import Bf16Embedding, CpuTernaryLinear, converted
+from twla.deploy.cpu_layout import Bf16Embedding, CpuLinear, converted
 from twla.deploy.load import load_packed
 from twla.deploy.save import pack_model, save_packed
 from twla.deploy.ternary_linear import TernaryLinear
@@ -86,7 +86,7 @@ def test_cpu_linear_matches_the_reference_linear_with_rotation_order_and_bias():
         ref.rot2.copy_(torch.linalg.qr(torch.randn(8, 8, generator=g))[0])
         ref.bias.copy_(torch.randn(48, generator=g))
     ref.refresh()
-    fast = CpuTernaryLinear(ref)
+    fast = CpuLinear(ref)
     x = torch.randn(2, 5, 64, generator=g)
     with kernel_backend("torch"), torch.no_grad():
         want = ref(x)
@@ -119,12 +119,12 @@ def test_a_sites_linears_share_rotation_and_codes_and_compute_what_each_computes
         ref.refresh()
         refs.append(ref)
     site = SiteInput(refs[0].rot1, refs[0].rot2)
-    shared = [CpuTernaryLinear(ref, site) for ref in refs]
+    shared = [CpuLinear(ref, site) for ref in refs]
     assert [m.slot for m in shared] == [0, 1, None, None]  # 8 bits quantize alone, 16 bits not at all
     for x in (torch.randn(1, 1, 64, generator=g), torch.randn(3, 5, 64, generator=g)):
         outs = [m(x) for m in shared]
         assert site.x is None and site.rotated is None and site.codes is None  # let go once all are served
-        alone = [CpuTernaryLinear(ref)(x) for ref in refs]
+        alone = [CpuLinear(ref)(x) for ref in refs]
         assert all(torch.equal(a, b) for a, b in zip(outs, alone, strict=True))
 
 
@@ -163,7 +163,7 @@ def test_loading_on_the_cpu_converts_and_generates_the_reference_tokens(checkpoi
 @pytest.mark.cpu_layout
 def test_from_pretrained_converts_and_a_converted_model_is_not_saved(checkpoint, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    assert any(isinstance(m, CpuTernaryLinear) for m in model.modules())
+    assert any(isinstance(m, CpuLinear) for m in model.modules())
     with pytest.raises(ValueError, match="cannot be saved"):
         model.save_pretrained(str(tmp_path / "again"))
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())

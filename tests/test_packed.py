@@ -273,7 +273,7 @@ def test_format_3_checkpoints_are_refused_with_advice_and_convert_exactly(saved,
     resign(old, lambda m: m.update(version=3))
     with pytest.raises(CheckpointError, match=f"version 3 is not supported .*twla upgrade {old}"):
         load_packed(old)
-    new = str(tmp_path / "v4")
+    new = str(tmp_path / "v5")
     assert main(["upgrade", old, "--out", new]) == 0
     assert "format version 3 converted" in capsys.readouterr().out
     assert (
@@ -283,7 +283,19 @@ def test_format_3_checkpoints_are_refused_with_advice_and_convert_exactly(saved,
     ids = torch.randint(0, 100, (1, 16))
     assert torch.equal(load_packed(new)[0](ids).logits, load_packed(saved)[0](ids).logits)
     assert main(["upgrade", new, "--out", str(tmp_path / "again")]) == 2
-    assert "already format version 4" in capsys.readouterr().err
+    assert "already format version 5" in capsys.readouterr().err
+
+
+def test_format_4_checkpoints_load_as_they_are(saved, tokens):
+    """Format 4 is format 5 without integer linears: read without conversion."""
+    before = logits(load_packed(saved)[0], tokens)
+    config_file = os.path.join(saved, "config.json")
+    config = json.load(open(config_file))
+    config["quantization_config"]["version"] = 4
+    json.dump(config, open(config_file, "w"))
+    resign(saved, lambda m: m.update(version=4))
+    loaded, _, meta = load_packed(saved)
+    assert meta["version"] == 4 and torch.equal(logits(loaded, tokens), before)
 
 
 def test_checkpoint_config_must_match(saved):
@@ -399,12 +411,6 @@ def test_save_is_atomic_and_checks_its_input(calib_ids, saved, monkeypatch):
         save_packed(model, None, saved, overwrite=True)
     assert read_meta(saved)["digest"] == before  # the old checkpoint is untouched
     assert not [f for f in os.listdir(os.path.dirname(saved)) if f.startswith(".twla-")]
-
-
-def test_uniform_weights_are_not_packed(calib_ids):
-    model, report = quantized("rtn4", calib_ids)
-    with pytest.raises(NotImplementedError, match="stores plain ternary weights"):
-        pack_model(model, report.weights)
 
 
 def test_deployment_imports_without_solver_packages(saved):

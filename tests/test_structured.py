@@ -131,8 +131,8 @@ def test_structured_weights_are_refused_where_they_do_not_fit(calib_ids):
         QuantConfig.from_method("absmean+sal")
     with pytest.raises(ValueError, match="several choices of structured ternary"):
         QuantConfig.from_method("pt2+sal+struct")
-    with pytest.raises(ValueError, match="structured ternary.*plain ternary weights"):
+    with pytest.raises(ValueError, match="structured ternary.*plain ternary and integer weights"):
         QuantConfig.from_method("pt2+gptq+struct").check_packable("pt2+gptq+struct")
     model, report = quantize(tiny_llama(), QuantConfig.from_method("pt2+sal"), calib_ids, device="cpu", progress=False)
-    with pytest.raises(NotImplementedError, match="stores plain ternary weights"):
+    with pytest.raises(NotImplementedError, match="stores plain ternary and integer weights"):
         pack_model(model, report.weights)

@@ -127,8 +127,6 @@ def test_bad_weight_allocations_are_refused_before_any_work(calib_ids):
         QuantConfig.from_method("pt2+gptq+sal+wmix")
     with pytest.raises(ValueError, match="learned rounding"):
         QuantConfig.from_method("pt2+gptq+wmix+round")
-    with pytest.raises(ValueError, match="packed checkpoint format stores plain ternary"):
-        wmix().check_packable("pt2+gptq+had+a4+wmix")
     with pytest.raises(ValueError, match="cannot stream layers"):
         quantize(tiny_llama(), wmix(), calib_ids, progress=False, stream=object())
     with pytest.raises(ValueError, match="too short"):

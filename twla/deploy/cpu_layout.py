@@ -1,7 +1,8 @@
-"""A packed model made ready for the CPU: every ternary linear in the layout of torch's 4-bit
-CPU kernel (:mod:`twla.kernels.cpu`), and the embedding and head in bfloat16.
+"""A packed model made ready for the CPU: every ternary linear, and every integer linear of at most
+4 bits, in the layout of torch's 4-bit CPU kernel (:mod:`twla.kernels.cpu`), and the embedding and
+head in bfloat16.
 
-The conversion happens once, at load; afterwards no call unpacks a weight. The 2-bit codes are
+The conversion happens once, at load; afterwards no call unpacks a weight. The packed codes are
 not kept (half a byte per weight instead of a quarter plus the kernel's half), so a converted
 model runs but is not saved again: load the checkpoint with the ``torch`` kernel backend to
 re-save it. What it computes differs from the reference path only by bfloat16 rounding of α, μ,
@@ -16,8 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from twla.deploy.ternary_linear import TernaryLinear
-from twla.kernels.cpu import Int4Ternary, int4_available, int4_group, int4_mm, matmul_int4, to_int4, token_codes
+from twla.deploy.integer_linear import IntegerLinear
+from twla.deploy.packed_linear import PackedLinear
+from twla.kernels.cpu import (
+    Int4Weight,
+    int4_available,
+    int4_group,
+    int4_mm,
+    integer_to_int4,
+    matmul_int4,
+    to_int4,
+    token_codes,
+)
 from twla.kernels.dispatch import current_backend
 from twla.kernels.uniform import ActivationQuant
 from twla.quantization.fake_quant import online_rotation
@@ -81,13 +92,15 @@ class SiteInput:
         return self._serve((self.codes[0][slot], self.codes[1][slot]))
 
 
-class CpuTernaryLinear(nn.Module):
-    """:class:`TernaryLinear` on the CPU kernel's layout: y = Q_a(x R)_π Ŵ_πᵀ + b."""
+class CpuLinear(nn.Module):
+    """A ternary or an at most 4-bit integer packed linear on the CPU kernel's layout:
+    y = Q_a(x R)_π Ŵ_πᵀ + b."""
 
-    def __init__(self, source: TernaryLinear, site: SiteInput | None = None) -> None:
+    def __init__(self, source: PackedLinear, site: SiteInput | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.act = source.in_features, source.out_features, source.act
-        w = to_int4(source.packed_weight())
+        convert = integer_to_int4 if isinstance(source, IntegerLinear) else to_int4
+        w = convert(source.packed_weight())
         self.group = w.group
         self.register_buffer("int4", w.packed)
         self.register_buffer("scales_zeros", w.scales_zeros)
@@ -97,11 +110,11 @@ class CpuTernaryLinear(nn.Module):
         self.slot = None if self.site is None else self.site.join(self.act)
         self.bias = source.bias
 
-    def weight_layout(self) -> Int4Ternary:
+    def weight_layout(self) -> Int4Weight:
         scales_zeros = self.scales_zeros  # the kernel takes bfloat16 whatever dtype the model was cast to
         if scales_zeros.dtype != torch.bfloat16:
             self.scales_zeros = scales_zeros = scales_zeros.to(torch.bfloat16)
-        return Int4Ternary(self.int4, scales_zeros, self.in_features, self.out_features, self.group)
+        return Int4Weight(self.int4, scales_zeros, self.in_features, self.out_features, self.group)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
@@ -154,30 +167,32 @@ class Bf16Head(nn.Module):
 
 def converted(model: nn.Module) -> bool:
     """Whether ``model`` holds modules of the CPU layout (which are not saved)."""
-    return any(isinstance(m, CpuTernaryLinear | Bf16Embedding | Bf16Head) for m in model.modules())
+    return any(isinstance(m, CpuLinear | Bf16Embedding | Bf16Head) for m in model.modules())
 
 
-def serves_cpu(module: TernaryLinear) -> bool:
+def serves_cpu(module: PackedLinear) -> bool:
     """Whether the CPU kernel takes this linear: on the CPU, with the ``auto`` kernel backend
-    (``torch`` keeps the reference path), a torch that has the kernel and a group it serves."""
+    (``torch`` keeps the reference path), a torch that has the kernel, a group it serves and
+    ternary or at most 4-bit codes."""
     return (
         module.weight.device.type == "cpu"
         and current_backend() == "auto"
         and int4_available()
         and int4_group(module.group_size) is not None
+        and (not isinstance(module, IntegerLinear) or module.bits <= 4)
     )
 
 
 @torch.no_grad()
 def to_cpu_layout(model: nn.Module) -> int:
-    """Convert, in place, every :class:`TernaryLinear` the CPU kernel serves, and the embedding and
-    head to bfloat16; returns how many linears were converted (0: the model is left as it is)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, TernaryLinear) and serves_cpu(m)]
+    """Convert, in place, every packed linear the CPU kernel serves, and the embedding and head to
+    bfloat16; returns how many linears were converted (0: the model is left as it is)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, PackedLinear) and serves_cpu(m)]
     sites: dict[int, SiteInput] = {}  # one per pair of rotation factors, i.e. per site
     for name in names:
         source = model.get_submodule(name)
         site = None if source.rot1 is None else sites.setdefault(id(source.rot1), SiteInput(source.rot1, source.rot2))
-        model.set_submodule(name, CpuTernaryLinear(source, site))
+        model.set_submodule(name, CpuLinear(source, site))
     if names:
         _bfloat16_ends(model)
     return len(names)

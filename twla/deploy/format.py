@@ -1,4 +1,5 @@
-"""The packed checkpoint format: a quantized model in 2 bits per weight, its files, and the checks
+"""The packed checkpoint format: a quantized model in 2 bits per weight (and b bits for the linears
+of a mixed-precision model that are b-bit integers), its files, and the checks
 that reading it makes (saving: :mod:`twla.deploy.save`; loading: :mod:`twla.deploy.load`).
 
 A checkpoint is a directory written atomically, in the layout of a transformers checkpoint:
@@ -13,7 +14,10 @@ A checkpoint is a directory written atomically, in the layout of a transformers 
   per byte along the input in the grouped plane layout of :mod:`twla.kernels.packing`, shape
   (⌈K/4⌉, N)), ``alpha`` and ``mu`` (fp16, per (group,
   row)), ``perm`` (int16 column order, when the blocks were reordered), ``rot1``/``rot2``
-  (the online rotation factors, on the first linear of a site) and its bias; the
+  (the online rotation factors, on the first linear of a site) and its bias. An
+  :class:`~twla.deploy.integer_linear.IntegerLinear` (settings ``kind`` ``integer`` and ``bits``)
+  stores ``weight`` (the b bit planes of its codes, :mod:`twla.kernels.integer`), ``scale`` (fp16)
+  and ``zero`` (the bit planes of its zero points) instead of ``weight``, ``alpha``, ``mu``; the
   unquantized parameters keep their names. A loader that does not know the format meets a
   ``weight`` whose shape no dense linear has, and refuses (stock transformers without
   ``import twla``), instead of running random weights;
@@ -53,12 +57,13 @@ if TYPE_CHECKING:
 QUANT_FILE = "twla_quant.json"  # marks a packed checkpoint
 QUANT_METHOD = "twla"  # its quant_method in config.json, under which the transformers quantizer is registered
 FORMAT = "twla-packed"
-VERSION = 4  # 4: codes in contiguous bit planes per group (format 3 interleaved them at stride 4)
-UPGRADABLE = (3,)  # older versions that :func:`upgrade_packed` converts
+VERSION = 5  # 4: codes in contiguous bit planes per group (format 3 interleaved them at stride 4); 5: integer linears
+READABLE = (4, VERSION)  # versions read as they are (4 is 5 without integer linears)
+UPGRADABLE = (3, 4)  # older versions that :func:`upgrade_packed` converts
 TENSOR_FILE = "model.safetensors"
 REPORT_FILE = "twla_report.json"
 CONFIG_FILES = ("config.json", "generation_config.json")  # digested with the tensors
-CODE_TENSORS = ("weight", "alpha", "mu", "perm")  # what a packed linear's weight costs
+CODE_TENSORS = ("weight", "alpha", "mu", "scale", "zero", "perm")  # what a packed linear's weight costs
 ROTATION_TENSORS = ("rot1", "rot2")  # counted apart from the weights' bits
 STORAGE_DTYPES = ("keep", "float16", "bfloat16")  # for the unquantized tensors of a checkpoint
 
@@ -119,7 +124,7 @@ def is_packed_checkpoint(path: str) -> bool:
 def refuse_version(where: str, version, path: str) -> None:
     advice = (
         f"convert it with `twla upgrade {path} --out NEW_DIRECTORY`"
-        if version in UPGRADABLE
+        if version in UPGRADABLE and version not in READABLE
         else "quantize the model again with this version"
     )
     raise CheckpointError(f"{where}: format version {version} is not supported (this is {VERSION}); {advice}")
@@ -140,7 +145,7 @@ def read_meta(path: str, upgradable: bool = False) -> dict:
         raise CheckpointError(f"{file} is corrupt: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file} does not describe a packed checkpoint (format {FORMAT!r} expected)")
-    if not (meta.get("version") == VERSION or upgradable and meta.get("version") in UPGRADABLE):
+    if not (meta.get("version") in READABLE or upgradable and meta.get("version") in UPGRADABLE):
         refuse_version(file, meta.get("version"), path)
     missing = {"linears", "files", "digest", "model_type", "embeddings"} - set(meta)
     if missing:

@@ -9,8 +9,8 @@ that::
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("runs/w158a4", device_map="cuda", dtype=torch.float16)
 
-builds the model on the meta device, puts empty :class:`~twla.deploy.ternary_linear.TernaryLinear`
-modules in place of the packed linears (no dense weight is ever allocated), reads the packed
+builds the model on the meta device, puts empty packed linears (:mod:`twla.deploy.linears`) in
+place of the dense ones (no dense weight is ever allocated), reads the packed
 tensors into them, and gives a model that ``generate``, ``pipeline`` and ``save_pretrained``
 use as any other. The checkpoint logic lives in :mod:`twla.deploy.load` and
 :mod:`twla.deploy.save`; this module only connects it to transformers' quantizer hooks.

@@ -1,4 +1,4 @@
-"""Loading a packed checkpoint: the model built with empty ternary modules, its tensors read,
+"""Loading a packed checkpoint: the model built with empty packed modules, its tensors read,
 rotation factors shared and the kernels' buffers derived."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from twla.deploy.format import FORMAT, QUANT_FILE, VERSION, CheckpointError, check_files, read_meta, refuse_version
+from twla.deploy.format import FORMAT, QUANT_FILE, READABLE, CheckpointError, check_files, read_meta, refuse_version
+from twla.deploy.linears import linear_from_settings
 from twla.deploy.save import packed_linears
 from twla.deploy.ternary_linear import TernaryLinear
 
@@ -23,12 +24,12 @@ from twla.deploy.ternary_linear import TernaryLinear
 def prepare_packed_model(model: PreTrainedModel, settings: Mapping, files: list[str]) -> None:
     """Before ``from_pretrained`` reads the tensors of a packed checkpoint: check its files
     (against their digests when ``twla_quant.json`` is there, and the tensor names and shapes
-    against the model), and put empty :class:`TernaryLinear` modules in place of the packed
-    linears, on the device the model is being built on (no dense weights are allocated)."""
+    against the model), and put empty packed modules (:mod:`twla.deploy.linears`) in place of the
+    packed linears, on the device the model is being built on (no dense weights are allocated)."""
     path = os.path.dirname(files[0])
     if settings.get("format") != FORMAT:
         raise CheckpointError(f"{path}: packed format {settings.get('format')!r} is not supported ({FORMAT!r} is)")
-    if settings.get("version") != VERSION:
+    if settings.get("version") not in READABLE:
         refuse_version(f"{path} (config.json)", settings.get("version"), path)
     if os.path.isfile(os.path.join(path, QUANT_FILE)):
         meta = read_meta(path)
@@ -57,7 +58,7 @@ def prepare_packed_model(model: PreTrainedModel, settings: Mapping, files: list[
             )
         try:
             with torch.device(old.weight.device):
-                module = TernaryLinear.from_settings(spec)
+                module = linear_from_settings(spec)
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path}: invalid settings for {name}: {err!r}") from err
         model.set_submodule(name, module)
@@ -98,7 +99,7 @@ def finish_packed_model(model: nn.Module, settings: Mapping, *, prefix: str = ""
                 model.get_submodule(source.removeprefix(prefix))
             )
     for module in packed_linears(model).values():
-        if not module.has_offset:  # μ = 0 is not stored
+        if isinstance(module, TernaryLinear) and not module.has_offset:  # μ = 0 is not stored
             module.mu = torch.zeros_like(module.alpha)
         module.refresh()
 

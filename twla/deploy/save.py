@@ -1,4 +1,4 @@
-"""Packing a quantized model into ternary modules and writing its packed checkpoint
+"""Packing a quantized model into packed ternary and integer modules and writing its packed checkpoint
 (:mod:`twla.deploy.format` describes the files); converting an older format version."""
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from twla.deploy.format import (
     read_meta,
     sha256_file,
 )
-from twla.deploy.ternary_linear import TernaryLinear
+from twla.deploy.linears import pack_linear
+from twla.deploy.packed_linear import PackedLinear
 from twla.io import atomic_directory, check_output_dir
 from twla.kernels.packing import pack_codes, unpack_codes_strided
 from twla.models.adapters import get_adapter
@@ -49,20 +50,15 @@ if TYPE_CHECKING:
 
 
 def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.Module:
-    """Replace each quantized linear named in ``weights`` (``QuantReport.weights``) by a
-    :class:`TernaryLinear` on its packed codes, in place; returns the model. Rotation factors
-    shared by a site's linears stay shared."""
-    owners: dict[int, TernaryLinear] = {}  # id of a site's rotation factor → the first linear packed with it
+    """Replace each quantized linear named in ``weights`` (``QuantReport.weights``) by a packed
+    linear in its record's format (:mod:`twla.deploy.linears`: ternary or integer), in place;
+    returns the model. Rotation factors shared by a site's linears stay shared."""
+    owners: dict[int, PackedLinear] = {}  # id of a site's rotation factor → the first linear packed with it
     for name, weight in weights.items():
         module = model.get_submodule(name)
-        if not weight.packable:
-            raise NotImplementedError(
-                f"{name}: the packed format stores plain ternary weights; {type(weight).__name__} records "
-                "(uniform integer references, structured ternary) are not packed"
-            )
         if not isinstance(module, nn.Linear | QuantLinear):
             raise ValueError(f"{name} is a {type(module).__name__}, not a quantized linear; was it packed already?")
-        packed = TernaryLinear.from_quantized(module, weight)
+        packed = pack_linear(name, module, weight)
         rotation = getattr(module, "rot1", None)
         if rotation is not None:
             owner = owners.setdefault(id(rotation), packed)
@@ -72,16 +68,16 @@ def pack_model(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> nn.M
     return model
 
 
-def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], dtype: torch.dtype | None) -> Tensor:
-    """The tensor as stored: α, μ in fp16 (they are fp16-rounded, checked), column orders in
-    int16, the unquantized matrices (embeddings, head) in ``dtype`` (None: as they are); vectors
-    (norm gains, biases) and the packed linears' rotation factors as they are."""
+def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, PackedLinear], dtype: torch.dtype | None) -> Tensor:
+    """The tensor as stored: α, μ and integer scales in fp16 (they are fp16-rounded, checked), column
+    orders in int16, the unquantized matrices (embeddings, head) in ``dtype`` (None: as they are);
+    codes, vectors (norm gains, biases) and the packed linears' rotation factors as they are."""
     owner, _, leaf = key.rpartition(".")
     t = t.detach().cpu()
-    if owner in linears and leaf in ("alpha", "mu"):
+    if owner in linears and leaf in linears[owner].half_tensors:
         half = t.half()
         if not torch.equal(half.float(), t.float()):
-            raise ValueError(f"{key}: values are not representable in 16 bits; the packed format stores fp16 α, μ")
+            raise ValueError(f"{key}: values are not representable in 16 bits; the packed format stores them in fp16")
         return half
     if owner in linears and leaf == "perm":
         return t.to(torch.int16 if linears[owner].in_features <= torch.iinfo(torch.int16).max else torch.int32)
@@ -90,11 +86,11 @@ def _storage_tensor(key: str, t: Tensor, linears: Mapping[str, TernaryLinear], d
     return t.contiguous()
 
 
-def packed_linears(model: nn.Module) -> dict[str, TernaryLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
+def packed_linears(model: nn.Module) -> dict[str, PackedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
-def linear_settings(linears: Mapping[str, TernaryLinear]) -> tuple[dict, dict]:
+def linear_settings(linears: Mapping[str, PackedLinear]) -> tuple[dict, dict]:
     """Each packed linear's settings, and for each linear that shares its site's rotation factors
     the linear that stores them (both by full name, in the order given)."""
     owners = {id(m.rot1): name for name, m in linears.items() if m.rot1 is not None and not m.shares_rotation}
@@ -127,7 +123,7 @@ def quantization_config(
 
 def stored_tensors(
     items: Iterable[tuple[str, Tensor]],
-    linears: Mapping[str, TernaryLinear],
+    linears: Mapping[str, PackedLinear],
     tied: Mapping[str, str],
     *,
     dtype: torch.dtype | None = None,
@@ -189,7 +185,7 @@ def save_packed(
     check_output_dir(path, "packed checkpoint", is_packed_checkpoint, overwrite=overwrite)
     linears = packed_linears(model)
     if not linears:
-        raise ValueError("the model has no packed ternary linears; call pack_model(model, report.weights) first")
+        raise ValueError("the model has no packed linears; call pack_model(model, report.weights) first")
     unpacked = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     if unpacked:
         raise ValueError(f"{len(unpacked)} quantized linears are not packed (e.g. {unpacked[0]}); call pack_model")
@@ -197,7 +193,7 @@ def save_packed(
     adapter = get_adapter(model)
     for index, layer in enumerate(adapter.decoder_layers(model)):
         for site_linear in adapter.linear_names():
-            if not isinstance(layer.get_submodule(site_linear), TernaryLinear):
+            if not isinstance(layer.get_submodule(site_linear), PackedLinear):
                 raise ValueError(f"{adapter.layers}.{index}.{site_linear} is not packed; pack every layer")
     with atomic_directory(path) as tmp:
         return write_packed(
@@ -271,7 +267,8 @@ def write_packed(
 def upgrade_packed(source: str, path: str, *, overwrite: bool = False) -> PackedBits:
     """Convert the packed checkpoint ``source`` of an older format version (:data:`UPGRADABLE`)
     to this version at ``path`` (atomically; ``source`` is only read). Version 3 differs in the
-    order of the codes inside each packed weight (k = 4r + j in bits 2j..2j+1 of row r); every
+    order of the codes inside each packed weight (k = 4r + j in bits 2j..2j+1 of row r); version
+    4 only in its number (it holds ternary linears only, which version 5 reads as they are); every
     code, grid and other tensor is the same, so the model computes the same outputs."""
     meta = read_meta(source, upgradable=True)
     if meta["version"] == VERSION:
@@ -282,7 +279,7 @@ def upgrade_packed(source: str, path: str, *, overwrite: bool = False) -> Packed
     settings = {**model_config.quantization_config, "version": VERSION}
     tensors = CheckpointTensors(source)
     sources = {key: tensors.source(key) for key in tensors.keys()}
-    for name, linear in meta["linears"].items():
+    for name, linear in meta["linears"].items() if meta["version"] == 3 else ():
         codes = unpack_codes_strided(tensors.get(f"{name}.weight"), linear["in_features"])
         sources[f"{name}.weight"] = TensorSource.of(pack_codes(codes, linear["group_size"]))
     rewritten = {TENSOR_FILE, "config.json", QUANT_FILE}

@@ -68,9 +68,10 @@ class QuantConfig:
     batch_size: int = 8
 
     def __post_init__(self) -> None:
+        plain = isinstance(self.weights, TernaryConfig) and not self.weights.structured
         for name in ("reconstruction", "end_to_end"):
             recon = getattr(self, name)
-            if recon is not None and recon.codes and not self.weights.packable:
+            if recon is not None and recon.codes and not plain:
                 raise ValueError(
                     f"{name} learns plain ternary codes (learned rounding); {self.weights.format} weights have none"
                 )
@@ -78,7 +79,6 @@ class QuantConfig:
                 raise ValueError(
                     f"{name} learns ternary codes (learned rounding); a weight allocation mixes in integer ones"
                 )
-        plain = isinstance(self.weights, TernaryConfig) and self.weights.packable
         if self.weight_allocation is not None and not plain:
             raise ValueError(
                 f"a weight allocation mixes the method's plain ternary weights with integer ones; "
@@ -194,12 +194,7 @@ class QuantConfig:
         if not self.weights.packable:
             raise ValueError(
                 f"{method} quantizes weights to {self.weights.format}; "
-                "the packed checkpoint format stores plain ternary weights"
-            )
-        if self.weight_allocation is not None:
-            raise ValueError(
-                f"{method} mixes ternary and integer weights (+wmix); the packed checkpoint format stores plain "
-                "ternary weights, so a mixed model is evaluated fake-quantized only"
+                "the packed checkpoint format stores plain ternary and integer weights"
             )
 
     def check_windows(self, windows: int) -> None:

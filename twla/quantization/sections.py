@@ -82,7 +82,7 @@ class TernaryConfig:
 
     @property
     def packable(self) -> bool:
-        """Whether the packed checkpoint format and the kernels hold these weights (plain ternary)."""
+        """Whether the packed checkpoint format holds these weights (plain ternary, not structured)."""
         return not self.structured
 
     @property
@@ -115,7 +115,7 @@ class UniformConfig:
     damp: float = 0.01
 
     kind: ClassVar[str] = "uniform"
-    packable: ClassVar[bool] = False  # a reference: fake-quantized only
+    packable: ClassVar[bool] = True  # packed as integer linears
 
     @property
     def format(self) -> str:

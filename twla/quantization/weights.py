@@ -66,7 +66,7 @@ class TernaryWeight(BlockWeight):
     mu: Tensor  # (n, n_blocks)
     has_offset: bool
 
-    packable: ClassVar[bool] = True  # the packed checkpoint format holds it
+    packed_format: ClassVar[str | None] = "ternary"  # the packed linear that holds it (twla.deploy.linears)
 
     def grid(self) -> dict[str, Tensor]:
         """The continuous parameters: α, and μ when the grid has an offset."""
@@ -102,7 +102,7 @@ class UniformWeight(BlockWeight):
     zero: Tensor  # (n, n_blocks), integer-valued
     bits: int
 
-    packable: ClassVar[bool] = False  # a reference: fake-quantized only
+    packed_format: ClassVar[str | None] = "integer"
 
     def grid(self) -> dict[str, Tensor]:
         """The continuous parameter: the scale (the zero point is an integer code)."""
@@ -139,7 +139,7 @@ class StructuredWeight(BlockWeight):
     beta: Tensor  # (n, n_blocks)
     groups: int  # magnitude groups outside the salient columns (1 or 2)
 
-    packable: ClassVar[bool] = False  # fake-quantized only: the kernels read plain ternary codes
+    packed_format: ClassVar[str | None] = None  # fake-quantized only: the kernels read plain ternary codes
 
     def grid(self) -> dict[str, Tensor]:
         return {"alpha": self.alpha, "mu": self.mu, "beta": self.beta}

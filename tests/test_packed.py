@@ -286,9 +286,11 @@ def test_format_3_checkpoints_are_refused_with_advice_and_convert_exactly(saved,
     assert "already format version 5" in capsys.readouterr().err
 
 
-def test_format_4_checkpoints_load_as_they_are(saved, tokens):
-    """Format 4 is format 5 without integer linears: read without conversion."""
+def test_format_4_checkpoints_load_as_they_are(saved, tokens, tmp_path):
+    """Format 4 is format 5 without integer linears: read without conversion (`twla upgrade`
+    renumbers it, with the same tensor file)."""
     before = logits(load_packed(saved)[0], tokens)
+    tensors = open(os.path.join(saved, "model.safetensors"), "rb").read()
     config_file = os.path.join(saved, "config.json")
     config = json.load(open(config_file))
     config["quantization_config"]["version"] = 4
@@ -296,6 +298,9 @@ def test_format_4_checkpoints_load_as_they_are(saved, tokens):
     resign(saved, lambda m: m.update(version=4))
     loaded, _, meta = load_packed(saved)
     assert meta["version"] == 4 and torch.equal(logits(loaded, tokens), before)
+    new = str(tmp_path / "v5")
+    assert main(["upgrade", saved, "--out", new]) == 0
+    assert read_meta(new)["version"] == 5 and open(os.path.join(new, "model.safetensors"), "rb").read() == tensors
 
 
 def test_checkpoint_config_must_match(saved):

@@ -142,7 +142,7 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
             allocation_table(rows),
         ]
     if any(row.packed for row in rows):
-        parts += ["## Packed checkpoints (2-bit codes; saved, loaded back and evaluated)", packed_table(rows)]
+        parts += ["## Packed checkpoints (saved, loaded back and evaluated)", packed_table(rows)]
     if speed_table(rows):
         parts += ["## Speed on the CPU (batch 1, this machine, one run)", speed_table(rows)]
     if any(row.samples for row in rows):

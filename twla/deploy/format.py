@@ -84,8 +84,8 @@ class PackedBits:
     """Sizes counted from the files of a packed checkpoint."""
 
     quantized_weights: int  # weights of the packed linears
-    bits_per_weight: float  # bytes of codes, α, μ and column orders per packed weight, × 8
-    linear_bytes: int  # codes, α, μ and column orders
+    bits_per_weight: float  # bytes of codes, grids (α, μ or scale, zero) and column orders per packed weight, × 8
+    linear_bytes: int  # codes, grids and column orders
     rotation_bytes: int  # online rotation factors
     embedding_bytes: int  # embeddings and lm_head
     other_bytes: int  # norms, biases and everything else
@@ -94,7 +94,7 @@ class PackedBits:
 
     def describe(self) -> str:
         return (
-            f"{self.bits_per_weight:.3f} bits per packed weight (from the file: codes, α, μ, column orders); "
+            f"{self.bits_per_weight:.3f} bits per packed weight (from the file: codes, grids, column orders); "
             f"{TENSOR_FILE} {self.file_bytes / 2**20:.1f} MiB vs {self.fp16_bytes / 2**20:.1f} MiB in fp16 "
             f"({self.fp16_bytes / self.file_bytes:.2f}×): linears {self.linear_bytes / 2**20:.1f}, embeddings "
             f"{self.embedding_bytes / 2**20:.1f}, rotations {self.rotation_bytes / 2**20:.2f}, "

@@ -101,13 +101,15 @@ def test_quantize_and_eval_commands(tiny_checkpoint, tmp_path, capsys):
         "64",
         "--damp",
         "0.05",
+        "--layer-windows",
+        "3",
         "--out",
         str(out),
         "--quiet",
     ]
     assert main(args) == 0
     assert "bits per packed weight" in capsys.readouterr().out
-    assert read_config(str(out)).weights.damp == 0.05
+    assert read_config(str(out)).weights.damp == 0.05 and read_config(str(out)).layer_windows == 3
     from safetensors.torch import load_file
 
     stored = load_file(str(out / "model.safetensors"))  # by default the embedding in bfloat16, the rest kept

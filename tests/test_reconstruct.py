@@ -219,3 +219,42 @@ def test_end_to_end_refuses_too_few_windows_and_a_bad_stride():
         quantize(tiny_llama(), QuantConfig.from_method("pt2+e2e"), torch.zeros(3, 16, dtype=torch.long), device="cpu")
     with pytest.raises(ValueError, match="stride must be ≥ 1"):
         EndToEndConfig(stride=0)
+
+
+def test_the_layer_wise_pass_runs_on_the_first_layer_windows_and_end_to_end_on_all():
+    """``layer_windows``: GPTQ, clipping and block-wise reconstruction see the first windows only
+    (the same model as with those windows alone); the teacher and the end-to-end stage see all
+    (its held-out windows lie past the layer-wise ones)."""
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(3))
+    recon = ReconstructionConfig(steps=4, holdout=1, eval_every=2)
+    base = replace(QuantConfig.from_method("pt2+gptq+had+a4"), reconstruction=recon)
+    alone, _ = quantize(tiny_llama(), base, calib[:4], device="cpu", progress=False)
+    split, _ = quantize(tiny_llama(), replace(base, layer_windows=4), calib, device="cpu", progress=False)
+    whole, _ = quantize(tiny_llama(), base, calib, device="cpu", progress=False)
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+    assert same(alone, split) and not same(alone, whole)
+    e2e = EndToEndConfig(steps=0, holdout=2, stride=2)
+    _, report = quantize(
+        tiny_llama(), replace(base, layer_windows=4, end_to_end=e2e), calib, device="cpu", progress=False
+    )
+    assert report.end_to_end["before"] == pytest.approx(_mean_kl(split, tiny_llama(), calib[-2:], 2), rel=2e-2)
+    config = replace(base, layer_windows=4, end_to_end=e2e)
+    assert QuantConfig.from_dict(config.to_dict()) == config
+    old = config.to_dict()
+    old.pop("layer_windows")
+    assert QuantConfig.from_dict({**old, "version": 6}).layer_windows is None
+
+
+def test_layer_windows_beyond_the_calibration_mean_all_of_it_and_too_few_are_refused_before_any_work():
+    calib = torch.zeros(8, 16, dtype=torch.long)
+    assert QuantConfig.from_method("pt2+e2e", layer_windows=9).layer_windows_of(8) == 8
+    assert QuantConfig.from_method("pt2+e2e").layer_windows_of(8) == 8
+    with pytest.raises(ValueError, match="holds out 4 of the 4 calibration windows"):
+        quantize(tiny_llama(), QuantConfig.from_method("pt2+recon+e2e", layer_windows=4), calib, device="cpu")
+    with pytest.raises(ValueError, match="layer_windows must be ≥ 1"):
+        QuantConfig.from_method("pt2+e2e", layer_windows=0)
+    with pytest.raises(ValueError, match="holds out 4 of the 3"):
+        BenchConfig(methods=("pt2+recon",), nsamples=64, layer_windows=3)

@@ -78,4 +78,6 @@ class BenchConfig(JobConfig):
 
         plain = QuantConfig.from_method(spec)
         overrides = {section: fields for section, fields in self.overrides.items() if plain.uses(section)}
-        return QuantConfig.from_method(spec, overrides, batch_size=self.batch_size).with_seed(seed)
+        return QuantConfig.from_method(
+            spec, overrides, batch_size=self.batch_size, layer_windows=self.layer_windows
+        ).with_seed(seed)

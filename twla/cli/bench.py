@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
         calibration=args.calibration,
         evaluation=args.evaluation,
         nsamples=args.nsamples,
+        layer_windows=args.layer_windows,
         seqlen=args.seqlen,
         eval_seqlen=args.eval_seqlen,
         eval_tokens=args.eval_tokens or None,

@@ -109,6 +109,13 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
         help=f"calibration windows (default {run['nsamples']})",
     )
     p.add_argument(
+        "--layer-windows",
+        type=int_at_least(1),
+        default=run["layer_windows"],
+        help="the layer-wise pass (GPTQ, clipping, block-wise reconstruction) uses the first N calibration "
+        f"windows, end-to-end reconstruction all --nsamples (default {run['layer_windows']})",
+    )
+    p.add_argument(
         "--seqlen",
         type=int_at_least(2),
         default=run["seqlen"],

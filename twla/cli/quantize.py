@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> None:
         model=args.model,
         calibration=args.calibration,
         nsamples=args.nsamples,
+        layer_windows=args.layer_windows,
         seqlen=args.seqlen,
         device=args.device,
         batch_size=args.batch_size,

@@ -40,7 +40,9 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
 
     if not cfg.out:
         raise ValueError("name the output checkpoint directory (--out)")
-    config = QuantConfig.from_method(cfg.method, cfg.overrides, batch_size=cfg.batch_size).with_seed(cfg.seed)
+    config = QuantConfig.from_method(
+        cfg.method, cfg.overrides, batch_size=cfg.batch_size, layer_windows=cfg.layer_windows
+    ).with_seed(cfg.seed)
     config.check_windows(cfg.nsamples)
     config.check_packable(cfg.method)
     dtype = storage_dtype(cfg.dtype)

@@ -55,6 +55,9 @@ class QuantConfig:
     true_sequential: quantize the input sites of a decoder layer one after another,
     each seeing the outputs of the already-quantized ones (GPTQ's true-sequential).
     batch_size: calibration sequences per forward pass.
+    layer_windows: the layer-wise pass (GPTQ statistics, clipping, block-wise reconstruction)
+    runs on the first ``layer_windows`` calibration windows (all, when there are fewer), the
+    end-to-end stage and its teacher on all of them (``None``: every stage on all).
     """
 
     weights: WeightConfig = field(default_factory=TernaryConfig)
@@ -66,8 +69,11 @@ class QuantConfig:
     end_to_end: EndToEndConfig | None = None
     true_sequential: bool = True
     batch_size: int = 8
+    layer_windows: int | None = None
 
     def __post_init__(self) -> None:
+        if self.layer_windows is not None and self.layer_windows < 1:
+            raise ValueError(f"layer_windows must be ≥ 1, got {self.layer_windows}")
         plain = isinstance(self.weights, TernaryConfig) and not self.weights.structured
         for name in ("reconstruction", "end_to_end"):
             recon = getattr(self, name)
@@ -173,7 +179,7 @@ class QuantConfig:
             allocation = {**allocation, "options": tuple(allocation.get("options", AllocationConfig.options))}
         reconstruction = _section(data, "reconstruction", optional=True)
         end_to_end = _section(data, "end_to_end", optional=True)
-        unknown = sorted(set(data) - {"true_sequential", "batch_size"})
+        unknown = sorted(set(data) - {"true_sequential", "batch_size", "layer_windows"})
         if unknown:
             raise ValueError(f"configuration: unknown fields {', '.join(unknown)}")
         return cls(
@@ -199,9 +205,14 @@ class QuantConfig:
 
     def check_windows(self, windows: int) -> None:
         """Refuse a calibration set too small for the reconstructions' held-out windows."""
-        for recon in (self.reconstruction, self.end_to_end):
-            if recon:
-                recon.check_windows(windows)
+        if self.reconstruction:
+            self.reconstruction.check_windows(self.layer_windows_of(windows))
+        if self.end_to_end:
+            self.end_to_end.check_windows(windows)
+
+    def layer_windows_of(self, windows: int) -> int:
+        """How many of ``windows`` calibration windows the layer-wise pass runs on."""
+        return windows if self.layer_windows is None else min(self.layer_windows, windows)
 
     def with_seed(self, seed: int) -> QuantConfig:
         """The same configuration with every random choice (rotations, reconstruction batches) seeded by ``seed``."""
@@ -215,7 +226,8 @@ class QuantConfig:
 # 4: ternary weights may be structured (weights.salient, weights.groups).
 # 5: reconstruction may learn the ternary codes (reconstruction.codes, code_lr).
 # 6: a weight format per linear (weight_allocation).
-CONFIG_VERSION = 6
+# 7: the layer-wise pass may run on fewer windows than the end-to-end stage (layer_windows).
+CONFIG_VERSION = 7
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -239,12 +251,13 @@ def _upgrade_v2(data: dict) -> dict:
 
 def _new_fields_default(data: dict) -> dict:
     """A configuration in the next layout when that layout only adds fields whose defaults
-    describe what the older version did (4: plain ternary weights; 5: frozen codes; 6: one weight format)."""
+    describe what the older version did (4: plain ternary weights; 5: frozen codes; 6: one weight
+    format; 7: every stage on all windows)."""
     return data
 
 
 # version → the next version's layout
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, 3: _new_fields_default, 4: _new_fields_default, 5: _new_fields_default}
+_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, **dict.fromkeys((3, 4, 5, 6), _new_fields_default)}
 
 
 WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}

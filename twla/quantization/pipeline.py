@@ -43,8 +43,9 @@ def capture_inputs(run: QuantRun) -> None:
         for index, layer in enumerate(run.layers):
             run.prepare(layer, index)
     config = run.config
+    windows = run.calibration[: config.layer_windows_of(run.calibration.shape[0])]
     run.batches = capture_layer_inputs(
-        run.model, run.adapter, run.calibration, batch_size=config.batch_size, device=run.device, offload=run.offload
+        run.model, run.adapter, windows, batch_size=config.batch_size, device=run.device, offload=run.offload
     )
 
 

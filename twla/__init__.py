@@ -5,7 +5,7 @@ Typical use::
 
     import twla
     model, tokenizer = twla.load_model("smollm2-135m")
-    calib = twla.calibration_windows(twla.tokenize(tokenizer, twla.load_text("emma")), 32, 512, seed=0)
+    calib = twla.calibration_windows(twla.tokenize(tokenizer, twla.load_text("emma")), 128, 512, seed=0)
     model, report = twla.quantize(model, twla.QuantConfig.from_method("pt2+gptq+ssr+had+a4"), calib)
     windows = twla.evaluation_windows(twla.tokenize(tokenizer, twla.load_text("prideprejudice")), 512)
     print(twla.perplexity(model, windows).ppl)

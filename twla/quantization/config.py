@@ -18,6 +18,7 @@ from twla.quantization.methods import (
     method_config,
 )
 from twla.quantization.sections import (
+    LAYER_WINDOWS,
     ActivationConfig,
     AllocationConfig,
     EndToEndConfig,
@@ -69,7 +70,7 @@ class QuantConfig:
     end_to_end: EndToEndConfig | None = None
     true_sequential: bool = True
     batch_size: int = 8
-    layer_windows: int | None = None
+    layer_windows: int | None = LAYER_WINDOWS
 
     def __post_init__(self) -> None:
         if self.layer_windows is not None and self.layer_windows < 1:
@@ -252,12 +253,24 @@ def _upgrade_v2(data: dict) -> dict:
 def _new_fields_default(data: dict) -> dict:
     """A configuration in the next layout when that layout only adds fields whose defaults
     describe what the older version did (4: plain ternary weights; 5: frozen codes; 6: one weight
-    format; 7: every stage on all windows)."""
+    format)."""
     return data
 
 
+def _upgrade_v6(data: dict) -> dict:
+    """A version-6 configuration in the version-7 layout: every stage ran on all windows."""
+    return {"layer_windows": None, **data}
+
+
 # version → the next version's layout
-_UPGRADES = {1: _upgrade_v1, 2: _upgrade_v2, **dict.fromkeys((3, 4, 5, 6), _new_fields_default)}
+_UPGRADES = {
+    1: _upgrade_v1,
+    2: _upgrade_v2,
+    3: _new_fields_default,
+    4: _new_fields_default,
+    5: _new_fields_default,
+    6: _upgrade_v6,
+}
 
 
 WEIGHT_KINDS: dict[str, type] = {cls.kind: cls for cls in (TernaryConfig, UniformConfig)}

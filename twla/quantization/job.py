@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from twla.models.builtin import DEFAULT_MODEL
+from twla.quantization.sections import LAYER_WINDOWS
 
 
 @dataclass
@@ -23,7 +24,7 @@ class JobConfig:
     calibration: str = "emma+mansfieldpark"
     nsamples: int = 128
     seqlen: int = 512
-    layer_windows: int | None = 32
+    layer_windows: int | None = LAYER_WINDOWS
     device: str | None = None
     batch_size: int = 8
     overrides: dict = field(default_factory=dict)

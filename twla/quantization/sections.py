@@ -251,6 +251,11 @@ class ActivationConfig:
         return self.bits < 16 or any(b < 16 for b in self.layer_bits.values())
 
 
+# Calibration windows of the layer-wise pass by default: GPTQ, clipping and block-wise
+# reconstruction gain little from more, end-to-end reconstruction takes every window given.
+LAYER_WINDOWS = 32
+
+
 @dataclass(frozen=True)
 class ReconstructionConfig:
     """Block-wise output reconstruction after each decoder block is quantized (codes frozen).

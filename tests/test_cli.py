@@ -46,6 +46,7 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     methods = ["fp", "absmean", "e2m+gptq", "e2m+gptq+kotms+a4", "e2m+had+amp", "pt2+gptq+wmix"]
     assert [r["method"] for r in report["rows"]] == methods
     assert all(r["ppl"] > 1 for r in report["rows"])
+    assert ": 4 windows × 64 tokens, seeds 0" in report["setup"]["calibration"]  # all 4 for the layer-wise pass
     assert report["rows"][2]["bits_storage"] > 2.0
     a4 = report["rows"][3]
     assert (a4["scheme"], a4["rotation"]) == ("W1.58A4", "kotms")

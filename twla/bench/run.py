@@ -325,7 +325,11 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
         "device": str(run.device),
         "evaluation": fp.describe(),
         "calibration": f"{run.cal_text.name}: {cfg.nsamples} windows × {cfg.seqlen} tokens, "
-        + ("" if cfg.layer_windows is None else f"the first {cfg.layer_windows} for the layer-wise pass, ")
+        + (
+            f"the first {cfg.layer_windows} for the layer-wise pass, "
+            if cfg.layer_windows is not None and cfg.layer_windows < cfg.nsamples
+            else ""
+        )
         + f"seeds {', '.join(map(str, cfg.seeds))}"
         + "".join(f"; {s}.{k} = {v} where used" for s, given in cfg.overrides.items() for k, v in given.items()),
         "accounting": ACCOUNTING_RULES,

@@ -80,6 +80,23 @@ def test_partial_blocks_and_ternary_structure(spec):
     assert tw.is_reordered() == spec.endswith("+ssr")
 
 
+@pytest.mark.parametrize("spec", ["pt2+gptq", "pt2+gptq+ssr", "rtn3+gptq+ssr", "pt2+gptq+ssr+struct"])
+def test_the_grid_spreads_over_the_columns_exactly_as_an_indexed_gather(spec):
+    """``per_column`` (a product with the block indicator) is x[:, block(j)] to the bit, and so is
+    its gradient, with reordered columns and a partial last block."""
+    W, S = layer_problem(m=200)
+    tw, _ = quantize_weight(W, S, method_config(spec))
+    block = tw.block_of_column()
+    for x in tw.grid().values():
+        leaf = x.clone().requires_grad_()
+        spread = tw.per_column(leaf)
+        assert torch.equal(spread, x[:, block])
+        weights = torch.randn(spread.shape, generator=torch.Generator().manual_seed(0))
+        (grad,) = torch.autograd.grad((spread * weights).sum(), leaf)
+        (expected,) = torch.autograd.grad((leaf[:, block] * weights).sum(), leaf)
+        assert torch.allclose(grad, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_ssr_picks_columns_similar_to_the_mean():
     W, S = layer_problem(m=256)
     W[:, 200:] += 5.0  # a clearly similar group: same large offset in every row

@@ -368,7 +368,7 @@ def test_method_overrides_replace_fields_of_the_sections_the_method_uses():
         {"weights": {"damp": 0.05}, "allocation": {"budget": 6}, "end_to_end": {"steps": 7, "lr": 1e-2}},
     )
     assert config.weights.damp == 0.05 and config.allocation.budget == 6 and config.activations.bits == 6
-    assert (config.end_to_end.steps, config.end_to_end.lr, config.end_to_end.stride) == (7, 1e-2, 4)
+    assert (config.end_to_end.steps, config.end_to_end.lr, config.end_to_end.top_k) == (7, 1e-2, 64)
     assert config.reconstruction == QuantConfig.from_method("pt2+recon").reconstruction  # untouched
     with pytest.raises(ValueError, match="overrides of end_to_end, which this method does not use"):
         QuantConfig.from_method("pt2+recon", {"end_to_end": {"steps": 7}})

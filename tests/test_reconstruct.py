@@ -194,7 +194,7 @@ def _mean_kl(model, reference, ids, stride: int) -> float:
 def test_end_to_end_lowers_the_kl_it_reports_and_packs_to_the_same_outputs(holdout):
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     base = QuantConfig.from_method("pt2+gptq+had+a4")
-    e2e = EndToEndConfig(steps=40, lr=2e-2, holdout=holdout, eval_every=5, stride=2)
+    e2e = EndToEndConfig(steps=40, lr=2e-2, holdout=holdout, eval_every=5, stride=2, top_k=0)
     plain, _ = quantize(tiny_llama(), base, calib, device="cpu", progress=False)
     model, report = quantize(tiny_llama(), replace(base, end_to_end=e2e), calib, device="cpu", progress=False)
     judged = calib[-holdout:] if holdout else calib  # without held-out windows the training windows judge
@@ -236,7 +236,7 @@ def test_the_layer_wise_pass_runs_on_the_first_layer_windows_and_end_to_end_on_a
         return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
     assert same(alone, split) and not same(alone, whole)
-    e2e = EndToEndConfig(steps=0, holdout=2, stride=2)
+    e2e = EndToEndConfig(steps=0, holdout=2, stride=2, top_k=0)
     _, report = quantize(
         tiny_llama(), replace(base, layer_windows=4, end_to_end=e2e), calib, device="cpu", progress=False
     )
@@ -246,6 +246,9 @@ def test_the_layer_wise_pass_runs_on_the_first_layer_windows_and_end_to_end_on_a
     old = config.to_dict()
     old.pop("layer_windows")
     assert QuantConfig.from_dict({**old, "version": 6}).layer_windows is None
+    v7 = replace(config, end_to_end=EndToEndConfig()).to_dict()  # version 7: the teacher kept all tokens
+    v7["end_to_end"].pop("top_k")
+    assert QuantConfig.from_dict({**v7, "version": 7}).end_to_end == EndToEndConfig(top_k=0) != EndToEndConfig()
 
 
 def test_layer_windows_beyond_the_calibration_mean_all_of_it_and_too_few_are_refused_before_any_work():

@@ -62,7 +62,14 @@ RECONSTRUCTION_FLAGS = (
     ("round-lr", "reconstruction", "code_lr"),
     ("e2e-steps", "end_to_end", "steps"),
     ("e2e-lr", "end_to_end", "lr"),
+    ("e2e-stride", "end_to_end", "stride"),
+    ("e2e-top-k", "end_to_end", "top_k"),
 )
+_RECONSTRUCTION_HELP = {
+    "code_lr": "learned rounding: the codes' Adam lr",
+    "stride": "compare every N-th position's next-token distribution",
+    "top_k": "the teacher's N most likely tokens and the rest (0: the whole vocabulary)",
+}
 OVERRIDE_FLAGS = (
     ("damp", "weights", "damp"),
     ("amp-budget", "allocation", "budget"),
@@ -154,9 +161,9 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     recon = p.add_argument_group("reconstruction (recon / e2e methods only)")
     for flag, section, name in RECONSTRUCTION_FLAGS:
         default = getattr(EndToEndConfig if section == "end_to_end" else ReconstructionConfig, name)
-        kind = int_at_least(0) if name == "steps" else float
+        kind = int_at_least(1 if name == "stride" else 0) if isinstance(default, int) else float
         stage = "end-to-end" if section == "end_to_end" else "block-wise"
-        what = "learned rounding: the codes' Adam lr" if name == "code_lr" else f"Adam {name}"
+        what = _RECONSTRUCTION_HELP.get(name, f"Adam {name}")
         recon.add_argument(f"--{flag}", type=kind, help=f"{stage} reconstruction: {what} (default {default:g})")
 
 

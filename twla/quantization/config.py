@@ -228,7 +228,8 @@ class QuantConfig:
 # 5: reconstruction may learn the ternary codes (reconstruction.codes, code_lr).
 # 6: a weight format per linear (weight_allocation).
 # 7: the layer-wise pass may run on fewer windows than the end-to-end stage (layer_windows).
-CONFIG_VERSION = 7
+# 8: the end-to-end teacher may keep only its top tokens (end_to_end.top_k).
+CONFIG_VERSION = 8
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -262,6 +263,14 @@ def _upgrade_v6(data: dict) -> dict:
     return {"layer_windows": None, **data}
 
 
+def _upgrade_v7(data: dict) -> dict:
+    """A version-7 configuration in the version-8 layout: its end-to-end teacher kept the whole
+    vocabulary."""
+    if data.get("end_to_end") is None:
+        return data
+    return {**data, "end_to_end": {"top_k": 0, **data["end_to_end"]}}
+
+
 # version → the next version's layout
 _UPGRADES = {
     1: _upgrade_v1,
@@ -270,6 +279,7 @@ _UPGRADES = {
     4: _new_fields_default,
     5: _new_fields_default,
     6: _upgrade_v6,
+    7: _upgrade_v7,
 }
 
 

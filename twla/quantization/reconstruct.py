@@ -16,7 +16,10 @@ End-to-end (``e2e``): once every block is quantized, the same parameters of all 
 once are tuned so that the model's next-token distribution matches the full-precision
 model's on the calibration windows,
 
-    min_θ Σ_i Σ_{t ∈ P} KL(p_FP(· | x_i,≤t) ‖ p_θ(· | x_i,≤t)),   P = every ``stride``-th position.
+    min_θ Σ_i Σ_{t ∈ P} KL(p_FP(· | x_i,≤t) ‖ p_θ(· | x_i,≤t)),   P = every ``stride``-th position,
+
+the KL taken over the teacher's most likely tokens and the rest with ``top_k``
+(:mod:`twla.quantization.distillation`).
 
 Both are solved by :func:`twla.solvers.reconstruct.reconstruct` (Adam, early stopping on
 held-out calibration windows). The stored format does not change: the tuned grid is
@@ -33,10 +36,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from twla.models.adapters import Adapter
 from twla.models.capture import KeptLayers, layer_output, layers_replaced, reloading
+from twla.quantization.distillation import TeacherWindow, kl_positions, teacher_log_probs
 from twla.quantization.records import refresh_clips
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
 from twla.quantization.tunables import Tunables
@@ -71,30 +74,6 @@ def split_windows(batches: list[Window]) -> list[Window]:
 def block_targets(layer: nn.Module, windows: list[Window]) -> list[Tensor]:
     """The full-precision block's output for every window (call before quantizing the block)."""
     return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in windows]
-
-
-def kl_positions(seqlen: int, stride: int) -> Tensor:
-    """The positions whose next-token distributions the end-to-end objective compares."""
-    return torch.arange(0, seqlen, stride)
-
-
-@torch.no_grad()
-def teacher_log_probs(
-    model: nn.Module, calibration: Tensor, stride: int, *, device: torch.device, progress: bool = False
-) -> list[Tensor]:
-    """The full-precision model's next-token log-probabilities at :func:`kl_positions` of every
-    calibration window (float16, CPU; call before quantizing)."""
-    keep = kl_positions(calibration.shape[1], stride).to(device)
-    model.to(device)
-    try:
-        return [
-            torch.log_softmax(model(ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0].float(), -1)
-            .half()
-            .cpu()
-            for ids in tqdm(calibration, desc="teacher log-probs", disable=not progress)
-        ]
-    finally:
-        model.to("cpu")
 
 
 def _solve(
@@ -211,7 +190,7 @@ def reconstruct_model(
     adapter: Adapter,
     calibration: Tensor,
     *,
-    teacher: list[Tensor],
+    teacher: list[TeacherWindow],
     weights: dict[str, QuantizedWeight],
     config: EndToEndConfig,
     device: torch.device,
@@ -234,8 +213,7 @@ def reconstruct_model(
     def kl(forward: Callable[[Tensor, dict], Tensor]) -> Callable[[int], Tensor]:
         def error(i: int) -> Tensor:
             logits = forward(calibration[i : i + 1].to(device), {"use_cache": False, "logits_to_keep": keep})
-            log_p = teacher[i].to(device, torch.float32)
-            return (log_p.exp() * (log_p - torch.log_softmax(logits.logits[0].float(), -1))).sum()
+            return teacher[i].kl(logits.logits[0])
 
         return error
 
@@ -291,8 +269,9 @@ def record_teacher(run: QuantRun) -> None:
         if stream is None
         else layers_replaced(run.model, run.adapter, reloading(stream.load, stream.unload, run.device))
     ):
+        e2e = run.config.end_to_end
         run.teacher = teacher_log_probs(
-            run.model, run.calibration, run.config.end_to_end.stride, device=run.device, progress=run.progress
+            run.model, run.calibration, e2e.stride, top_k=e2e.top_k, device=run.device, progress=run.progress
         )
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from twla.models.adapters import Adapter
 from twla.models.capture import KeptLayers, LayerInputs
 from twla.quantization.config import QuantConfig
+from twla.quantization.distillation import TeacherWindow
 from twla.quantization.fake_quant import wrap_layer
 from twla.quantization.records import QuantReport
 from twla.quantization.rotation import Factors, rotate_residual_layer
@@ -53,7 +54,7 @@ class QuantRun:
     progress: bool = True
     stream: LayerStream | None = None
     offload: bool = False  # calibration activations wait in host memory between layers
-    teacher: Tensor | None = None  # the full-precision model's next-token log-probabilities (e2e)
+    teacher: list[TeacherWindow] | None = None  # the full-precision next-token log-probabilities (e2e)
     residual: Factors | None = None  # the residual rotation's factors
     rotations: dict[tuple[int, str], Factors] = field(default_factory=dict)  # site rotations
     learned: dict[tuple[int, str], Factors] | None = None  # KOTMS rotations still to be judged

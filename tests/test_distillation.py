@@ -1,0 +1,66 @@
+"""The end-to-end stage's objective: the KL to the teacher over the whole vocabulary, and over its
+top k tokens and the rest (a lower bound that is exact at k = V and zero at the teacher), and
+the pipeline with a top-k teacher on every position."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.helpers import tiny_llama
+from twla import QuantConfig, quantize
+from twla.quantization.distillation import TeacherWindow, kl_positions
+from twla.quantization.sections import EndToEndConfig
+
+
+def _logits(seed: int, positions: int = 6, vocab: int = 50) -> torch.Tensor:
+    return 3 * torch.randn(positions, vocab, generator=torch.Generator().manual_seed(seed))
+
+
+def _kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    """Σ_t KL(p_t ‖ q_t) in float64."""
+    log_p, log_q = (torch.log_softmax(x.double(), -1) for x in (teacher, student))
+    return float((log_p.exp() * (log_p - log_q)).sum())
+
+
+def test_the_full_teacher_gives_the_kl_and_top_k_a_lower_bound_that_grows_with_k():
+    teacher, student = _logits(0), _logits(1)
+    exact = _kl(teacher, student)
+    assert float(TeacherWindow.of(teacher, 0).kl(student)) == pytest.approx(exact, rel=1e-3)
+    assert float(TeacherWindow.of(teacher, 50).kl(student)) == pytest.approx(exact, rel=1e-3)  # k = V: all
+    bounds = [float(TeacherWindow.of(teacher, k).kl(student)) for k in (1, 4, 16, 49)]
+    assert all(0 < a < b for a, b in zip(bounds, bounds[1:], strict=False))
+    assert bounds[-1] < exact and bounds[-1] == pytest.approx(exact, rel=2e-2)
+    window = TeacherWindow.of(teacher, 4)
+    assert window.log_probs.dtype == torch.float16 and window.tokens.shape == (6, 4)
+    assert torch.equal(window.tokens.long(), teacher.topk(4, -1).indices)
+
+
+def test_top_k_is_zero_at_the_teacher_and_coarsens_the_tail_into_one_outcome():
+    teacher = _logits(2)
+    assert float(TeacherWindow.of(teacher, 3).kl(teacher)) == pytest.approx(0, abs=1e-3)
+    # a student that moves mass only among the teacher's tail tokens is not seen by KL_k
+    tail = teacher.topk(47, -1, largest=False).indices
+    student = teacher.scatter(-1, tail, teacher.gather(-1, tail).flip(-1))
+    assert float(TeacherWindow.of(teacher, 3).kl(student)) == pytest.approx(0, abs=1e-3)
+    assert _kl(teacher, student) > 0.1
+
+
+def test_end_to_end_with_a_top_k_teacher_on_every_position_lowers_the_full_kl():
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    base = QuantConfig.from_method("pt2+gptq+had+a4")
+    e2e = EndToEndConfig(steps=30, lr=2e-2, holdout=0, eval_every=5, stride=1, top_k=16)
+    plain, _ = quantize(tiny_llama(), base, calib, device="cpu", progress=False)
+    model, report = quantize(tiny_llama(), replace(base, end_to_end=e2e), calib, device="cpu", progress=False)
+    keep = kl_positions(32, 1)
+    with torch.no_grad():
+        teacher = tiny_llama()(calib).logits[:, keep]
+        before, after = (_kl(teacher, m(calib).logits[:, keep]) / calib[:, keep].numel() for m in (plain, model))
+    assert report.end_to_end["after"] < report.end_to_end["before"] < before  # the lower bound, lowered
+    assert after < 0.8 * before
+    assert QuantConfig.from_dict(replace(base, end_to_end=e2e).to_dict()).end_to_end == e2e
+
+
+def test_a_negative_top_k_is_refused():
+    with pytest.raises(ValueError, match="top_k must be ≥ 0"):
+        EndToEndConfig(top_k=-1)

@@ -112,7 +112,7 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
     if any(row.end_to_end for row in rows):
         parts += [
             "## End-to-end reconstruction (held-out calibration windows; mean KL from the full-precision "
-            "model, nats per position)",
+            "model over its top tokens and the rest, nats per compared position)",
             reconstruction_table(rows, "end_to_end"),
         ]
     if any(row.shaping for row in rows):

@@ -196,7 +196,8 @@ VOCABULARY: tuple[Term, ...] = (
         ({"end_to_end": EndToEndConfig()},),
         "end-to-end reconstruction once every block is quantized: the same parameters of all blocks at once, "
         "tuned with Adam to minimize the KL divergence from the full-precision model's next-token distribution "
-        "(every 4th calibration position), early stopping on 4 held-out windows",
+        "(every calibration position, over the teacher's 64 most likely tokens and the rest), early stopping on "
+        "4 held-out windows",
     ),
 )
 

@@ -89,7 +89,7 @@ def test_the_grid_spreads_over_the_columns_exactly_as_an_indexed_gather(spec):
     block = tw.block_of_column()
     for x in tw.grid().values():
         leaf = x.clone().requires_grad_()
-        spread = tw.per_column(leaf)
+        (spread,) = tw.per_column(leaf)
         assert torch.equal(spread, x[:, block])
         weights = torch.randn(spread.shape, generator=torch.Generator().manual_seed(0))
         (grad,) = torch.autograd.grad((spread * weights).sum(), leaf)

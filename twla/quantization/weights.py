@@ -40,12 +40,13 @@ class BlockWeight:
         index[self.perm] = torch.arange(self.perm.numel()) // self.block_size
         return index
 
-    def per_column(self, x: Tensor) -> Tensor:
-        """x[:, block(j)] for every column j: a per-(row, block) tensor (n, n_blocks, …) spread
-        over the columns (n, m, …), as a product with the (n_blocks, m) block indicator — exact,
-        and its gradient a product too (much faster than an indexed gather's scatter)."""
-        indicator = torch.nn.functional.one_hot(self.block_of_column(), x.shape[1]).to(x).T
-        return (x.movedim(1, -1) @ indicator).movedim(-1, 1)
+    def per_column(self, *grids: Tensor) -> list[Tensor]:
+        """x[:, block(j)] for every column j of each per-(row, block) tensor x (n, n_blocks, …):
+        x spread over the columns (n, m, …), as a product with the (n_blocks, m) block indicator —
+        exact, and its gradient a product too (much faster than an indexed gather's scatter)."""
+        blocks = self.block_of_column()
+        indicator = torch.nn.functional.one_hot(blocks, grids[0].shape[1]).to(grids[0]).T
+        return [(x.movedim(1, -1) @ indicator.to(x)).movedim(-1, 1) for x in grids]
 
     def is_reordered(self) -> bool:
         return bool((self.perm != torch.arange(self.perm.numel())).any())
@@ -82,8 +83,8 @@ class TernaryWeight(BlockWeight):
     def with_grid(self, alpha: Tensor, mu: Tensor | None = None, codes: Tensor | None = None) -> Tensor:
         """Ŵ on the grid (α, μ) with this weight's codes, or with ``codes`` (float, e.g. learned
         codes under a straight-through estimator); differentiable in α, μ and ``codes``."""
-        W = self.per_column(alpha) * (self.codes.to(alpha.dtype) if codes is None else codes.to(alpha.dtype))
-        return W + self.per_column(mu if mu is not None else self.mu.to(W))
+        a, m = self.per_column(alpha, self.mu.to(alpha) if mu is None else mu)
+        return a * (self.codes.to(alpha.dtype) if codes is None else codes.to(alpha.dtype)) + m
 
     def set_grid(self, alpha: Tensor, mu: Tensor | None = None) -> None:
         """Store a new grid, rounded to the 16 bits it is stored in."""
@@ -116,7 +117,8 @@ class UniformWeight(BlockWeight):
 
     def with_grid(self, scale: Tensor) -> Tensor:
         """Ŵ with this weight's codes and zero points at ``scale`` (differentiable in it)."""
-        return self.per_column(scale) * (self.codes.to(scale.dtype) - self.per_column(self.zero.to(scale)))
+        s, z = self.per_column(scale, self.zero.to(scale))
+        return s * (self.codes.to(scale.dtype) - z)
 
     def set_grid(self, scale: Tensor) -> None:
         """Store a new scale, rounded to the 16 bits it is stored in."""
@@ -154,8 +156,7 @@ class StructuredWeight(BlockWeight):
         return {"alpha": self.alpha.abs(), "mu": self.alpha.abs(), "beta": self.beta.abs()}
 
     def with_grid(self, alpha: Tensor, mu: Tensor, beta: Tensor) -> Tensor:
-        spread = self.per_column
-        return structured.dequantize(self.classes, self.codes, self.residual, spread(alpha), spread(mu), spread(beta))
+        return structured.dequantize(self.classes, self.codes, self.residual, *self.per_column(alpha, mu, beta))
 
     def set_grid(self, alpha: Tensor, mu: Tensor, beta: Tensor) -> None:
         self.alpha, self.mu, self.beta = (v.detach().half().float().cpu() for v in (alpha, mu, beta))

@@ -20,6 +20,7 @@ from twla.kernels.reference import (
 )
 from twla.kernels.triton_quant import quantize_activations_triton
 from twla.kernels.triton_ternary import ternary_matmul
+from twla.kernels.trits import pack_trits, unpack_trits
 from twla.kernels.uniform import fake_quantize
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,6 +61,25 @@ def test_pack_roundtrip_and_the_grouped_plane_layout(K, group_size):
                 column = j * q + local
                 assert torch.equal(t, T[:, start + column] if column < size else torch.zeros(7, dtype=torch.int8))
         row += q
+
+
+@pytest.mark.parametrize("K", [1, 4, 5, 13, 576])
+def test_base_3_storage_round_trips_at_1_6_bits(K):
+    """Byte j of a row holds columns 5j..5j+4 as Σ_i c_i·3^i (c = t + 1), padded with code 1;
+    bytes above 242 are refused."""
+    T = (torch.randint(0, 3, (7, K)) - 1).to(torch.int8)
+    T[0] = 1  # every byte of row 0 is 242 but a padded last one
+    packed = pack_trits(T)
+    assert packed.shape == (7, -(-K // 5)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_trits(packed, K), T)
+    c = torch.nn.functional.pad(T.long() + 1, (0, -K % 5), value=1).view(7, -1, 5)
+    assert torch.equal(packed.long(), (c * torch.tensor([1, 3, 9, 27, 81])).sum(-1))
+    assert int(packed.max()) <= 242 and (K % 5 or int(packed[0].min()) == 242)
+    packed[3, 0] = 243
+    with pytest.raises(ValueError, match="corrupt"):
+        unpack_trits(packed, K)
+    with pytest.raises(ValueError, match=r"uint8 \(N, "):
+        unpack_trits(packed[:, :-1] if packed.shape[1] > 1 else packed.int(), K)
 
 
 def test_dequantize_matches_dense_grid():

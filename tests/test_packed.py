@@ -19,7 +19,8 @@ from twla.deploy.load import load_packed
 from twla.deploy.save import pack_model, save_packed
 from twla.deploy.ternary_linear import TernaryLinear
 from twla.kernels.dispatch import kernel_backend, resolve, set_kernel_backend
-from twla.kernels.packing import unpack_codes
+from twla.kernels.packing import pack_codes
+from twla.kernels.trits import unpack_trits
 from twla.models.adapters import get_adapter
 from twla.quantization.accounting import count_bits
 
@@ -252,30 +253,41 @@ def test_checkpoint_tensors_must_match_the_model(saved, change, message):
         load_packed(saved)
 
 
-def test_format_3_checkpoints_are_refused_with_advice_and_convert_exactly(saved, tmp_path, capsys):
-    """Format 3 interleaved the codes at stride 4 (k = 4r + j); `twla upgrade` rewrites them in the
-    grouped plane layout, giving this version's tensor file byte for byte."""
-    old = str(tmp_path / "v3")
-    shutil.copytree(saved, old)
-    meta = json.load(open(os.path.join(saved, "twla_quant.json")))
+def _as_older_version(path, version):
+    """Rewrite the packed checkpoint at ``path`` as format ``version`` wrote it: ternary codes in
+    2 bits, at stride 4 (k = 4r + j in bits 2j..2j+1 of row r) in version 3, in grouped bit
+    planes in versions 4 and 5."""
+    meta = json.load(open(os.path.join(path, "twla_quant.json")))
 
-    def strided(tensors):
+    def planes(tensors):
         for name, linear in meta["linears"].items():
-            codes = unpack_codes(tensors[f"{name}.weight"], linear["in_features"], linear["group_size"]) + 1
-            c = torch.nn.functional.pad(codes.to(torch.uint8), (0, -linear["in_features"] % 4), value=1)
+            codes = unpack_trits(tensors[f"{name}.weight"], linear["in_features"])
+            if version > 3:
+                tensors[f"{name}.weight"] = pack_codes(codes, linear["group_size"])
+                continue
+            c = torch.nn.functional.pad((codes + 1).to(torch.uint8), (0, -linear["in_features"] % 4), value=1)
             c = c.view(c.shape[0], -1, 4)
             tensors[f"{name}.weight"] = (c[..., 0] | c[..., 1] << 2 | c[..., 2] << 4 | c[..., 3] << 6).T.contiguous()
 
-    _rewrite_tensors(old, strided)
-    config = json.load(open(os.path.join(old, "config.json")))
-    config["quantization_config"]["version"] = 3
-    json.dump(config, open(os.path.join(old, "config.json"), "w"))
-    resign(old, lambda m: m.update(version=3))
-    with pytest.raises(CheckpointError, match=f"version 3 is not supported .*twla upgrade {old}"):
+    _rewrite_tensors(path, planes)
+    config = json.load(open(os.path.join(path, "config.json")))
+    config["quantization_config"]["version"] = version
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    resign(path, lambda m: m.update(version=version))
+
+
+@pytest.mark.parametrize("version", [3, 4, 5])
+def test_older_formats_are_refused_with_advice_and_convert_exactly(saved, tmp_path, capsys, version):
+    """Formats 3 to 5 stored ternary codes in 2 bits; `twla upgrade` rewrites them in base 3,
+    giving this version's tensor file byte for byte."""
+    old = str(tmp_path / f"v{version}")
+    shutil.copytree(saved, old)
+    _as_older_version(old, version)
+    with pytest.raises(CheckpointError, match=f"version {version} is not supported .*twla upgrade {old}"):
         load_packed(old)
-    new = str(tmp_path / "v5")
+    new = str(tmp_path / "v6")
     assert main(["upgrade", old, "--out", new]) == 0
-    assert "format version 3 converted" in capsys.readouterr().out
+    assert f"format version {version} converted" in capsys.readouterr().out
     assert (
         open(os.path.join(new, "model.safetensors"), "rb").read()
         == open(os.path.join(saved, "model.safetensors"), "rb").read()
@@ -283,24 +295,7 @@ def test_format_3_checkpoints_are_refused_with_advice_and_convert_exactly(saved,
     ids = torch.randint(0, 100, (1, 16))
     assert torch.equal(load_packed(new)[0](ids).logits, load_packed(saved)[0](ids).logits)
     assert main(["upgrade", new, "--out", str(tmp_path / "again")]) == 2
-    assert "already format version 5" in capsys.readouterr().err
-
-
-def test_format_4_checkpoints_load_as_they_are(saved, tokens, tmp_path):
-    """Format 4 is format 5 without integer linears: read without conversion (`twla upgrade`
-    renumbers it, with the same tensor file)."""
-    before = logits(load_packed(saved)[0], tokens)
-    tensors = open(os.path.join(saved, "model.safetensors"), "rb").read()
-    config_file = os.path.join(saved, "config.json")
-    config = json.load(open(config_file))
-    config["quantization_config"]["version"] = 4
-    json.dump(config, open(config_file, "w"))
-    resign(saved, lambda m: m.update(version=4))
-    loaded, _, meta = load_packed(saved)
-    assert meta["version"] == 4 and torch.equal(logits(loaded, tokens), before)
-    new = str(tmp_path / "v5")
-    assert main(["upgrade", saved, "--out", new]) == 0
-    assert read_meta(new)["version"] == 5 and open(os.path.join(new, "model.safetensors"), "rb").read() == tensors
+    assert "already format version 6" in capsys.readouterr().err
 
 
 def test_checkpoint_config_must_match(saved):

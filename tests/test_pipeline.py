@@ -60,24 +60,31 @@ def test_bit_accounting(tiny_model, calib_ids):
     bits = count_bits(model, get_adapter(model), report.weights)
     per_layer = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 160 * 64 + 64 * 160
     assert bits.quantized_weights == 2 * per_layer
-    # 2 bits per code + 32 bits of (α, μ) per (row, block) + 16 bits per permuted column
+    # a byte per 5 codes of a row (in base 3) + 32 bits of (α, μ) per (row, block) + 16 bits per permuted column
+    codes = sum(w.shape[0] * 8 * -(-w.shape[1] // 5) for w in report.weights.values())
     side = sum(w.alpha.numel() * 32 + w.shape[1] * 16 * w.is_reordered() for w in report.weights.values())
-    assert bits.storage_bits_per_weight == pytest.approx(2 + side / bits.quantized_weights)
-    assert bits.entropy_bits_per_weight == pytest.approx(bits.storage_bits_per_weight - 2 + 1.5849625, rel=1e-6)
+    assert bits.storage_bits_per_weight == pytest.approx((codes + side) / bits.quantized_weights)
+    assert bits.entropy_bits_per_weight == pytest.approx(
+        (1.5849625 * bits.quantized_weights + side) / bits.quantized_weights, rel=1e-6
+    )
     assert bits.embedding_params == 256 * 64  # tied embedding counted once
 
 
 @pytest.mark.parametrize("spec,bits,groups", [("rtn2+gptq+g64", 2, 64), ("rtn3+gptq", 3, 128), ("e2m+gptq+g64", 2, 64)])
 def test_group_size_and_uniform_bits_accounting(spec, bits, groups, calib_ids):
     """g64 halves the columns per grid; int-b weights store b-bit codes, a 16-bit scale and a
-    b-bit zero point per (row, group); ternary codes 2 bits and 16-bit α, μ per (row, group)."""
+    b-bit zero point per (row, group); ternary codes a byte per 5 of a row and 16-bit α, μ per (row, group)."""
     model, report = quantize(tiny_llama(), QuantConfig.from_method(spec), calib_ids, device="cpu", progress=False)
     counted = count_bits(model, get_adapter(model), report.weights)
     side_per_group = 32 if spec.startswith("e2m") else 16 + bits
     n_groups = sum(w.shape[0] * -(-w.shape[1] // groups) for w in report.weights.values())
     assert all(w.block_size == groups for w in report.weights.values())
+    code_bits = sum(
+        w.shape[0] * (8 * -(-w.shape[1] // 5) if spec.startswith("e2m") else bits * w.shape[1])
+        for w in report.weights.values()
+    )
     assert counted.storage_bits_per_weight == pytest.approx(
-        bits + side_per_group * n_groups / counted.quantized_weights
+        (code_bits + side_per_group * n_groups) / counted.quantized_weights
     )
     if not spec.startswith("e2m"):
         assert max(int(w.codes.max()) for w in report.weights.values()) <= 2**bits - 1

@@ -109,19 +109,21 @@ def test_bits_are_counted_from_first_principles(calib_ids):
     for w in report.weights.values():
         n, m = w.shape
         count += n * m
+        salient = sum(min(8, m - start) for start in range(0, m, 128))
+        # plane-1 codes everywhere, plane-2 codes in salient columns: a byte per 5 codes of a row
+        total += n * 8 * (-(-m // 5) + -(-salient // 5))
         for start in range(0, m, 128):
             B = min(128, m - start)
             k = min(8, B)
-            # plane-1 codes, plane-2 codes in salient columns, a group bit elsewhere
-            total += n * (2 * B + 2 * k + (B - k))
+            # a group bit outside the salient columns
+            total += n * (B - k)
             # α, μ for two groups and the salient class, β: 16 bits each per row; salient indices
             total += 16 * n * 7 + k * math.ceil(math.log2(B))
         total += 16 * m * w.is_reordered()
     assert counted.storage_bits_per_weight == pytest.approx(total / count)
-    entropy_gap = sum(w.shape[0] * (w.shape[1] + int(w.salient().sum())) for w in report.weights.values())
-    assert counted.storage_bits_per_weight - counted.entropy_bits_per_weight == pytest.approx(
-        (2 - math.log2(3)) * entropy_gap / count
-    )
+    planes = [(w.shape[0], w.shape[1], int(w.salient().sum())) for w in report.weights.values()]
+    entropy_gap = sum(n * 8 * (-(-m // 5) + -(-s // 5)) - n * (m + s) * math.log2(3) for n, m, s in planes)
+    assert counted.storage_bits_per_weight - counted.entropy_bits_per_weight == pytest.approx(entropy_gap / count)
 
 
 def test_structured_weights_are_refused_where_they_do_not_fit(calib_ids):

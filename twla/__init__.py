@@ -15,8 +15,8 @@ measured or user costs::
 
     alloc = twla.solve_bits({"bits": [2, 4, 8], "unary": ..., "pairwise": ..., "beta": 0.5}, budget=4.0)
 
-Deployment: pack the quantized linears into 2-bit ternary modules that run the Triton
-kernels on CUDA (the torch reference elsewhere), save, and load back::
+Deployment: pack the quantized linears into ternary modules (codes stored five a byte) that
+run the Triton kernels on CUDA (the torch reference elsewhere), save, and load back::
 
     twla.save_packed(twla.pack_model(model, report.weights), tokenizer, "out/model", method="...")
     model, tokenizer, info = twla.load_packed("out/model", device="cuda", dtype=torch.float16)

@@ -8,7 +8,7 @@ from twla.cli.options import add_quantization, defaults, method_epilog, override
 from twla.deploy.convert import ConvertConfig
 
 DESCRIPTION = (
-    "Quantize MODEL with one ternary method and save a packed checkpoint (2-bit codes, α, μ, rotations,\n"
+    "Quantize MODEL with one ternary method and save a packed checkpoint (ternary codes in base 3, α, μ, rotations,\n"
     "activation settings; twla_quant.json, which also holds the quantization report). Load it with\n"
     "twla.load_packed or evaluate it with `twla eval`."
 )

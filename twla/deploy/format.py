@@ -1,5 +1,5 @@
-"""The packed checkpoint format: a quantized model in 2 bits per weight (and b bits for the linears
-of a mixed-precision model that are b-bit integers), its files, and the checks
+"""The packed checkpoint format: a quantized model in 1.6 bits per ternary weight (and b bits for
+the linears of a mixed-precision model that are b-bit integers), its files, and the checks
 that reading it makes (saving: :mod:`twla.deploy.save`; loading: :mod:`twla.deploy.load`).
 
 A checkpoint is a directory written atomically, in the layout of a transformers checkpoint:
@@ -10,9 +10,9 @@ A checkpoint is a directory written atomically, in the layout of a transformers 
   whether it shares its site's rotation factors);
 - the tokenizer's files;
 - ``model.safetensors``: every tensor once (the tied embedding once). Each
-  :class:`~twla.deploy.ternary_linear.TernaryLinear` stores ``weight`` (uint8 codes c = t + 1, four
-  per byte along the input in the grouped plane layout of :mod:`twla.kernels.packing`, shape
-  (⌈K/4⌉, N)), ``alpha`` and ``mu`` (fp16, per (group,
+  :class:`~twla.deploy.ternary_linear.TernaryLinear` stores ``weight`` (uint8 codes c = t + 1, five
+  per byte in base 3 along the input, :mod:`twla.kernels.trits`, shape (N, ⌈K/5⌉)), ``alpha`` and
+  ``mu`` (fp16, per (group,
   row)), ``perm`` (int16 column order, when the blocks were reordered), ``rot1``/``rot2``
   (the online rotation factors, on the first linear of a site) and its bias. An
   :class:`~twla.deploy.integer_linear.IntegerLinear` (settings ``kind`` ``integer`` and ``bits``)
@@ -57,9 +57,11 @@ if TYPE_CHECKING:
 QUANT_FILE = "twla_quant.json"  # marks a packed checkpoint
 QUANT_METHOD = "twla"  # its quant_method in config.json, under which the transformers quantizer is registered
 FORMAT = "twla-packed"
-VERSION = 5  # 4: codes in contiguous bit planes per group (format 3 interleaved them at stride 4); 5: integer linears
-READABLE = (4, VERSION)  # versions read as they are (4 is 5 without integer linears)
-UPGRADABLE = (3, 4)  # older versions that :func:`upgrade_packed` converts
+# 4: ternary codes in contiguous 2-bit planes per group (format 3 interleaved them at stride 4); 5: integer
+# linears; 6: ternary codes in base 3, five a byte
+VERSION = 6
+READABLE = (VERSION,)  # versions read as they are
+UPGRADABLE = (3, 4, 5)  # older versions that :func:`upgrade_packed` converts
 TENSOR_FILE = "model.safetensors"
 REPORT_FILE = "twla_report.json"
 CONFIG_FILES = ("config.json", "generation_config.json")  # digested with the tensors

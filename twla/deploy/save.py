@@ -39,8 +39,10 @@ from twla.deploy.format import (
 )
 from twla.deploy.linears import pack_linear
 from twla.deploy.packed_linear import PackedLinear
+from twla.deploy.ternary_linear import TernaryLinear
 from twla.io import atomic_directory, check_output_dir
-from twla.kernels.packing import pack_codes, unpack_codes_strided
+from twla.kernels.packing import unpack_codes, unpack_codes_strided
+from twla.kernels.trits import pack_trits
 from twla.models.adapters import get_adapter
 from twla.models.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.quantization.fake_quant import QuantLinear
@@ -266,10 +268,11 @@ def write_packed(
 
 def upgrade_packed(source: str, path: str, *, overwrite: bool = False) -> PackedBits:
     """Convert the packed checkpoint ``source`` of an older format version (:data:`UPGRADABLE`)
-    to this version at ``path`` (atomically; ``source`` is only read). Version 3 differs in the
-    order of the codes inside each packed weight (k = 4r + j in bits 2j..2j+1 of row r); version
-    4 only in its number (it holds ternary linears only, which version 5 reads as they are); every
-    code, grid and other tensor is the same, so the model computes the same outputs."""
+    to this version at ``path`` (atomically; ``source`` is only read). Versions 3 to 5 stored
+    ternary codes in 2 bits (version 3 at stride 4, k = 4r + j in bits 2j..2j+1 of row r;
+    versions 4 and 5 in grouped bit planes, :mod:`twla.kernels.packing`); they are rewritten in
+    base 3 (:mod:`twla.kernels.trits`). Every code, grid and other tensor is the same, so the
+    model computes the same outputs."""
     meta = read_meta(source, upgradable=True)
     if meta["version"] == VERSION:
         raise ValueError(f"{source!r} is already format version {VERSION}")
@@ -279,9 +282,14 @@ def upgrade_packed(source: str, path: str, *, overwrite: bool = False) -> Packed
     settings = {**model_config.quantization_config, "version": VERSION}
     tensors = CheckpointTensors(source)
     sources = {key: tensors.source(key) for key in tensors.keys()}
-    for name, linear in meta["linears"].items() if meta["version"] == 3 else ():
-        codes = unpack_codes_strided(tensors.get(f"{name}.weight"), linear["in_features"])
-        sources[f"{name}.weight"] = TensorSource.of(pack_codes(codes, linear["group_size"]))
+    for name, linear in meta["linears"].items():
+        if linear.get("kind", TernaryLinear.kind) != TernaryLinear.kind:
+            continue
+        planes, K = tensors.get(f"{name}.weight"), linear["in_features"]
+        codes = (
+            unpack_codes_strided(planes, K) if meta["version"] == 3 else unpack_codes(planes, K, linear["group_size"])
+        )
+        sources[f"{name}.weight"] = TensorSource.of(pack_trits(codes))
     rewritten = {TENSOR_FILE, "config.json", QUANT_FILE}
     with atomic_directory(path) as tmp:
         for name in sorted(set(os.listdir(source)) - rewritten):  # tokenizer, generation config, run report

@@ -1,4 +1,5 @@
-"""The deployed ternary linear: 2-bit packed codes, run by the kernels of ``twla.kernels``.
+"""The deployed ternary linear: codes stored in base 3 (1.6 bits each), run by the kernels of
+``twla.kernels`` from their 2-bit layout, derived once when the codes are loaded.
 
     y = Q_a(x R)_π Ŵ_πᵀ + b,   Ŵ_π[n, k] = α_{g(k) n} t_{k n} + μ_{g(k) n},  t ∈ {−1, 0, 1},
 
@@ -16,8 +17,9 @@ from torch import Tensor, nn
 
 from twla.deploy.packed_linear import PackedLinear
 from twla.kernels.dispatch import ternary_linear
-from twla.kernels.packing import PAD_BYTE, PackedTernary, dequantize, pack_ternary
+from twla.kernels.packing import PAD_BYTE, PackedTernary, dequantize, pack_codes, pack_ternary
 from twla.kernels.reference import weight_sums
+from twla.kernels.trits import PAD_TRITS, pack_trits, trit_bytes, unpack_trits
 
 if TYPE_CHECKING:
     from twla.quantization.fake_quant import QuantLinear
@@ -25,10 +27,11 @@ if TYPE_CHECKING:
 
 
 class TernaryLinear(PackedLinear):
-    """A linear layer on packed ternary codes. Buffers ``weight`` (the packed codes, uint8
-    (⌈K/4⌉, N): a stock dense loader meets a shape it cannot take), ``alpha``, ``mu`` (and
-    ``perm``, ``rot1``, ``rot2`` when present) are what a packed checkpoint stores; μ only with
-    offsets."""
+    """A linear layer on packed ternary codes. Buffers ``weight`` (the codes in base 3, uint8
+    (N, ⌈K/5⌉), :mod:`twla.kernels.trits`: a stock dense loader meets a shape it cannot take),
+    ``alpha``, ``mu`` (and ``perm``, ``rot1``, ``rot2`` when present) are what a packed checkpoint
+    stores; μ only with offsets. ``codes`` (uint8 (⌈K/4⌉, N), :mod:`twla.kernels.packing`) is
+    derived from ``weight`` for the kernels."""
 
     kind = "ternary"
     half_tensors = ("alpha", "mu")
@@ -39,12 +42,14 @@ class TernaryLinear(PackedLinear):
 
     def _register_weight(self, groups: int) -> None:
         K, N = self.in_features, self.out_features
-        self.register_buffer("weight", torch.full((-(-K // 4), N), PAD_BYTE, dtype=torch.uint8))
+        self.register_buffer("weight", torch.full((N, trit_bytes(K)), PAD_TRITS, dtype=torch.uint8))
         self.register_buffer("alpha", torch.zeros(groups, N))
         self.register_buffer("mu", torch.zeros(groups, N), persistent=self._offset)  # μ = 0 without offsets
 
     def _register_derived(self) -> None:
-        self.register_buffer("wsum", torch.zeros(self.out_features), persistent=False)
+        K, N = self.in_features, self.out_features
+        self.register_buffer("codes", torch.full((-(-K // 4), N), PAD_BYTE, dtype=torch.uint8), persistent=False)
+        self.register_buffer("wsum", torch.zeros(N), persistent=False)
 
     @classmethod
     def from_quantized(cls, linear: QuantLinear | nn.Linear, weight: TernaryWeight) -> TernaryLinear:
@@ -55,8 +60,9 @@ class TernaryLinear(PackedLinear):
             raise ValueError("a ternary record without offsets has non-zero μ")
         settings = cls.layer_settings(linear, weight.is_reordered())
         module = cls(group_size=weight.block_size, offset=weight.has_offset, **settings)
-        w = pack_ternary(weight.codes[:, weight.perm], weight.alpha, weight.mu, group_size=weight.block_size)
-        return module._fill(linear, weight.perm, weight=w.packed, alpha=w.alpha, mu=w.mu)
+        codes = weight.codes[:, weight.perm]
+        w = pack_ternary(codes, weight.alpha, weight.mu, group_size=weight.block_size)
+        return module._fill(linear, weight.perm, weight=pack_trits(codes), alpha=w.alpha, mu=w.mu)
 
     def settings(self) -> dict:
         return {**super().settings(), "offset": self.has_offset}
@@ -68,10 +74,11 @@ class TernaryLinear(PackedLinear):
     @torch.no_grad()
     def refresh(self) -> None:
         super().refresh()
+        self.codes = pack_codes(unpack_trits(self.weight, self.in_features), self.group_size)
         self.wsum = weight_sums(self.packed_weight())
 
     def packed_weight(self) -> PackedTernary:
-        return PackedTernary(self.weight, self.alpha, self.mu, self.in_features, self.group_size)
+        return PackedTernary(self.codes, self.alpha, self.mu, self.in_features, self.group_size)
 
     def dequantize(self) -> Tensor:
         W = dequantize(self.packed_weight())

@@ -1,6 +1,6 @@
 """Bit accounting: everything stored, per quantized linear weight.
 
-Ternary codes cost 2 bits each when 2-bit packed (storage) or log2(3) ≈ 1.58 bits in
+Ternary codes cost 1.6 bits each as stored (five a byte in base 3) or log2(3) ≈ 1.58 bits in
 entropy terms; every (row, block) stores a 16-bit α and, for asymmetric grids, a 16-bit
 μ (uniform integer weights: b-bit codes, a 16-bit scale and a b-bit zero point; structured
 ternary: a second code plane in salient columns, a group bit per other weight with two
@@ -22,9 +22,10 @@ from twla.quantization.weights import QuantizedWeight
 
 FP_BITS = 16
 ACCOUNTING_RULES = (
-    "bits per quantized linear weight = packed codes (2 bits per ternary code stored, log2 3 in entropy terms; "
-    "b bits for b-bit integer weights) + 16-bit α and μ per (row, block of 128 columns, or 64 with g64) "
-    "(integer weights: 16-bit scale + b-bit zero point; structured ternary: a second 2-bit plane in salient "
+    "bits per quantized linear weight = packed codes (ternary: a byte per 5 codes of a row, base 3, i.e. 1.6 "
+    "bits a code; log2 3 in entropy terms; b bits for b-bit integer weights) + 16-bit α and μ per (row, "
+    "block of 128 columns, or 64 with g64) "
+    "(integer weights: 16-bit scale + b-bit zero point; structured ternary: a second code plane in salient "
     "columns, 1 group bit per other weight with two groups, 16-bit α, μ per class and β, ⌈log2 B⌉ bits per "
     "salient column index) + 16 bits per column index when blocks are reordered "
     "(SSR); embeddings/lm_head, norms and online rotation factors are stored in 16 bits and counted in the "
@@ -44,7 +45,7 @@ class BitReport:
 
     def describe(self) -> str:
         return (
-            f"{self.storage_bits_per_weight:.3f} bits/weight stored (packed codes: 2 bits per ternary code; "
+            f"{self.storage_bits_per_weight:.3f} bits/weight stored (packed codes: 1.6 bits per ternary code; "
             f"16-bit α, μ or scales), {self.entropy_bits_per_weight:.3f} in entropy terms (log2 3 per ternary "
             f"code); embeddings/lm_head, norms and rotation factors in 16 bits"
         )

@@ -99,8 +99,8 @@ VOCABULARY: tuple[Term, ...] = (
         ({"salient": 8, "groups": 2}, {"salient": 8}),
         "structured ternary (TWLA's structured mode; fake-quantized only): per 128-column block the 8 most "
         "Hessian-salient columns get a second ternary plane (9 levels), and the other weights of each row split "
-        "into 2 magnitude groups with their own α, μ (1 group bit each; about 3.9 stored bits per weight), or "
-        "with `sal` stay in one group (about 2.75 bits)",
+        "into 2 magnitude groups with their own α, μ (1 group bit each; about 3.5 stored bits per weight), or "
+        "with `sal` stay in one group (about 2.3 bits)",
         "structured ternary",
     ),
     Term(

@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from twla.kernels.trits import trit_bytes
 from twla.kernels.uniform import quantize_codes, uniform_grid
 from twla.quantization.sections import TernaryConfig, UniformConfig, WeightConfig
 from twla.solvers import structured
@@ -21,6 +22,12 @@ from twla.solvers.ternary import TernaryFit, absmean, codes_given_grid, itf, ref
 
 SCALE_BITS = 16  # α, μ and uniform scales are stored as 16-bit floats
 INDEX_BITS = 16  # one column index per input when the blocks are reordered
+
+
+def ternary_code_bits(n: int, m: int, entropy: bool = False) -> float:
+    """Bits of an (n, m) plane of ternary codes: stored five a byte in base 3 along each row
+    (:mod:`twla.kernels.trits`, 1.6 bits a code), or log2 3 a code in entropy terms."""
+    return n * m * math.log2(3) if entropy else float(8 * n * trit_bytes(m))
 
 
 @dataclass
@@ -93,8 +100,8 @@ class TernaryWeight(BlockWeight):
             self.mu = mu.detach().half().float().cpu()
 
     def code_bits(self, entropy: bool = False) -> float:
-        """Bits of all codes: 2 per code when 2-bit packed, log2 3 in entropy terms."""
-        return self.codes.numel() * (math.log2(3) if entropy else 2.0)
+        """Bits of all codes: five a byte in base 3 along each row as stored, log2 3 each in entropy terms."""
+        return ternary_code_bits(*self.codes.shape, entropy)
 
     def side_bits(self) -> int:
         """α (and μ) per (row, block), and the permutation."""
@@ -168,12 +175,12 @@ class StructuredWeight(BlockWeight):
         return (self.classes == self.groups).all(dim=0)
 
     def code_bits(self, entropy: bool = False) -> float:
-        """Plane-1 codes everywhere, plane-2 codes in salient columns (2 bits each, log2 3 in
-        entropy terms), and one group bit per non-salient weight with two groups."""
-        per_code = math.log2(3) if entropy else 2.0
+        """Plane-1 codes everywhere, plane-2 codes in salient columns (:func:`ternary_code_bits`
+        each), and one group bit per non-salient weight with two groups."""
         n, m = self.shape
         salient = int(self.salient().sum())
-        return per_code * n * (m + salient) + (self.groups > 1) * n * (m - salient)
+        planes = ternary_code_bits(n, m, entropy) + ternary_code_bits(n, salient, entropy)
+        return planes + (self.groups > 1) * n * (m - salient)
 
     def side_bits(self) -> int:
         """16-bit coefficients per (row, block) for every class (and β with salient columns),
@@ -202,7 +209,7 @@ def stored_bits(cfg: WeightConfig, shape: tuple[int, int]) -> int:
         return n * m * cfg.bits + grids * (SCALE_BITS + cfg.bits) + order
     if cfg.structured:
         raise ValueError("structured ternary weights store data-dependent bits (their salient columns)")
-    return n * m * 2 + grids * SCALE_BITS * (1 + cfg.has_offset) + order
+    return int(ternary_code_bits(n, m)) + grids * SCALE_BITS * (1 + cfg.has_offset) + order
 
 
 def structured_block_fitter(cfg: TernaryConfig) -> BlockFit:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from twla.kernels.trits import pack_trits
+
 PAD_BYTE = 0x55  # four codes 1, i.e. t = 0
 
 
@@ -42,6 +44,10 @@ class PackedTernary:
     @property
     def groups(self) -> int:
         return self.alpha.shape[0]
+
+    def stored(self) -> Tensor:
+        """The codes as a packed checkpoint stores them: base 3, uint8 (N, ⌈K/5⌉) (:mod:`twla.kernels.trits`)."""
+        return pack_trits(unpack_codes(self.packed, self.in_features, self.group_size))
 
     def to(self, device: torch.device | str) -> PackedTernary:
         return PackedTernary(

@@ -78,7 +78,7 @@ def test_cpu_linear_matches_the_reference_linear_with_rotation_order_and_bias():
     ref = TernaryLinear(64, 48, 32, bias=True, rotation=(8, 8), reordered=True, act=ActivationQuant(4))
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        ref.weight.copy_(w.packed)
+        ref.weight.copy_(w.stored())
         ref.alpha.copy_(w.alpha)
         ref.mu.copy_(w.mu)
         ref.perm.copy_(torch.randperm(64, generator=g))
@@ -109,7 +109,7 @@ def test_a_sites_linears_share_rotation_and_codes_and_compute_what_each_computes
         w = random_weight(32 + 16 * k, 64, 64, seed=k)
         ref = TernaryLinear(64, w.out_features, 64, rotation=(8, 8), reordered=k == 1, act=act)
         with torch.no_grad():
-            ref.weight.copy_(w.packed)
+            ref.weight.copy_(w.stored())
             ref.alpha.copy_(w.alpha)
             ref.mu.copy_(w.mu)
             ref.rot1.copy_(R1)

@@ -165,7 +165,7 @@ def test_a_concurrent_first_conversion_of_a_builtin_model_uses_the_other_one(tmp
 def test_packed_checkpoint_is_not_taken_for_a_dense_model(packed, capsys):
     """(Stock transformers without twla refuses it too: tests/test_transformers.py.)"""
     config = json.load(open(os.path.join(packed, "config.json")))["quantization_config"]
-    assert (config["quant_method"], config["format"], config["version"]) == ("twla", "twla-packed", 5)
+    assert (config["quant_method"], config["format"], config["version"]) == ("twla", "twla-packed", 6)
     assert config["method"] == "e2m+gptq+had+a4" and len(config["linears"]) == 14
     with pytest.raises(ValueError, match="is a packed twla checkpoint, not a full-precision model"):
         load_model(packed)

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from twla.io import check_output_file, write_json
-from twla.kernels.packing import random_packed, unpack_codes
+from twla.kernels.packing import random_packed
 from twla.kernels.reference import matmul_a16, matmul_int, quantize_activations, weight_sums
-from twla.kernels.trits import pack_trits
 from twla.kernels.uniform import ActivationQuant
 from twla.models.adapters import get_adapter
 
@@ -189,7 +188,7 @@ def pack_randomly(model: nn.Module, *, act_bits: int = 16, rotate: bool = False,
                     new = TernaryLinear(K, N, 128, rotation=rotation, act=ActivationQuant(act_bits))
                 w = random_packed(N, K, device=device, seed=seed * 100003 + index)
                 index += 1
-                new.weight.copy_(pack_trits(unpack_codes(w.packed, K, w.group_size)))
+                new.weight.copy_(w.stored())
                 new.alpha.copy_(w.alpha)
                 new.mu.copy_(w.mu)
                 if rotation and owner is None:

@@ -322,3 +322,20 @@ def test_method_vocabulary_drives_parser_help_and_docs(capsys):
         a, b = [n for t in VOCABULARY if t.choice == choice for n in t.names][:2]
         with pytest.raises(ValueError, match=f"several choices of {choice}"):
             QuantConfig.from_method(f"e2m+{a}+{b}")
+
+
+def test_reconstruction_precision_flags_reach_the_configuration_and_refuse_unknown_types(capsys):
+    from twla.cli import build_parser
+    from twla.cli.options import overrides
+
+    methods = ("pt2+recon+e2e",)
+    args = build_parser(("bench",)).parse_args(
+        ["bench", "--methods", *methods, "--e2e-precision", "bfloat16", "--recon-precision", "auto"]
+    )
+    given = overrides(args, methods)
+    assert given == {"reconstruction": {"precision": "auto"}, "end_to_end": {"precision": "bfloat16"}}
+    config = QuantConfig.from_method(methods[0], given)
+    assert (config.reconstruction.precision, config.end_to_end.precision) == ("auto", "bfloat16")
+    with pytest.raises(SystemExit):
+        build_parser(("bench",)).parse_args(["bench", "--e2e-precision", "float8"])
+    assert "invalid choice: 'float8'" in capsys.readouterr().err

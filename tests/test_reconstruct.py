@@ -12,6 +12,7 @@ from twla import QuantConfig, quantize
 from twla.bench.run import BenchConfig
 from twla.deploy.save import pack_model
 from twla.kernels.uniform import fake_quantize
+from twla.quantization.reconstruct import matmul_dtype
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
 from twla.quantization.tunables import straight_through_codes
 from twla.solvers.reconstruct import Scaled, reconstruct
@@ -261,3 +262,40 @@ def test_layer_windows_beyond_the_calibration_mean_all_of_it_and_too_few_are_ref
         QuantConfig.from_method("pt2+e2e", layer_windows=0)
     with pytest.raises(ValueError, match="holds out 4 of the 3"):
         BenchConfig(methods=("pt2+recon",), nsamples=64, layer_windows=3)
+
+
+def test_end_to_end_in_bfloat16_multiplies_in_bfloat16_and_still_lowers_the_kl():
+    calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    base = QuantConfig.from_method("pt2+gptq+had+a4")
+    reports = {}
+    for precision in ("float32", "bfloat16"):
+        e2e = EndToEndConfig(steps=20, lr=2e-2, holdout=0, eval_every=5, stride=2, top_k=0, precision=precision)
+        config = replace(base, end_to_end=e2e)
+        _, reports[precision] = quantize(tiny_llama(), config, calib, device="cpu", progress=False)
+        result = reports[precision].end_to_end
+        assert result["precision"] == precision and result["after"] < 0.8 * result["before"]
+    # the same model before the first step, its KL measured through products rounded to bfloat16
+    before = {p: r.end_to_end["before"] for p, r in reports.items()}
+    assert before["bfloat16"] != before["float32"] and before["bfloat16"] == pytest.approx(before["float32"], rel=0.05)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    cpu = torch.device("cpu")
+    assert matmul_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert (matmul_dtype("float32", cpu), matmul_dtype("bfloat16", cpu)) == (torch.float32, torch.bfloat16)
+
+
+def test_an_unknown_precision_is_refused_and_version_8_configurations_multiplied_in_float32():
+    with pytest.raises(ValueError, match="unknown reconstruction precision 'float8'"):
+        EndToEndConfig(precision="float8")
+    config = QuantConfig.from_method("pt2+recon+e2e")
+    assert (config.reconstruction.precision, config.end_to_end.precision) == ("float32", "auto")
+    v8 = config.to_dict()
+    for section in ("reconstruction", "end_to_end"):
+        v8[section].pop("precision")
+    upgraded = QuantConfig.from_dict({**v8, "version": 8})
+    assert upgraded.end_to_end == replace(config.end_to_end, precision="float32")
+    assert upgraded.reconstruction == config.reconstruction

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, fields
+from typing import get_args
 
 from twla.data.corpora import CORPORA, HUB_DATASETS
 from twla.quantization.presets import DEFAULT_METHOD
@@ -60,15 +61,18 @@ RECONSTRUCTION_FLAGS = (
     ("recon-steps", "reconstruction", "steps"),
     ("recon-lr", "reconstruction", "lr"),
     ("round-lr", "reconstruction", "code_lr"),
+    ("recon-precision", "reconstruction", "precision"),
     ("e2e-steps", "end_to_end", "steps"),
     ("e2e-lr", "end_to_end", "lr"),
     ("e2e-stride", "end_to_end", "stride"),
     ("e2e-top-k", "end_to_end", "top_k"),
+    ("e2e-precision", "end_to_end", "precision"),
 )
 _RECONSTRUCTION_HELP = {
     "code_lr": "learned rounding: the codes' Adam lr",
     "stride": "compare every N-th position's next-token distribution",
     "top_k": "the teacher's N most likely tokens and the rest (0: the whole vocabulary)",
+    "precision": "type of the matrix products (auto: bfloat16 where the device multiplies it natively)",
 }
 OVERRIDE_FLAGS = (
     ("damp", "weights", "damp"),
@@ -94,6 +98,7 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
         WEIGHT_FORMATS,
         AllocationConfig,
         EndToEndConfig,
+        Precision,
         ReconstructionConfig,
         TernaryConfig,
         WeightAllocationConfig,
@@ -161,10 +166,13 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     recon = p.add_argument_group("reconstruction (recon / e2e methods only)")
     for flag, section, name in RECONSTRUCTION_FLAGS:
         default = getattr(EndToEndConfig if section == "end_to_end" else ReconstructionConfig, name)
-        kind = int_at_least(1 if name == "stride" else 0) if isinstance(default, int) else float
         stage = "end-to-end" if section == "end_to_end" else "block-wise"
-        what = _RECONSTRUCTION_HELP.get(name, f"Adam {name}")
-        recon.add_argument(f"--{flag}", type=kind, help=f"{stage} reconstruction: {what} (default {default:g})")
+        what = f"{stage} reconstruction: {_RECONSTRUCTION_HELP.get(name, f'Adam {name}')}"
+        if isinstance(default, str):
+            recon.add_argument(f"--{flag}", choices=get_args(Precision), help=f"{what} (default {default})")
+            continue
+        kind = int_at_least(1 if name == "stride" else 0) if isinstance(default, int) else float
+        recon.add_argument(f"--{flag}", type=kind, help=f"{what} (default {default:g})")
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int) -> None:

@@ -229,7 +229,8 @@ class QuantConfig:
 # 6: a weight format per linear (weight_allocation).
 # 7: the layer-wise pass may run on fewer windows than the end-to-end stage (layer_windows).
 # 8: the end-to-end teacher may keep only its top tokens (end_to_end.top_k).
-CONFIG_VERSION = 8
+# 9: reconstructions may multiply in bfloat16 (reconstruction.precision, end_to_end.precision).
+CONFIG_VERSION = 9
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -271,6 +272,16 @@ def _upgrade_v7(data: dict) -> dict:
     return {**data, "end_to_end": {"top_k": 0, **data["end_to_end"]}}
 
 
+def _upgrade_v8(data: dict) -> dict:
+    """A version-8 configuration in the version-9 layout: its reconstructions multiplied in float32."""
+    sections = {
+        name: {"precision": "float32", **data[name]}
+        for name in ("reconstruction", "end_to_end")
+        if data.get(name) is not None
+    }
+    return {**data, **sections}
+
+
 # version → the next version's layout
 _UPGRADES = {
     1: _upgrade_v1,
@@ -280,6 +291,7 @@ _UPGRADES = {
     5: _new_fields_default,
     6: _upgrade_v6,
     7: _upgrade_v7,
+    8: _upgrade_v8,
 }
 
 

@@ -76,6 +76,18 @@ def block_targets(layer: nn.Module, windows: list[Window]) -> list[Tensor]:
     return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in windows]
 
 
+def matmul_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The type of a reconstruction's matrix products on ``device`` (``ReconstructionConfig.precision``)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            cpu = torch.cpu
+            native = device.type == "cpu" and (cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+        precision = "bfloat16" if native else "float32"
+    return getattr(torch, precision)
+
+
 def _solve(
     root: nn.Module,
     params: list[Scaled],
@@ -88,15 +100,23 @@ def _solve(
     progress: bool = False,
 ) -> ReconstructionResult:
     """Tune ``params`` on all windows but the last ``config.holdout`` (which judge the iterates),
-    with ``root``'s own parameters frozen; on return they hold their best values."""
+    with ``root``'s own parameters frozen; on return they hold their best values. The errors
+    are computed with matrix products of ``config.precision``."""
     holdout = min(config.holdout, windows - 1)
+    device = params[0].base.device
+    dtype = matmul_dtype(config.precision, device)
+
+    def cast_error(i: int) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return error(i)
+
     flags = {p: p.requires_grad for p in root.parameters()}
     root.requires_grad_(False)
     try:
         with torch.enable_grad():
             return reconstruct(
                 params,
-                error,
+                cast_error,
                 reference,
                 train=list(range(windows - holdout)),
                 holdout=list(range(windows - holdout, windows)),
@@ -322,5 +342,6 @@ def reconstruct_end_to_end(run: QuantRun) -> dict:
         done=done,
         kept=stream,
     )
-    run.report.end_to_end = result.to_dict()
+    dtype = matmul_dtype(run.config.end_to_end.precision, run.device)
+    run.report.end_to_end = {**result.to_dict(), "precision": str(dtype).removeprefix("torch.")}
     return {"held-out KL": {"before": result.before, "after": result.after}}

@@ -20,46 +20,102 @@ from torch import Tensor
 ACTIVATION_BITS = (2, 3, 4, 6, 8, 16)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """round(x) forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad
+def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The range of the integer codes: −q..q symmetric, 0..2^b − 1 asymmetric."""
+    q = 2 ** (bits - 1) - 1
+    return (-q, q) if symmetric else (0, 2**bits - 1)
 
 
-def _round(x: Tensor) -> Tensor:
-    return _RoundSTE.apply(x) if x.requires_grad and torch.is_grad_enabled() else torch.round(x)
+def _extremes(x: Tensor, symmetric: bool) -> list[tuple[Tensor, Tensor]]:
+    """(value, index) per slice of the extremes the grid spans: max |x|, or max x and min x."""
+    if symmetric:
+        return [x.abs().max(dim=-1, keepdim=True)]
+    return [x.max(dim=-1, keepdim=True), x.min(dim=-1, keepdim=True)]
+
+
+def _grid(extremes: list[Tensor], bits: int, clip: float | Tensor, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale s, zero point z and the mask of slices with a positive span (the others get s = 1)."""
+    high = _levels(bits, symmetric)[1]
+    if symmetric:
+        raw = clip * extremes[0] / high
+    else:
+        raw = (clip * extremes[0] - clip * extremes[1]) / high
+    valid = raw > 0
+    scale = torch.where(valid, raw, torch.ones_like(raw))
+    zero = torch.zeros_like(scale) if symmetric else torch.round(-(clip * extremes[1]) / scale)
+    return scale, zero, valid
 
 
 def uniform_grid(x: Tensor, bits: int, *, clip: float = 1.0, symmetric: bool = False) -> tuple[Tensor, Tensor]:
     """Scale s and zero point z (integer-valued, 0 when symmetric) per slice of the last dimension."""
-    if symmetric:
-        if bits < 2:
-            raise ValueError("symmetric quantization needs at least 2 bits")
-        scale = clip * x.abs().amax(dim=-1, keepdim=True) / (2 ** (bits - 1) - 1)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return scale, torch.zeros_like(scale)
-    hi = clip * x.amax(dim=-1, keepdim=True)
-    lo = clip * x.amin(dim=-1, keepdim=True)
-    scale = (hi - lo) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale, _round(-lo / scale)
+    if symmetric and bits < 2:
+        raise ValueError("symmetric quantization needs at least 2 bits")
+    scale, zero, _ = _grid([value for value, _ in _extremes(x, symmetric)], bits, clip, symmetric)
+    return scale, zero
+
+
+def _unclamped_codes(x: Tensor, scale: Tensor, zero: Tensor, symmetric: bool) -> Tensor:
+    return torch.round(x / scale) if symmetric else torch.round(x / scale) + zero
 
 
 def quantize_codes(x: Tensor, scale: Tensor, zero: Tensor, *, bits: int, symmetric: bool) -> Tensor:
     """Integer codes of x on the grid (s, z)."""
-    if symmetric:
-        q = 2 ** (bits - 1) - 1
-        return torch.clamp(_round(x / scale), -q, q)
-    return torch.clamp(_round(x / scale) + zero, 0, 2**bits - 1)
+    return torch.clamp(_unclamped_codes(x, scale, zero, symmetric), *_levels(bits, symmetric))
 
 
-def fake_quantize(x: Tensor, bits: int, *, clip: float = 1.0, symmetric: bool = False) -> Tensor:
+class _FakeQuantize(torch.autograd.Function):
+    """x̂ of :func:`fake_quantize` (float32 x) with the straight-through gradient of the module
+    docstring written out: with c the clamped codes, u the unclamped ones, 1_in = [u = c] and g
+    the incoming gradient, per slice
+
+        ∂/∂x (direct) = g·1_in,  ∂/∂s = Σ g(c − z) − Σ g·1_in·x / s,  ∂/∂z = s(Σ g·1_in − Σ g),
+
+    then on through z = round(−p·min x / s), s = p·span / (2^b − 1) (or p·max|x| / q) to p and to
+    the extreme entries of x. One pass for the values and a few for the gradient, instead of the
+    two dozen elementwise operations autograd would record; where several entries tie for an
+    extreme, the first one takes its gradient (a subgradient, as any choice is)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: float | Tensor, bits: int, symmetric: bool) -> Tensor:
+        extremes = _extremes(x, symmetric)
+        values = [value for value, _ in extremes]
+        scale, zero, valid = _grid(values, bits, clip, symmetric)
+        unclamped = _unclamped_codes(x, scale, zero, symmetric)
+        codes = torch.clamp(unclamped, *_levels(bits, symmetric))
+        centered = codes - zero
+        indices = [index for _, index in extremes]
+        clip_t = clip if isinstance(clip, Tensor) else torch.tensor(float(clip))
+        ctx.save_for_backward(x, clip_t, scale, zero, valid, centered, codes == unclamped, *values, *indices)
+        ctx.bits, ctx.symmetric = bits, symmetric
+        return scale * centered
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, clip, scale, zero, valid, centered, inside, *rest = ctx.saved_tensors
+        values, indices = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        high = _levels(ctx.bits, ctx.symmetric)[1]
+        direct = torch.where(inside, grad, 0.0)
+        grad_scale = (grad * centered).sum(-1, keepdim=True) - (direct * x).sum(-1, keepdim=True) / scale
+        if ctx.symmetric:
+            (top,), (at,) = values, indices
+            grad_top = grad_scale * valid / high  # ∂/∂(p·max|x|)
+            grads = [grad_top * x.gather(-1, at).sign()]
+            grad_clip = (grad_top * top).sum()
+        else:
+            (hi, lo), _ = values, indices
+            grad_zero = scale * (direct.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True))
+            grad_span = (grad_scale + grad_zero * (clip * lo) / scale**2) * valid / high
+            grads = [grad_span, -grad_zero / scale - grad_span]  # ∂/∂(p·max x), ∂/∂(p·min x)
+            grad_clip = (grads[0] * hi + grads[1] * lo).sum()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = direct
+            for at, g in zip(indices, grads, strict=True):
+                grad_x.scatter_add_(-1, at, g * clip)
+        return grad_x, grad_clip.reshape(clip.shape) if ctx.needs_input_grad[1] else None, None, None
+
+
+def fake_quantize(x: Tensor, bits: int, *, clip: float | Tensor = 1.0, symmetric: bool = False) -> Tensor:
     """x̂: x quantized per slice of the last dimension (e.g. per token) and dequantized."""
     if bits >= 16:
         return x
@@ -68,6 +124,9 @@ def fake_quantize(x: Tensor, bits: int, *, clip: float = 1.0, symmetric: bool = 
     if not 0 < clip <= 1:
         raise ValueError(f"clipping ratio must be in (0, 1], got {clip}")
     xf = x.float()
+    tracked = xf.requires_grad or (isinstance(clip, Tensor) and clip.requires_grad)
+    if tracked and torch.is_grad_enabled():
+        return _FakeQuantize.apply(xf, clip, bits, symmetric).to(x.dtype)
     scale, zero = uniform_grid(xf, bits, clip=clip, symmetric=symmetric)
     return (scale * (quantize_codes(xf, scale, zero, bits=bits, symmetric=symmetric) - zero)).to(x.dtype)
 

@@ -46,6 +46,31 @@ def test_top_k_is_zero_at_the_teacher_and_coarsens_the_tail_into_one_outcome():
     assert _kl(teacher, student) > 0.1
 
 
+def _coarse_kl_float64(window: TeacherWindow, student: torch.Tensor) -> torch.Tensor:
+    """KL_k by its definition, in float64, differentiated by autograd."""
+    log_p, log_q = window.log_probs.double(), torch.log_softmax(student.double(), -1)
+    tokens, p = window.tokens.long(), window.log_probs.double().exp()
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    log_q_rest = log_q.scatter(-1, tokens, float("-inf")).logsumexp(-1)
+    return (p * (log_p - log_q.gather(-1, tokens))).sum() + (torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_kl_and_its_gradient_are_those_of_the_definition(dtype):
+    window = TeacherWindow.of(_logits(3, vocab=500), 16)
+    student = _logits(4, vocab=500).to(dtype)
+    values, grads = [], []
+    for kl in (_coarse_kl_float64, TeacherWindow.kl):
+        x = student.clone().requires_grad_(True)
+        value = kl(window, x)
+        value.backward()
+        assert x.grad.dtype == dtype
+        values.append(float(value.detach()))
+        grads.append(x.grad.double())
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-3)
+
+
 def test_end_to_end_with_a_top_k_teacher_on_every_position_lowers_the_full_kl():
     calib = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     base = QuantConfig.from_method("pt2+gptq+had+a4")

@@ -14,7 +14,8 @@ from twla.deploy.save import pack_model
 from twla.kernels.uniform import fake_quantize
 from twla.quantization.reconstruct import matmul_dtype
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
-from twla.quantization.tunables import straight_through_codes
+from twla.quantization.tunables import Tunables, straight_through_codes
+from twla.quantization.weights import TernaryWeight
 from twla.solvers.reconstruct import Scaled, reconstruct
 
 
@@ -79,6 +80,71 @@ def test_straight_through_quantizer_has_the_same_values_and_a_gradient():
     (out - 2 * x).pow(2).sum().backward()
     assert clip.grad is not None and clip.grad != 0
     assert xg.grad is not None and xg.grad.abs().sum() > 0  # round passes the gradient through
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _composite_fake_quantize(x, bits, clip, symmetric):
+    """The quantizer written as autograd would record it, round differentiated as the identity."""
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        s = clip * x.abs().amax(-1, keepdim=True) / q
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return s * torch.clamp(_RoundSTE.apply(x / s), -q, q)
+    hi, lo = clip * x.amax(-1, keepdim=True), clip * x.amin(-1, keepdim=True)
+    s = (hi - lo) / (2**bits - 1)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    z = _RoundSTE.apply(-lo / s)
+    return s * (torch.clamp(_RoundSTE.apply(x / s) + z, 0, 2**bits - 1) - z)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_straight_through_quantizer_gradient_is_that_of_the_composite(bits, symmetric):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(6, 40, generator=g, dtype=torch.float64).float() * 3
+    x[2] = 0.5  # a constant slice (span 0, scale 1): its gradient sums the same, wherever it goes
+    weights = torch.randn(6, 40, generator=g)
+    grads = []
+    for quantizer in (_composite_fake_quantize, lambda *a: fake_quantize(a[0], a[1], clip=a[2], symmetric=a[3])):
+        xg, clip = x.clone().requires_grad_(True), torch.tensor(0.8, requires_grad=True)
+        out = quantizer(xg, bits, clip, symmetric)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), xg.grad, clip.grad))
+    (ref, ref_x, ref_clip), (out, grad_x, grad_clip) = grads
+    assert torch.equal(out, ref)
+    rows = [0, 1, 3, 4, 5]
+    torch.testing.assert_close(grad_x[rows], ref_x[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x[2].sum(), ref_x[2].sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_clip, ref_clip, rtol=1e-5, atol=1e-4)
+
+
+def test_tuned_weights_are_built_in_the_type_of_the_products():
+    g = torch.Generator().manual_seed(0)
+    weight = TernaryWeight(
+        codes=torch.randint(-1, 2, (8, 64), generator=g, dtype=torch.int8),
+        perm=torch.arange(64),
+        block_size=32,
+        alpha=torch.rand(8, 2, generator=g) + 0.5,
+        mu=0.1 * torch.randn(8, 2, generator=g),
+        has_offset=True,
+    )
+    tunables = Tunables({"lin": {k: Scaled(v, v.abs()) for k, v in weight.grid().items()}}, {}, {}, {}, {"lin": weight})
+    root = torch.nn.Module()
+    root.lin = torch.nn.Linear(64, 8, bias=False)
+    assert tunables.overrides(root)["lin.weight"].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        built = tunables.overrides(root)["lin.weight"]
+    assert built.dtype == torch.bfloat16  # no float32 copy for autocast to cast again
+    torch.testing.assert_close(built.float(), weight.dequantize(), rtol=2**-7, atol=2**-7)  # to bfloat16's precision
 
 
 def _recon_config(spec: str, **overrides) -> QuantConfig:

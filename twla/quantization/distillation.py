@@ -51,15 +51,46 @@ class TeacherWindow:
     def kl(self, logits: Tensor) -> Tensor:
         """Σ over positions of KL (or KL_k, module docstring) of the student's ``logits`` (P, V)."""
         log_p = self.log_probs.to(logits.device, torch.float32)
-        log_q = torch.log_softmax(logits.float(), -1)
         if self.tokens is None:
-            return (log_p.exp() * (log_p - log_q)).sum()
-        tokens = self.tokens.to(logits.device, torch.long)
+            return (log_p.exp() * (log_p - torch.log_softmax(logits.float(), -1))).sum()
+        return _CoarseKL.apply(logits, log_p, self.tokens.to(logits.device, torch.long))
+
+
+class _CoarseKL(torch.autograd.Function):
+    """KL_k of the module docstring from the student's logits z (P, V), the teacher's top-k
+    log-probabilities (P, k) and their tokens K, with its gradient written out. With
+    e = exp(z − max z), S = Σ_v e_v, S_R = Σ_{v ∉ K} e_v (summed over the tail itself, so exact
+    however small), q = e / S, q_R = S_R / S and P = Σ_K p + p_R,
+
+        ∂KL_k/∂z_v = P·q_v − p_v  (v ∈ K),   e_v·(P/S − p_R/S_R)  (v ∉ K):
+
+    one exponential of the logits kept for the backward pass, instead of the log-softmax, the
+    tail's masked log-sum-exp and their gradients."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, log_p: Tensor, tokens: Tensor) -> Tensor:
+        z = logits.float()
+        top = z.amax(-1, keepdim=True)
+        e = (z - top).exp_()
+        total = e.sum(-1, keepdim=True)
+        e_top = e.gather(-1, tokens)
+        rest = e.scatter_(-1, tokens, 0.0).sum(-1, keepdim=True)  # e now holds the tail only
+        log_total = total.log()
+        log_q = z.gather(-1, tokens) - top - log_total
         p = log_p.exp()
-        top = (p * (log_p - log_q.gather(-1, tokens))).sum()
-        p_rest = (1 - p.sum(-1)).clamp(min=0)
-        log_q_rest = log_q.scatter(-1, tokens, float("-inf")).logsumexp(-1)
-        return top + (torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest).sum()
+        p_rest = (1 - p.sum(-1, keepdim=True)).clamp(min=0)
+        ctx.save_for_backward(e, tokens, e_top, total, rest, p, p_rest)
+        ctx.dtype = logits.dtype
+        kl_top = (p * (log_p - log_q)).sum()
+        return kl_top + (torch.xlogy(p_rest, p_rest) - p_rest * (rest.log() - log_total)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        e, tokens, e_top, total, rest, p, p_rest = ctx.saved_tensors
+        mass = p.sum(-1, keepdim=True) + p_rest
+        out = e * (grad * (mass / total - p_rest / rest))
+        out.scatter_(-1, tokens, grad * (mass * e_top / total - p))
+        return out.to(ctx.dtype), None, None
 
 
 @torch.no_grad()

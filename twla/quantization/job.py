@@ -22,7 +22,7 @@ class JobConfig:
 
     model: str = DEFAULT_MODEL
     calibration: str = "emma+mansfieldpark"
-    nsamples: int = 128
+    nsamples: int = 256
     seqlen: int = 512
     layer_windows: int | None = LAYER_WINDOWS
     device: str | None = None

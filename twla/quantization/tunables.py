@@ -29,6 +29,13 @@ def ternary_codes(z: Tensor) -> Tensor:
     return z.round().clamp(-1, 1)
 
 
+def weight_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The type a tuned weight is built in: inside autocast (a solve with reduced-precision
+    products) the type its product casts it to anyway, so it is built once in that type with no
+    mixed-type arithmetic; otherwise the module's own ``dtype``."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+
+
 def straight_through_codes(z: Tensor) -> Tensor:
     """:func:`ternary_codes` in the forward pass, the identity in the backward pass."""
     return z + (ternary_codes(z) - z).detach()
@@ -107,7 +114,8 @@ class Tunables:
         on their modules directly)."""
         values = {name: s.value() for name, s in self.norms.items()}
         for path in self._weight_paths():
-            dtype = root.get_submodule(path).weight.dtype
+            weight = root.get_submodule(path).weight
+            dtype = weight_dtype(weight.dtype, weight.device.type)
             values[f"{path}.weight"] = self.weights[path].with_grid(**self._grid(path)).to(dtype)
         for path, s in self.clips.items():
             module = root.get_submodule(path)

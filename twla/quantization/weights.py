@@ -91,7 +91,7 @@ class TernaryWeight(BlockWeight):
         """Ŵ on the grid (α, μ) with this weight's codes, or with ``codes`` (float, e.g. learned
         codes under a straight-through estimator); differentiable in α, μ and ``codes``."""
         a, m = self.per_column(alpha, self.mu.to(alpha) if mu is None else mu)
-        return a * (self.codes.to(alpha.dtype) if codes is None else codes.to(alpha.dtype)) + m
+        return torch.addcmul(m, a, (self.codes if codes is None else codes).to(a.dtype))
 
     def set_grid(self, alpha: Tensor, mu: Tensor | None = None) -> None:
         """Store a new grid, rounded to the 16 bits it is stored in."""
@@ -125,7 +125,7 @@ class UniformWeight(BlockWeight):
     def with_grid(self, scale: Tensor) -> Tensor:
         """Ŵ with this weight's codes and zero points at ``scale`` (differentiable in it)."""
         s, z = self.per_column(scale, self.zero.to(scale))
-        return s * (self.codes.to(scale.dtype) - z)
+        return s * (self.codes.to(s.dtype) - z)
 
     def set_grid(self, scale: Tensor) -> None:
         """Store a new scale, rounded to the 16 bits it is stored in."""

@@ -71,8 +71,8 @@ class _FakeQuantize(torch.autograd.Function):
         ∂/∂x (direct) = g·1_in,  ∂/∂s = Σ g(c − z) − Σ g·1_in·x / s,  ∂/∂z = s(Σ g·1_in − Σ g),
 
     then on through z = round(−p·min x / s), s = p·span / (2^b − 1) (or p·max|x| / q) to p and to
-    the extreme entries of x. One pass for the values and a few for the gradient, instead of the
-    two dozen elementwise operations autograd would record; where several entries tie for an
+    the extreme entries of x: a few passes over x for the gradient, instead of replaying the two
+    dozen elementwise operations autograd would record; where several entries tie for an
     extreme, the first one takes its gradient (a subgradient, as any choice is)."""
 
     @staticmethod
@@ -102,7 +102,7 @@ class _FakeQuantize(torch.autograd.Function):
             grads = [grad_top * x.gather(-1, at).sign()]
             grad_clip = (grad_top * top).sum()
         else:
-            (hi, lo), _ = values, indices
+            hi, lo = values
             grad_zero = scale * (direct.sum(-1, keepdim=True) - grad.sum(-1, keepdim=True))
             grad_span = (grad_scale + grad_zero * (clip * lo) / scale**2) * valid / high
             grads = [grad_span, -grad_zero / scale - grad_span]  # ∂/∂(p·max x), ∂/∂(p·min x)

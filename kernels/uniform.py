@@ -26,11 +26,18 @@ def _levels(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-q, q) if symmetric else (0, 2**bits - 1)
 
 
-def _extremes(x: Tensor, symmetric: bool) -> list[tuple[Tensor, Tensor]]:
-    """(value, index) per slice of the extremes the grid spans: max |x|, or max x and min x."""
+def _extremes(x: Tensor, symmetric: bool) -> list[Tensor]:
+    """The extremes per slice that the grid spans: max |x|, or max x and min x."""
     if symmetric:
-        return [x.abs().max(dim=-1, keepdim=True)]
-    return [x.max(dim=-1, keepdim=True), x.min(dim=-1, keepdim=True)]
+        return [x.abs().amax(dim=-1, keepdim=True)]
+    return [x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True)]
+
+
+def _extreme_indices(x: Tensor, symmetric: bool) -> list[Tensor]:
+    """Where the :func:`_extremes` are (of a tie, the entry ``torch.max`` / ``torch.min`` pick)."""
+    if symmetric:
+        return [x.abs().max(dim=-1, keepdim=True).indices]
+    return [x.max(dim=-1, keepdim=True).indices, x.min(dim=-1, keepdim=True).indices]
 
 
 def _grid(extremes: list[Tensor], bits: int, clip: float | Tensor, symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -50,7 +57,7 @@ def uniform_grid(x: Tensor, bits: int, *, clip: float = 1.0, symmetric: bool = F
     """Scale s and zero point z (integer-valued, 0 when symmetric) per slice of the last dimension."""
     if symmetric and bits < 2:
         raise ValueError("symmetric quantization needs at least 2 bits")
-    scale, zero, _ = _grid([value for value, _ in _extremes(x, symmetric)], bits, clip, symmetric)
+    scale, zero, _ = _grid(_extremes(x, symmetric), bits, clip, symmetric)
     return scale, zero
 
 
@@ -73,26 +80,24 @@ class _FakeQuantize(torch.autograd.Function):
     then on through z = round(−p·min x / s), s = p·span / (2^b − 1) (or p·max|x| / q) to p and to
     the extreme entries of x: a few passes over x for the gradient, instead of replaying the two
     dozen elementwise operations autograd would record; where several entries tie for an
-    extreme, the first one takes its gradient (a subgradient, as any choice is)."""
+    extreme, one of them takes its gradient (a subgradient, as any choice is)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, clip: float | Tensor, bits: int, symmetric: bool) -> Tensor:
-        extremes = _extremes(x, symmetric)
-        values = [value for value, _ in extremes]
+        values = _extremes(x, symmetric)
         scale, zero, valid = _grid(values, bits, clip, symmetric)
         unclamped = _unclamped_codes(x, scale, zero, symmetric)
         codes = torch.clamp(unclamped, *_levels(bits, symmetric))
         centered = codes - zero
-        indices = [index for _, index in extremes]
         clip_t = clip if isinstance(clip, Tensor) else torch.tensor(float(clip))
-        ctx.save_for_backward(x, clip_t, scale, zero, valid, centered, codes == unclamped, *values, *indices)
+        ctx.save_for_backward(x, clip_t, scale, zero, valid, centered, codes == unclamped, *values)
         ctx.bits, ctx.symmetric = bits, symmetric
         return scale * centered
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        x, clip, scale, zero, valid, centered, inside, *rest = ctx.saved_tensors
-        values, indices = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        x, clip, scale, zero, valid, centered, inside, *values = ctx.saved_tensors
+        indices = _extreme_indices(x, ctx.symmetric)  # only the backward pass needs them
         high = _levels(ctx.bits, ctx.symmetric)[1]
         direct = torch.where(inside, grad, 0.0)
         grad_scale = (grad * centered).sum(-1, keepdim=True) - (direct * x).sum(-1, keepdim=True) / scale

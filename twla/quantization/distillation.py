@@ -78,16 +78,16 @@ class _CoarseKL(torch.autograd.Function):
         log_total = total.log()
         log_q = z.gather(-1, tokens) - top - log_total
         p = log_p.exp()
-        p_rest = (1 - p.sum(-1, keepdim=True)).clamp(min=0)
-        ctx.save_for_backward(e, tokens, e_top, total, rest, p, p_rest)
+        p_top = p.sum(-1, keepdim=True)
+        p_rest = (1 - p_top).clamp(min=0)
+        ctx.save_for_backward(e, tokens, e_top, total, rest, p, p_rest, p_top + p_rest)
         ctx.dtype = logits.dtype
         kl_top = (p * (log_p - log_q)).sum()
         return kl_top + (torch.xlogy(p_rest, p_rest) - p_rest * (rest.log() - log_total)).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        e, tokens, e_top, total, rest, p, p_rest = ctx.saved_tensors
-        mass = p.sum(-1, keepdim=True) + p_rest
+        e, tokens, e_top, total, rest, p, p_rest, mass = ctx.saved_tensors
         out = e * (grad * (mass / total - p_rest / rest))
         out.scatter_(-1, tokens, grad * (mass * e_top / total - p))
         return out.to(ctx.dtype), None, None

@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import tiny_llama
 from twla import QuantConfig, quantize
-from twla.quantization.distillation import TeacherWindow, kl_positions
+from twla.quantization.distillation import TeacherWindow, kl_positions, teacher_log_probs
 from twla.quantization.sections import EndToEndConfig
 
 
@@ -69,6 +69,18 @@ def test_top_k_kl_and_its_gradient_are_those_of_the_definition(dtype):
         grads.append(x.grad.double())
     assert values[1] == pytest.approx(values[0], rel=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-3)
+
+
+def test_the_teacher_multiplies_in_the_type_it_is_given():
+    """A bfloat16 teacher is the model run under bfloat16 autocast: close to the float32 one, not equal."""
+    model, calib, cpu = tiny_llama(), torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)), "cpu"
+    full = teacher_log_probs(model, calib, 1, device=torch.device(cpu))
+    half = teacher_log_probs(model, calib, 1, device=torch.device(cpu), dtype=torch.bfloat16)
+    with torch.no_grad(), torch.autocast(cpu, dtype=torch.bfloat16):
+        direct = [TeacherWindow.of(model(ids[None]).logits[0]).log_probs for ids in calib]
+    for f, h, d in zip(full, half, direct, strict=True):
+        assert torch.equal(h.log_probs, d) and not torch.equal(h.log_probs, f.log_probs)
+        assert torch.allclose(h.log_probs.float(), f.log_probs.float(), atol=0.1)
 
 
 def test_end_to_end_with_a_top_k_teacher_on_every_position_lowers_the_full_kl():

@@ -101,16 +101,19 @@ def teacher_log_probs(
     *,
     top_k: int = 0,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
     progress: bool = False,
 ) -> list[TeacherWindow]:
     """The full-precision model's next-token log-probabilities at :func:`kl_positions` of every
-    calibration window (CPU; call before quantizing)."""
+    calibration window (CPU; call before quantizing), its matrix products in ``dtype`` (autocast;
+    the weights stay as they are)."""
     keep = kl_positions(calibration.shape[1], stride).to(device)
     model.to(device)
     try:
-        return [
-            TeacherWindow.of(model(ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0], top_k)
-            for ids in tqdm(calibration, desc="teacher log-probs", disable=not progress)
-        ]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return [
+                TeacherWindow.of(model(ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0], top_k)
+                for ids in tqdm(calibration, desc="teacher log-probs", disable=not progress)
+            ]
     finally:
         model.to("cpu")

@@ -282,7 +282,7 @@ def reconstruct_model(
 
 def record_teacher(run: QuantRun) -> None:
     """Stage, before any change to the model: the full-precision next-token distribution that
-    end-to-end reconstruction matches."""
+    end-to-end reconstruction matches, computed with the stage's matrix products (``precision``)."""
     stream = run.stream
     with (
         nullcontext()
@@ -291,7 +291,13 @@ def record_teacher(run: QuantRun) -> None:
     ):
         e2e = run.config.end_to_end
         run.teacher = teacher_log_probs(
-            run.model, run.calibration, e2e.stride, top_k=e2e.top_k, device=run.device, progress=run.progress
+            run.model,
+            run.calibration,
+            e2e.stride,
+            top_k=e2e.top_k,
+            device=run.device,
+            dtype=matmul_dtype(e2e.precision, run.device),
+            progress=run.progress,
         )
 
 

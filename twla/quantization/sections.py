@@ -331,7 +331,7 @@ class EndToEndConfig(ReconstructionConfig):
     noisy: with 4, a run that was still learning stopped at step 180). Its matrix products, the
     teacher's included, are bfloat16 where the device multiplies them natively (``precision``
     auto), with the same quality as float32 at about 0.6 of the time on a 2-core CPU with AMX
-    (400 steps of a 135M model and their checks take about 19 minutes there; a bfloat16 teacher
+    (400 steps of a 135M model and their checks take about 18 minutes there; a bfloat16 teacher
     is 0.0006 nats a position from a float32 one, at half its time).
     """
 

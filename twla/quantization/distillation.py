@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from twla.quantization.tunables import products_in
+
 
 def kl_positions(seqlen: int, stride: int) -> Tensor:
     """The positions whose next-token distributions the objective compares."""
@@ -110,7 +112,7 @@ def teacher_log_probs(
     keep = kl_positions(calibration.shape[1], stride).to(device)
     model.to(device)
     try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with products_in(dtype, device.type):
             return [
                 TeacherWindow.of(model(ids[None].to(device), use_cache=False, logits_to_keep=keep).logits[0], top_k)
                 for ids in tqdm(calibration, desc="teacher log-probs", disable=not progress)

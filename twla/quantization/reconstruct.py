@@ -42,7 +42,7 @@ from twla.models.capture import KeptLayers, layer_output, layers_replaced, reloa
 from twla.quantization.distillation import TeacherWindow, kl_positions, teacher_log_probs
 from twla.quantization.records import refresh_clips
 from twla.quantization.sections import EndToEndConfig, ReconstructionConfig
-from twla.quantization.tunables import Tunables
+from twla.quantization.tunables import Tunables, products_in
 from twla.quantization.weights import QuantizedWeight
 from twla.solvers.reconstruct import ReconstructionResult, Scaled, reconstruct
 
@@ -107,7 +107,7 @@ def _solve(
     dtype = matmul_dtype(config.precision, device)
 
     def cast_error(i: int) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with products_in(dtype, device.type):
             return error(i)
 
     flags = {p: p.requires_grad for p in root.parameters()}

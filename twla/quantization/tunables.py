@@ -29,6 +29,11 @@ def ternary_codes(z: Tensor) -> Tensor:
     return z.round().clamp(-1, 1)
 
 
+def products_in(dtype: torch.dtype, device_type: str) -> torch.autocast:
+    """The context that runs matrix products in ``dtype`` (autocast; float32: as they are)."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def weight_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The type a tuned weight is built in: inside autocast (a solve with reduced-precision
     products) the type its product casts it to anyway, so it is built once in that type with no

@@ -82,6 +82,8 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     # the saved checkpoint's CPU speed, beside the full-precision model in float32 and bfloat16
     assert set(report["rows"][0]["speed"]) == {"float32", "bfloat16"} and packed["speed"]["tokens_per_s"] > 0
     assert "## Speed on the CPU" in text and "| e2m+gptq (packed) |" in text
+    assert list(report["rows"][0]["pipeline"]) == ["evaluation"]
+    assert report["rows"][2]["pipeline"]["save and load back"]["seconds"] > 0
     model, _, meta = load_packed(str(saved))
     assert meta["method"] == "e2m+gptq" and meta["format"] == "twla-packed"
     w = model.model.layers[0].self_attn.q_proj.dequantize()
@@ -283,7 +285,14 @@ def test_bench_over_seeds_reports_mean_spread_and_reconstruction(tiny_checkpoint
     assert values[0] != values[1]  # different calibration windows give different models
     assert recon["reconstruction"]["after"] <= recon["reconstruction"]["before"]
     assert len(recon["reconstruction"]["blocks"]) == 2
+    stages = recon["pipeline"]  # the first seed's time and memory per stage, in the order they ran
+    assert list(stages) == ["capture", "block targets", "layer-wise solve", "block reconstruction", "evaluation"]
+    assert stages["layer-wise solve"]["calls"] == 2 and stages["evaluation"]["seconds"] == recon["eval_seconds"]
+    peaks = [e["peak_mb"] for e in stages.values()]  # the kernel's page counts lag by a few MiB at most
+    assert all(b > a - 8 for a, b in zip(peaks[:-1], peaks[1:], strict=True))
+    assert all(e["resident_mb"] > 0 for e in stages.values())
     text = (out / "report.md").read_text()
+    assert "## Where the time and memory go" in text and "| e2m+gptq+recon | block reconstruction | 2 |" in text
     rows = [MethodRow.from_dict(r) for r in report["rows"]]  # report.md is rendered from the typed rows
     assert markdown_report(report["setup"], rows) + "\n" == text and rows[1].seeds.keys() == {0, 1}
     assert "## Perplexity per seed" in text and "## Block-wise reconstruction" in text

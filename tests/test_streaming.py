@@ -16,6 +16,7 @@ from twla.deploy.load import load_packed
 from twla.deploy.save import pack_model, save_packed
 from twla.deploy.streamed import PackedLayers, streamed_packed
 from twla.models.loading import load_model, model_source, save_checkpoint
+from twla.models.memory import resident_memory
 from twla.models.shards import CheckpointTensors, TensorSource, write_safetensors
 from twla.quantization.config import QuantConfig
 from twla.quantization.fake_quant import QuantLinear
@@ -236,6 +237,18 @@ def test_quantize_command_streams_a_checkpoint_directory(checkpoint, tmp_path, c
     assert _same_files(str(tmp_path / "memory"), str(tmp_path / "streamed")) == []
     assert main([*args[:4], E2E, *args[5:], "--out", str(tmp_path / "default")]) == 0
     assert "one decoder layer at a time" in capsys.readouterr().out  # the default method streams too
+
+
+def test_resident_memory_sees_an_allocation_and_keeps_its_peak():
+    before = resident_memory()
+    block = torch.ones(64 * 2**20)  # 256 MiB, every page written
+    held = resident_memory()
+    del block
+    gc.collect()
+    after = resident_memory()
+    assert held["resident_mb"] > before["resident_mb"] + 200 and held["peak_mb"] >= held["resident_mb"]
+    # the kernel's page counts are synchronised lazily: a few MiB either way
+    assert after["resident_mb"] < held["resident_mb"] - 200 and after["peak_mb"] > held["resident_mb"] - 8
 
 
 @pytest.mark.slow

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -65,20 +64,11 @@ def synthetic_checkpoint(path: str, hidden: int, depth: int, *, vocab: int, seed
     model_source("smollm2-135m").tokenizer.save_pretrained(path)  # any tokenizer: the ids are random
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory since its exec (VmHWM; ru_maxrss would carry the
-    parent's high-water mark over fork and exec)."""
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _child(args: argparse.Namespace) -> None:
     """One measured run (in its own process): quantize ``args.checkpoint`` and print a JSON line."""
     from twla.deploy.save import pack_model, save_packed
     from twla.models.loading import load_model, model_source
+    from twla.models.memory import resident_memory
     from twla.quantization.config import QuantConfig
     from twla.quantization.pipeline import quantize
     from twla.quantization.streaming import quantize_checkpoint
@@ -98,7 +88,7 @@ def _child(args: argparse.Namespace) -> None:
     print(
         json.dumps(
             {
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": resident_memory()["peak_mb"],
                 "seconds": seconds,
                 "seconds_per_layer": sum(r.seconds for r in report.records) / layers,
                 "packed_mb": bits.file_bytes / 2**20,

@@ -13,6 +13,7 @@ from twla.bench.tables import (
     allocation_table,
     frontier_table,
     packed_table,
+    pipeline_table,
     reconstruction_table,
     rotation_choice_table,
     seed_table,
@@ -143,6 +144,12 @@ def markdown_report(setup: dict, rows: list[MethodRow]) -> str:
         ]
     if any(row.packed for row in rows):
         parts += ["## Packed checkpoints (saved, loaded back and evaluated)", packed_table(rows)]
+    if any(row.pipeline for row in rows):
+        parts += [
+            "## Where the time and memory go (first seed; the process's resident memory after each stage, "
+            "and its peak so far)",
+            pipeline_table(rows),
+        ]
     if speed_table(rows):
         parts += ["## Speed on the CPU (batch 1, this machine, one run)", speed_table(rows)]
     if any(row.samples for row in rows):

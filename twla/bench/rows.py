@@ -20,7 +20,8 @@ class MethodRow:
     the end-to-end reconstruction; shaping: per-site rotation scores; weight_allocation: the
     weight formats' costs and choice; allocation: ILA-AMP costs and choice; bits: the bit
     accounting; config: the QuantConfig dict; layers: per-layer records; packed: the saved
-    checkpoint, reloaded and evaluated;
+    checkpoint, reloaded and evaluated; pipeline: the first seed's time and memory per stage of
+    the pipeline and of the bench (seconds, calls, resident and peak-so-far MiB after it);
     accuracy: per built-in task, its headline metric (mean and std over seeds, the first seed's
     items, binomial standard error and every metric; :mod:`twla.evaluate.tasks`); samples: the first
     seed's greedy continuations of :data:`twla.evaluate.generation.REPORT_PROMPTS`.
@@ -55,6 +56,7 @@ class MethodRow:
     accuracy: dict[str, dict] | None = None
     samples: list[str] | None = None
     speed: dict[str, dict] | None = None  # on the CPU: batch-1 prefill and decode of this model, by variant
+    pipeline: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MethodRow:

@@ -56,6 +56,7 @@ from twla.models.loading import (
     model_source,
     resolve_device,
 )
+from twla.models.memory import resident_memory
 from twla.quantization.accounting import ACCOUNTING_RULES, count_bits
 from twla.quantization.config import QuantConfig
 from twla.quantization.pipeline import quantize
@@ -94,6 +95,14 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+PIPELINE_KEYS = ("seconds", "calls", "resident_mb", "peak_mb")
+
+
+def _step(seconds: float) -> dict:
+    """A bench step's entry beside the pipeline's stages: its time and the process's memory after it."""
+    return {"seconds": seconds, "calls": 1, **resident_memory()}
+
+
 def is_bench_report(path: str) -> bool:
     """Whether ``path`` is a directory holding a report written by :func:`run_bench`."""
     return json_format(os.path.join(path, "report.json")) == REPORT_FORMAT
@@ -106,6 +115,7 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
     staged, final = os.path.join(run.staging, relative), os.path.join(cfg.out, relative)
     dtype = storage_dtype(cfg.save_dtype)
     seed = cfg.seeds[0]
+    start = time.perf_counter()
     files = save_packed(
         pack_model(model, report.weights),
         tokenizer,
@@ -117,9 +127,10 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
         source=model_reference(cfg.model),
     )
     loaded, _, _ = load_packed(staged, device=run.device)
+    saved = _step(time.perf_counter() - start)
     result, seconds = evaluate(f"{spec} (packed, loaded back)", loaded)
     speed = {"speed": model_speed(loaded)} if run.device.type == "cpu" else {}
-    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files), **speed}
+    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, "saved": saved, **asdict(files), **speed}
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -247,6 +258,7 @@ def _method_row(spec: str, qcfg: QuantConfig, model, report, ppl: float, eval_se
         bits=asdict(bits),
         config=qcfg.to_dict(),
         layers=report.to_dict()["layers"],
+        pipeline={name: {k: v for k, v in e.items() if k in PIPELINE_KEYS} for name, e in report.stages.items()},
     )
 
 
@@ -283,6 +295,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
     fp, fp_seconds = evaluate("full precision", model)
     fp_bits = count_bits(model, adapter, {})
     rows = [MethodRow("fp", "W16A16", "none", fp.ppl, 16.0, 16.0, 16.0, fp_bits.fp16_size_bytes / 2**20, fp_seconds)]
+    rows[0].pipeline = {"evaluation": _step(fp_seconds)}
     rows[0].accuracy = accuracy({0: score("full precision", model)})
     rows[0].samples = samples(model)
     if run.device.type == "cpu" and cfg.save:  # what the saved checkpoints' speed is judged against
@@ -298,6 +311,7 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
             model, report = quantize(model, qcfg, run.calib[seed], device=run.device, progress=progress)
             label = spec if len(cfg.seeds) == 1 else f"{spec} (seed {seed})"
             result, eval_seconds = evaluate(label, model)
+            evaluated = _step(eval_seconds)
             scores[seed] = score(label, model)
             per_seed[seed] = {
                 "ppl": result.ppl,
@@ -306,12 +320,14 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
             }
             if row is None:  # the first seed's model is reported in detail, plotted and saved
                 row = _method_row(spec, qcfg, model, report, result.ppl, eval_seconds)
+                row.pipeline["evaluation"] = evaluated
                 row.samples = samples(model)
                 histograms[spec] = report.weights[hist_name].dequantize()
                 if report.rotation:
                     rotation_weights[spec] = report.rotation.weights
                 if spec in cfg.save:
                     packed = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
+                    row.pipeline["save and load back"] = packed.pop("saved")
                     row.packed = {**packed, "fake_quant_ppl": result.ppl}
             del model
         row.ppl_spread = spread([r["ppl"] for r in per_seed.values()])

@@ -124,6 +124,18 @@ def stage_table(rows: list[MethodRow]) -> str:
     return "\n".join(lines)
 
 
+def pipeline_table(rows: list[MethodRow]) -> str:
+    """Where each method's time and memory go (first seed): per stage, its calls and seconds, the
+    process's resident memory after it and its peak so far (MiB; the whole run's, so a later row
+    starts from the peaks of the rows before it)."""
+    lines = ["| method | stage | calls | seconds | resident MiB after | peak MiB so far |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        for stage, e in row.pipeline.items():
+            cells = [cell(e.get(k), f) for k, f in (("resident_mb", "{:.0f}"), ("peak_mb", "{:.0f}"))]
+            lines.append(f"| {row.method} | {stage} | {e['calls']} | {e['seconds']:.1f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def shaping_table(rows: list[MethodRow]) -> str:
     """Tri-modality of the rotated weights per site (means over layers): before → after."""
     lines = [

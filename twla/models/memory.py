@@ -1,10 +1,13 @@
 """Holding one decoder layer at a time: models built on the meta device, layers filled from
-tensor files and dropped back, freed heap pages returned to the system."""
+tensor files and dropped back, freed heap pages returned to the system; and how much memory
+this process holds."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import resource
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -32,6 +35,22 @@ def return_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def resident_memory() -> dict[str, float]:
+    """This process's resident memory now and its peak since its exec, in MiB: ``resident_mb``
+    and ``peak_mb`` (VmRSS and VmHWM of ``/proc/self/status``). Without that file, only the peak,
+    from ``getrusage`` (which would carry a parent's high-water mark over fork and exec)."""
+    keys = {"VmRSS:": "resident_mb", "VmHWM:": "peak_mb"}
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            found = {keys[f[0]]: int(f[1]) / 1024 for f in map(str.split, fh) if f and f[0] in keys}
+    except OSError:
+        found = {}
+    if "peak_mb" not in found:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+        found["peak_mb"] = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return found
 
 
 @contextmanager

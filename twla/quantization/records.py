@@ -59,7 +59,7 @@ class QuantReport:
     allocation: AllocationReport | None = None
     reconstruction: list[dict] = field(default_factory=list)  # per block: held-out error before/after, traces
     end_to_end: dict | None = None  # held-out mean KL before/after, traces
-    stages: dict[str, dict] = field(default_factory=dict)  # per pipeline stage: seconds, calls, its summary
+    stages: dict[str, dict] = field(default_factory=dict)  # per pipeline stage: seconds, calls, memory, its summary
     seconds: float = 0.0
     rotation_seconds: float = 0.0
     calibration_tokens: int = 0

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from twla.models.adapters import Adapter
 from twla.models.capture import KeptLayers, LayerInputs
+from twla.models.memory import resident_memory
 from twla.quantization.config import QuantConfig
 from twla.quantization.distillation import TeacherWindow
 from twla.quantization.fake_quant import wrap_layer
@@ -126,7 +127,8 @@ def always(config: QuantConfig) -> bool:
 @dataclass(frozen=True)
 class Stage:
     """A named step of the pipeline: ``step(run)`` wherever ``applies(config)``. It may return a
-    summary, which the report keeps beside the stage's time."""
+    summary, which the report keeps beside the stage's time and the process's memory after it
+    (resident and peak so far, MiB: the stage that raises the peak is the one that sets it)."""
 
     name: str
     step: Callable[[QuantRun], dict | None]
@@ -140,5 +142,6 @@ class Stage:
         entry = run.report.stages.setdefault(self.name, {"seconds": 0.0, "calls": 0})
         entry["seconds"] += time.perf_counter() - start
         entry["calls"] += 1
+        entry.update(resident_memory())
         if summary:
             entry.update(summary)

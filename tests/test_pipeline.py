@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from transformers import (
@@ -172,6 +174,15 @@ def test_perplexity_of_uniform_model_is_vocab_size(tiny_model):
     windows = torch.randint(0, 256, (3, 16))
     result = perplexity(tiny_model, windows, text="random", device="cpu")
     assert result.ppl == pytest.approx(256, rel=1e-4) and result.tokens == 3 * 15
+
+
+def test_perplexity_is_the_mean_negative_log_likelihood_of_every_next_token(tiny_model):
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logp = tiny_model(windows).logits[:, :-1].double().log_softmax(-1)
+    nll = -logp.gather(-1, windows[:, 1:, None]).mean()
+    result = perplexity(tiny_model, windows, batch_size=2)
+    assert result.nll == pytest.approx(float(nll), rel=1e-6) and result.ppl == pytest.approx(math.exp(result.nll))
 
 
 def test_perplexity_bounds_the_logits_of_a_forward_pass(tiny_model, monkeypatch):

@@ -39,7 +39,8 @@ def perplexity(
     """exp of the mean token NLL of ``model`` over the (nwin, seqlen) token ``windows``, in
     batches of ``batch_size`` windows, fewer when their logits would exceed
     :data:`LOGITS_LIMIT` elements (a 262k-token vocabulary: 4 GiB of float32 logits for 8 × 512
-    positions)."""
+    positions). The log-softmax runs one window at a time, so a batch costs its logits and one
+    window's log-probabilities, not two more copies of the batch's logits."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -47,9 +48,9 @@ def perplexity(
     total, count = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
         batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-        total += float(nll)
+        logits = model(batch, use_cache=False).logits
+        for window, ids in zip(logits, batch, strict=True):  # a window at a time: no copy of the batch's logits
+            total += float(nn.functional.cross_entropy(window[:-1].float(), ids[1:], reduction="sum"))
         count += batch[:, 1:].numel()
     model.to("cpu")
     mean = total / count

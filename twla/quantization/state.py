@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from twla.models.adapters import Adapter
 from twla.models.capture import KeptLayers, LayerInputs
-from twla.models.memory import resident_memory
+from twla.models.memory import resident_memory, return_freed_memory
 from twla.quantization.config import QuantConfig
 from twla.quantization.distillation import TeacherWindow
 from twla.quantization.fake_quant import wrap_layer
@@ -128,7 +128,9 @@ def always(config: QuantConfig) -> bool:
 class Stage:
     """A named step of the pipeline: ``step(run)`` wherever ``applies(config)``. It may return a
     summary, which the report keeps beside the stage's time and the process's memory after it
-    (resident and peak so far, MiB: the stage that raises the peak is the one that sets it)."""
+    (resident and peak so far, MiB: the stage that raises the peak is the one that sets it). The
+    heap's free pages go back to the system after every stage: a stage's many small temporaries
+    would otherwise stay resident beside the next stage's large ones."""
 
     name: str
     step: Callable[[QuantRun], dict | None]
@@ -142,6 +144,7 @@ class Stage:
         entry = run.report.stages.setdefault(self.name, {"seconds": 0.0, "calls": 0})
         entry["seconds"] += time.perf_counter() - start
         entry["calls"] += 1
+        return_freed_memory()
         entry.update(resident_memory())
         if summary:
             entry.update(summary)

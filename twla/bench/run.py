@@ -108,9 +108,12 @@ def is_bench_report(path: str) -> bool:
     return json_format(os.path.join(path, "report.json")) == REPORT_FORMAT
 
 
-def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, run, evaluate):
+def _save_and_reload(
+    model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg: BenchConfig, run, evaluate
+) -> tuple[dict, dict[str, dict]]:
     """Pack the quantized model, save it into the report being written (``run.staging``), load it
-    back from disk and evaluate the loaded model; the report names its final path."""
+    back from disk and evaluate the loaded model; the report names its final path. Returns the
+    report's packed entry and the bench steps it took (time and memory)."""
     relative = os.path.join("models", spec.replace("+", "_"))
     staged, final = os.path.join(run.staging, relative), os.path.join(cfg.out, relative)
     dtype = storage_dtype(cfg.save_dtype)
@@ -135,7 +138,7 @@ def _save_and_reload(model, tokenizer, report, spec: str, qcfg: QuantConfig, cfg
         start = time.perf_counter()
         speed["speed"] = model_speed(loaded)
         steps["CPU speed, packed"] = _step(time.perf_counter() - start)
-    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, "steps": steps, **asdict(files), **speed}
+    return {"path": final, "ppl": result.ppl, "eval_seconds": seconds, **asdict(files), **speed}, steps
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -333,8 +336,8 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
                 if report.rotation:
                     rotation_weights[spec] = report.rotation.weights
                 if spec in cfg.save:
-                    packed = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
-                    row.pipeline.update(packed.pop("steps"))
+                    packed, steps = _save_and_reload(model, tokenizer, report, spec, qcfg, cfg, run, evaluate)
+                    row.pipeline.update(steps)
                     row.packed = {**packed, "fake_quant_ppl": result.ppl}
             del model
         row.ppl_spread = spread([r["ppl"] for r in per_seed.values()])

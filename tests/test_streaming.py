@@ -237,6 +237,12 @@ def test_quantize_command_streams_a_checkpoint_directory(checkpoint, tmp_path, c
     assert _same_files(str(tmp_path / "memory"), str(tmp_path / "streamed")) == []
     assert main([*args[:4], E2E, *args[5:], "--out", str(tmp_path / "default")]) == 0
     assert "one decoder layer at a time" in capsys.readouterr().out  # the default method streams too
+    mixed = [*args[:4], "pt2+gptq+wmix", *args[5:], "--wmix-budget", "3", "--out", str(tmp_path / "mixed")]
+    assert main(mixed) == 0  # a weight allocation runs the whole model, so it does not stream
+    assert "whole model in memory" in capsys.readouterr().out
+    assert main([*mixed[:-1], str(tmp_path / "refused"), "--stream"]) == 2
+    assert "--stream contradicts 'pt2+gptq+wmix'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "refused")
 
 
 def test_resident_memory_sees_an_allocation_and_keeps_its_peak():

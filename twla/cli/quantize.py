@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="read, quantize and write one decoder layer at a time (the default for a checkpoint directory or a "
-        "built-in model)",
+        "built-in model, except with +wmix, whose costs run the whole model)",
     )
     mode.add_argument("--in-memory", dest="stream", action="store_false", help="load the whole model first")
     p.add_argument(

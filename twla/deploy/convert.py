@@ -14,7 +14,8 @@ from twla.quantization.presets import DEFAULT_METHOD
 class ConvertConfig(JobConfig):
     """method: the method spec; out: the checkpoint directory; seed: the calibration windows' and
     every random choice's; dtype: storage of the unquantized tensors (keep, float16, bfloat16);
-    stream: one decoder layer at a time (None: whenever the model is a local directory);
+    stream: one decoder layer at a time (None: whenever the model is a local directory and the
+    method has no weight allocation, which runs the whole model);
     offload: the calibration activations wait in host memory between layers."""
 
     method: str = DEFAULT_METHOD
@@ -50,6 +51,12 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
     source = model_source(cfg.model)
     if cfg.stream and not source.local:
         raise ValueError(f"--stream reads a local checkpoint directory; {cfg.model!r} is a hub id")
+    whole = config.weight_allocation is not None  # its costs run the whole model, one linear at a time
+    if cfg.stream and whole:
+        raise ValueError(
+            f"--stream contradicts {cfg.method!r}: its weight allocation (+wmix) measures every linear on the "
+            "whole model; leave --stream out (or pass --in-memory)"
+        )
     reference = model_reference(cfg.model)
     protect = [source.path] if source.local else []
     check_output_dir(cfg.out, "packed checkpoint", is_packed_checkpoint, overwrite=cfg.overwrite, protect=protect)
@@ -57,7 +64,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
     text = load_text(cfg.calibration, "calibration")
     bos = bos_token(source.tokenizer)
     calib = calibration_windows(tokenize(source.tokenizer, text), cfg.nsamples, cfg.seqlen, seed=cfg.seed, bos=bos)
-    stream = source.local if cfg.stream is None else cfg.stream
+    stream = source.local and not whole if cfg.stream is None else cfg.stream
     print(f"{cfg.method}: " + ("one decoder layer at a time" if stream else "whole model in memory"))
     saved = dict(provenance=provenance(text, calib, cfg.seed), dtype=dtype, overwrite=cfg.overwrite)
     if stream:

@@ -127,6 +127,7 @@ def test_bad_weight_allocations_are_refused_before_any_work(calib_ids):
         QuantConfig.from_method("pt2+gptq+sal+wmix")
     with pytest.raises(ValueError, match="learned rounding"):
         QuantConfig.from_method("pt2+gptq+wmix+round")
+    assert not wmix().streamable and QuantConfig.from_method("pt2+gptq").streamable
     with pytest.raises(ValueError, match="cannot stream layers"):
         quantize(tiny_llama(), wmix(), calib_ids, progress=False, stream=object())
     with pytest.raises(ValueError, match="too short"):

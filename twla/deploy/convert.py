@@ -51,8 +51,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
     source = model_source(cfg.model)
     if cfg.stream and not source.local:
         raise ValueError(f"--stream reads a local checkpoint directory; {cfg.model!r} is a hub id")
-    whole = config.weight_allocation is not None  # its costs run the whole model, one linear at a time
-    if cfg.stream and whole:
+    if cfg.stream and not config.streamable:
         raise ValueError(
             f"--stream contradicts {cfg.method!r}: its weight allocation (+wmix) measures every linear on the "
             "whole model; leave --stream out (or pass --in-memory)"
@@ -64,7 +63,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
     text = load_text(cfg.calibration, "calibration")
     bos = bos_token(source.tokenizer)
     calib = calibration_windows(tokenize(source.tokenizer, text), cfg.nsamples, cfg.seqlen, seed=cfg.seed, bos=bos)
-    stream = source.local and not whole if cfg.stream is None else cfg.stream
+    stream = source.local and config.streamable if cfg.stream is None else cfg.stream
     print(f"{cfg.method}: " + ("one decoder layer at a time" if stream else "whole model in memory"))
     saved = dict(provenance=provenance(text, calib, cfg.seed), dtype=dtype, overwrite=cfg.overwrite)
     if stream:

@@ -132,6 +132,12 @@ class QuantConfig:
             **kwargs,
         )
 
+    @property
+    def streamable(self) -> bool:
+        """Whether the layer-wise pass can hold one decoder layer at a time (``stream``): not with a
+        weight allocation, whose costs quantize every linear and run the whole model."""
+        return self.weight_allocation is None
+
     def uses(self, section: str) -> bool:
         """Whether this configuration has ``section`` (one of :data:`OVERRIDABLE`; weights always)."""
         _check_sections([section])

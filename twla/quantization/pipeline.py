@@ -82,13 +82,9 @@ def check_finite_tensors(model: nn.Module) -> None:
             check_finite(tensor, name)
 
 
-def check_weight_allocation(
-    model: nn.Module, adapter: Adapter, config: QuantConfig, calibration: Tensor, stream: LayerStream | None
-) -> None:
-    """Refuse a weight allocation that cannot run: a streamed model, too short windows, a budget below
-    every linear's cheapest format."""
-    if stream is not None:
-        raise ValueError("a weight allocation measures every linear on the whole model; it cannot stream layers")
+def check_weight_allocation(model: nn.Module, adapter: Adapter, config: QuantConfig, calibration: Tensor) -> None:
+    """Refuse a weight allocation that cannot run: too short windows, a budget below every linear's
+    cheapest format."""
     cfg = config.weight_allocation
     cost_windows(calibration, cfg)
     formats = [format_config(option, config.weights) for option in cfg.options]
@@ -124,8 +120,10 @@ def quantize(
         raise ValueError("calibration must be a non-empty (nsamples, seqlen) tensor of token ids")
     if config.allocation:
         cost_windows(calibration, config.allocation)  # fail before the work, not after it
+    if stream is not None and not config.streamable:
+        raise ValueError("a weight allocation measures every linear on the whole model; it cannot stream layers")
     if config.weight_allocation:
-        check_weight_allocation(model, adapter, config, calibration, stream)
+        check_weight_allocation(model, adapter, config, calibration)
     config.check_windows(calibration.shape[0])
     report = QuantReport(config, calibration_tokens=calibration.numel())
     run = QuantRun(model, adapter, config, calibration, resolve_device(device), report, progress, stream, offload)

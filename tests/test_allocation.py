@@ -15,6 +15,7 @@ from twla.models.adapters import get_adapter
 from twla.quantization.allocation import allocate, allocation_units
 from twla.quantization.fake_quant import QuantLinear
 from twla.quantization.sections import AllocationConfig
+from twla.solvers.bits.problem import option_index
 
 FAST = dict(samples=4, seqlen=32, stride=2)
 
@@ -82,7 +83,7 @@ def test_allocation_is_applied_and_reported(calib_ids):
     assert al.measured == pytest.approx(
         kl_of_full_forward(model, calib_ids[:4, :32], 2, al_ref_logp(model, calib_ids)), rel=1e-4
     )
-    assert al.uniform is None  # uniform 5 bits is not an option
+    assert al.uniform is None and not al.kept_uniform  # uniform 5 bits is not an option
     assert math.isfinite(al.predicted) and report.to_dict()["allocation"]["allocation"]["bits"] == al.allocation.bits
     assert scheme(mixed()) == "W1.58A2-8 mixed"
 
@@ -123,6 +124,42 @@ def test_fixed_seed_gives_the_same_allocation(calib_ids):
     runs = [quantize(tiny_llama(), mixed(), calib_ids, device="cpu", progress=False)[1].allocation for _ in range(2)]
     assert runs[0].allocation.bits == runs[1].allocation.bits
     assert np.array_equal(runs[0].costs.unary, runs[1].costs.unary)
+
+
+def test_beta_zero_measures_no_pairs(calib_ids):
+    """β = 0: the pairs would not enter the objective, so only the unary costs are measured."""
+    runs = {
+        beta: quantize(tiny_llama(num_hidden_layers=3), mixed(beta=beta), calib_ids, device="cpu", progress=False)[
+            1
+        ].allocation
+        for beta in (0.0, 0.5)
+    }
+    free, paired = runs[0.0], runs[0.5]
+    assert np.array_equal(free.costs.unary, paired.costs.unary)
+    assert not free.costs.pairwise.any() and paired.costs.pairwise.any()
+    unary, pairs = 3 * 3, 2 * 3 * 3  # units × options off the reference 8; adjacent pairs × both off it
+    assert paired.passes - free.passes == pairs and free.passes == unary + 2  # + uniform 4 bits, the allocation
+    chosen = option_index(free.costs, free.allocation.bits)
+    assert free.predicted == pytest.approx(free.costs.unary[np.arange(3), chosen].sum())
+
+
+def test_a_choice_that_measures_worse_than_uniform_bits_is_not_set(calib_ids, monkeypatch):
+    """The program's choice is set only when it measures better than every unit at the budget's bits:
+    here the program is handed negated costs, so it picks the worst bits it can afford."""
+    import twla.quantization.allocation as allocation
+
+    solve = allocation.solve_bits
+    monkeypatch.setattr(
+        allocation, "solve_bits", lambda c, b, solver: solve(replace(c, unary=-c.unary), b, solver=solver)
+    )
+    model, report = quantize(tiny_llama(num_hidden_layers=3), mixed(), calib_ids, device="cpu", progress=False)
+    al = report.allocation
+    assert set(al.allocation.bits) != {4} and al.measured > al.uniform["measured"]
+    assert al.kept_uniform and al.mean_bits == 4 and set(al.bits.values()) == {4}
+    assert {r.act_bits for r in report.records} == {4} and report.to_dict()["allocation"]["kept_uniform"]
+    assert {m.act.bits for m in model.modules() if isinstance(m, QuantLinear)} == {4}
+    kl = kl_of_full_forward(model, calib_ids[:4, :32], 2, al_ref_logp(model, calib_ids))
+    assert kl == pytest.approx(al.uniform["measured"], rel=1e-4)
 
 
 def test_allocation_bad_inputs(calib_ids):

@@ -222,12 +222,13 @@ def weight_allocation_table(rows: list[MethodRow]) -> str:
 
 
 def allocation_table(rows: list[MethodRow]) -> str:
-    """ILA-AMP: the chosen bits, and the cost model's prediction against the measured change."""
+    """ILA-AMP: the chosen bits, the cost model's prediction against the measured change, and the
+    bits set (the program's, or uniform ones that measured no worse)."""
     lines = [
         "| method | units | solver | mean bits (budget) | units per bit-width | predicted Δ (mixed) "
-        "| measured Δ (mixed) | predicted Δ (uniform) | measured Δ (uniform) "
+        "| measured Δ (mixed) | predicted Δ (uniform) | measured Δ (uniform) | bits set "
         "| Fisher vs measured s: Spearman, median ratio | cost passes, s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         al = row.allocation
@@ -239,7 +240,8 @@ def allocation_table(rows: list[MethodRow]) -> str:
         lines.append(
             f"| {row.method} | {len(al['units'])} {al['granularity']}s | {choice['solver']} "
             f"| {choice['mean_bits']:.2f} ({choice['budget']:g}) | {counts} | {al['predicted']:.4f} "
-            f"| {al['measured']:.4f} | {uni[0]} | {uni[1]} | {agree['spearman']:.2f}, {agree['median_ratio']:.2f} "
+            f"| {al['measured']:.4f} | {uni[0]} | {uni[1]} | {'uniform' if al['kept_uniform'] else 'mixed'} "
+            f"| {agree['spearman']:.2f}, {agree['median_ratio']:.2f} "
             f"| {al['passes']}, {al['seconds']:.0f} |"
         )
     return "\n".join(lines)

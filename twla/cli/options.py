@@ -151,7 +151,11 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods only)")
     a = AllocationConfig
     amp.add_argument("--amp-budget", type=float, help=f"mean activation bits (default {a.budget:g})")
-    amp.add_argument("--amp-beta", type=float, help=f"interaction weight β (default {a.beta:g})")
+    amp.add_argument(
+        "--amp-beta",
+        type=float,
+        help=f"interaction weight β (default {a.beta:g}; 0 measures no adjacent pairs)",
+    )
     options = ",".join(map(str, a.options))
     amp.add_argument("--amp-options", type=int_list, help=f"comma-separated bit-widths (default {options})")
     amp.add_argument("--amp-solver", help=f"bit-allocation solver (default {a.solver}; see `twla solvers`)")

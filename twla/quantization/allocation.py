@@ -136,11 +136,16 @@ def measure_costs(
     probe: CostProbe, units: list[Unit], options: tuple[int, ...], *, beta: float, progress: bool = False
 ) -> BitCosts:
     """Unary and adjacent pairwise costs by measurement; entries with a unit at the reference bits
-    are 0 by definition and not measured."""
+    are 0 by definition and not measured, nor are the pairs when β = 0 (they would not enter the
+    objective; they are left 0)."""
     L, K, ref = len(units), len(options), probe.reference
     todo = [(u, k) for u in range(L) for k in range(K) if options[k] != ref]
     todo_pairs = [
-        (u, k, j) for u in range(L - 1) for k in range(K) for j in range(K) if ref not in (options[k], options[j])
+        (u, k, j)
+        for u in range(L - 1 if beta > 0 else 0)
+        for k in range(K)
+        for j in range(K)
+        if ref not in (options[k], options[j])
     ]
     bar = tqdm(total=len(todo) + len(todo_pairs), desc="measure costs", disable=not progress)
     unary = np.zeros((L, K))
@@ -224,9 +229,10 @@ def estimate_agreement(measured: np.ndarray, estimate: np.ndarray) -> dict[str, 
 class AllocationReport:
     """What ILA-AMP chose and how well its model predicted the outcome.
 
-    predicted: Σ s + Σ c of the chosen bits (β = 1: the measured additive model); measured: the
-    metric of the allocated model on the same tokens; uniform: the same two for every unit at
-    the budget's bits, when that is an option.
+    predicted: Σ s + Σ c of the chosen bits (β = 1: the measured additive model; Σ s alone when
+    β = 0, whose pairs are not measured); measured: the metric of the allocated model on the same
+    tokens; uniform: the same two for every unit at the budget's bits, when that is an option;
+    kept_uniform: those uniform bits measured no worse, so they are the ones set (``bits``).
     """
 
     config: AllocationConfig
@@ -242,6 +248,12 @@ class AllocationReport:
     seconds: float
     reference_nll: float = 0.0
     bits: dict[str, int] = field(default_factory=dict)
+    kept_uniform: bool = False
+
+    @property
+    def mean_bits(self) -> float:
+        """The mean activation bits set on the model."""
+        return float(self.uniform["bits"]) if self.kept_uniform else self.allocation.mean_bits
 
     def to_dict(self) -> dict:
         return {
@@ -259,6 +271,7 @@ class AllocationReport:
             "passes": self.passes,
             "seconds": self.seconds,
             "reference_nll": self.reference_nll,
+            "kept_uniform": self.kept_uniform,
         }
 
 
@@ -288,7 +301,9 @@ def allocate(
     kept: KeptLayers | None = None,
 ) -> AllocationReport:
     """Measure the costs on calibration tokens, solve for the bits, and set them on the model's
-    linears (with each bit-width's calibrated clipping ratio).
+    linears (with each bit-width's calibrated clipping ratio). When the budget's bits are an option
+    and every unit at them measures no worse than the program's choice, those uniform bits are set
+    instead (the program's choice stays in the report).
 
     kept: the quantized decoder layers are not in ``model`` (on the meta device) but in ``kept``, and
     every pass reloads them one at a time (the same costs and bits); the Fisher estimate, a
@@ -317,6 +332,10 @@ def allocate(
                 pred, meas = _evaluate(probe, costs, units, [int(cfg.budget)] * len(units))
                 uniform = {"bits": int(cfg.budget), "predicted": pred, "measured": meas}
             predicted, measured = _evaluate(probe, costs, units, allocation.bits)
+            kept_uniform = uniform is not None and uniform["measured"] <= measured
+            applied = [uniform["bits"]] * len(units) if kept_uniform else allocation.bits
+            for unit, b in zip(units, applied, strict=True):
+                probe.assign(unit.linears, b)
         finally:
             model.to("cpu")
     return AllocationReport(
@@ -332,7 +351,8 @@ def allocate(
         passes=probe.passes,
         seconds=time.perf_counter() - start,
         reference_nll=probe.ref_nll,
-        bits={name: b for unit, b in zip(units, allocation.bits, strict=True) for name in unit.linears},
+        bits={name: b for unit, b in zip(units, applied, strict=True) for name in unit.linears},
+        kept_uniform=kept_uniform,
     )
 
 
@@ -354,4 +374,4 @@ def allocate_bits(run: QuantRun) -> dict:
         record.act_clip = (record.act_clips or {}).get(record.act_bits, 1.0)
     for index in range(len(run.layers) if run.stream is not None else 0):
         run.stream.finish(index, *run.stream.reload(index))
-    return {"mean bits": report.allocation.allocation.mean_bits}
+    return {"mean bits": report.allocation.mean_bits, "kept uniform": report.allocation.kept_uniform}

@@ -334,8 +334,9 @@ def allocate(
             predicted, measured = _evaluate(probe, costs, units, allocation.bits)
             kept_uniform = uniform is not None and uniform["measured"] <= measured
             applied = [uniform["bits"]] * len(units) if kept_uniform else allocation.bits
-            for unit, b in zip(units, applied, strict=True):
-                probe.assign(unit.linears, b)
+            if kept_uniform:  # the program's bits are in place from their evaluation
+                for unit in units:
+                    probe.assign(unit.linears, uniform["bits"])
         finally:
             model.to("cpu")
     return AllocationReport(

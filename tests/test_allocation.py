@@ -143,6 +143,32 @@ def test_beta_zero_measures_no_pairs(calib_ids):
     assert free.predicted == pytest.approx(free.costs.unary[np.arange(3), chosen].sum())
 
 
+def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_ids):
+    """costs="fisher": the program's unary costs are the second-order estimate (the one a measured
+    run reports beside its costs), there are no pairs, and the only passes measure the uniform bits
+    and the choice; the choice is set on the model."""
+    runs = {
+        costs: quantize(tiny_llama(num_hidden_layers=3), mixed(costs=costs), calib_ids, device="cpu", progress=False)
+        for costs in ("fisher", "measured")
+    }
+    (_, report), measured = runs["fisher"], runs["measured"][1].allocation
+    fisher = report.allocation
+    assert fisher.passes == 2 and fisher.agreement is None and fisher.costs.beta == 0
+    assert np.array_equal(fisher.costs.unary, fisher.estimate) and not fisher.costs.pairwise.any()
+    np.testing.assert_allclose(fisher.costs.unary, measured.estimate, rtol=1e-5)
+    chosen = option_index(fisher.costs, fisher.allocation.bits)
+    assert fisher.predicted == pytest.approx(fisher.costs.unary[np.arange(3), chosen].sum())
+    assert fisher.allocation.mean_bits <= 4 + 1e-9
+    bits = {int(name.split(".")[2]): b for name, b in fisher.bits.items()}
+    assert {r.act_bits for r in report.records if r.layer == 0} == {bits[0]}
+    data = mixed(costs="fisher").to_dict()
+    assert not QuantConfig.from_dict(data).streamable
+    del data["allocation"]["costs"]  # version 9 had measured costs only
+    assert QuantConfig.from_dict({**data, "version": 9}).allocation.costs == "measured"
+    with pytest.raises(ValueError, match="backward pass through the whole model: it cannot stream"):
+        quantize(tiny_llama(), mixed(costs="fisher"), calib_ids, progress=False, stream=object())
+
+
 def test_a_choice_that_measures_worse_than_uniform_bits_is_not_set(calib_ids, monkeypatch):
     """The program's choice is set only when it measures better than every unit at the budget's bits:
     here the program is handed negated costs, so it picks the worst bits it can afford."""
@@ -171,6 +197,8 @@ def test_allocation_bad_inputs(calib_ids):
         AllocationConfig(options=(2, 5))
     with pytest.raises(ValueError, match="granularity"):
         AllocationConfig(granularity="head")
+    with pytest.raises(ValueError, match="unknown allocation costs 'guess'"):
+        AllocationConfig(costs="guess")
     with pytest.raises(ValueError, match=r"several choices of allocation granularity \(amp, amp-site\)"):
         QuantConfig.from_method("e2m+amp+amp-site")
     with pytest.raises(ValueError, match="too short"):

@@ -373,6 +373,10 @@ def test_errors_come_before_the_weights_are_read(tiny_checkpoint, tmp_path, monk
         (["bench", "--methods", "e2m+sym", *out], "sym has no effect without quantized activations"),
         (["bench", "--methods", "e2m+gptq", "--amp-budget", "3", *out], "--amp-budget applies to methods with +amp"),
         (["bench", "--methods", "e2m+recon", "--e2e-steps", "9", *out], "--e2e-steps applies to methods with +e2e"),
+        (
+            ["bench", "--methods", "e2m+amp-site", "--amp-costs", "fisher", "--amp-beta", "0.5", *out],
+            "--amp-beta weighs measured adjacent pairs, and --amp-costs fisher has none",
+        ),
         (["bench", "--methods", "e2m,e2m+gptq", "--save", "pt2", *out], "--save names methods that are not benched"),
         (["bench", "--methods", "", *out], "no methods to bench"),
         (["bench", "--methods", "e2m,e2m", *out], "names e2m more than once"),

@@ -80,6 +80,7 @@ OVERRIDE_FLAGS = (
     ("amp-beta", "allocation", "beta"),
     ("amp-options", "allocation", "options"),
     ("amp-solver", "allocation", "solver"),
+    ("amp-costs", "allocation", "costs"),
     ("wmix-budget", "weight_allocation", "budget"),
     ("wmix-options", "weight_allocation", "options"),
     *RECONSTRUCTION_FLAGS,
@@ -97,6 +98,7 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     from twla.quantization.sections import (
         WEIGHT_FORMATS,
         AllocationConfig,
+        CostSource,
         EndToEndConfig,
         Precision,
         ReconstructionConfig,
@@ -159,6 +161,12 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     options = ",".join(map(str, a.options))
     amp.add_argument("--amp-options", type=int_list, help=f"comma-separated bit-widths (default {options})")
     amp.add_argument("--amp-solver", help=f"bit-allocation solver (default {a.solver}; see `twla solvers`)")
+    amp.add_argument(
+        "--amp-costs",
+        choices=get_args(CostSource),
+        help=f"measured costs, or fisher: their second-order estimate from one backward pass, seconds instead of "
+        f"minutes, no adjacent pairs (default {a.costs})",
+    )
     wmix = p.add_argument_group("mixed-precision weights (wmix methods only)")
     w = WeightAllocationConfig
     wmix.add_argument("--wmix-budget", type=float, help=f"stored bits per quantized weight (default {w.budget:g})")
@@ -230,4 +238,7 @@ def overrides(args: argparse.Namespace, methods: tuple[str, ...]) -> dict[str, d
                 f"--{flag} applies to methods with {_USERS[section]}, and none of {', '.join(methods)} is one"
             )
         given.setdefault(section, {})[name] = value
+    allocation = given.get("allocation", {})
+    if allocation.get("costs") == "fisher" and allocation.get("beta", 0) != 0:
+        raise ValueError("--amp-beta weighs measured adjacent pairs, and --amp-costs fisher has none")
     return given

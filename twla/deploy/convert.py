@@ -53,8 +53,7 @@ def convert(cfg: ConvertConfig, *, progress: bool = True):
         raise ValueError(f"--stream reads a local checkpoint directory; {cfg.model!r} is a hub id")
     if cfg.stream and not config.streamable:
         raise ValueError(
-            f"--stream contradicts {cfg.method!r}: its weight allocation (+wmix) measures every linear on the "
-            "whole model; leave --stream out (or pass --in-memory)"
+            f"--stream contradicts {cfg.method!r}: {config.whole_model}; leave --stream out (or pass --in-memory)"
         )
     reference = model_reference(cfg.model)
     protect = [source.path] if source.local else []

@@ -12,6 +12,8 @@ second-order estimate uses the empirical Fisher of the loss w.r.t. each quantize
 the per-token noise variance Δ_t²/12 of a b-bit grid (step Δ_t = p_b·range_t / levels_b):
 
     ŝ_ℓ(b) ≈ ½ Σ_{linears of ℓ} Σ_t N·‖∂L/∂x_t‖² · Δ_t(b)² / 12      (N scored positions).
+
+It checks the measured costs, or replaces them (``costs="fisher"``: no pair terms).
 """
 
 from __future__ import annotations
@@ -162,8 +164,21 @@ def measure_costs(
         probe.reset()
         bar.update()
     bar.close()
+    return _bit_costs(units, options, unary, pairwise, beta)
+
+
+def _bit_costs(
+    units: list[Unit], options: tuple[int, ...], unary: np.ndarray, pairwise: np.ndarray, beta: float
+) -> BitCosts:
     weights = np.array([unit.weight for unit in units], dtype=np.float64)
     return BitCosts(np.array(options), unary, pairwise, weights, beta, names=tuple(u.name for u in units))
+
+
+def estimated_costs(probe: CostProbe, units: list[Unit], options: tuple[int, ...]) -> BitCosts:
+    """The program's costs from the second-order estimate alone: ŝ as unary costs, no pair terms (β = 0)."""
+    K = len(options)
+    pairwise = np.zeros((max(len(units) - 1, 0), K, K))
+    return _bit_costs(units, options, fisher_estimate(probe, units, options), pairwise, 0.0)
 
 
 def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...]) -> np.ndarray:
@@ -230,9 +245,10 @@ class AllocationReport:
     """What ILA-AMP chose and how well its model predicted the outcome.
 
     predicted: Σ s + Σ c of the chosen bits (β = 1: the measured additive model; Σ s alone when
-    β = 0, whose pairs are not measured); measured: the metric of the allocated model on the same
-    tokens; uniform: the same two for every unit at the budget's bits, when that is an option;
-    kept_uniform: those uniform bits measured no worse, so they are the ones set (``bits``).
+    β = 0, whose pairs are not measured; Σ ŝ, a loss increase, with Fisher costs); measured: the
+    metric of the allocated model on the same tokens; uniform: the same two for every unit at the
+    budget's bits, when that is an option; kept_uniform: those uniform bits measured no worse, so
+    they are the ones set (``bits``).
     """
 
     config: AllocationConfig
@@ -308,7 +324,9 @@ def allocate(
     kept: the quantized decoder layers are not in ``model`` (on the meta device) but in ``kept``, and
     every pass reloads them one at a time (the same costs and bits); the Fisher estimate, a
     diagnostic of the measured costs, is then not computed (its backward pass would hold every
-    layer)."""
+    layer), and Fisher costs are refused."""
+    if kept is not None and cfg.costs == "fisher":
+        raise ValueError("Fisher-estimated costs take one backward pass through the whole model; they cannot stream")
     start = time.perf_counter()
     linears = wrap_linears(model, adapter)
     missing = [n for n, m in linears.items() if any(b not in m.act_clips for b in cfg.clip_bits)]
@@ -324,8 +342,12 @@ def allocate(
         model.to(device)
         try:
             probe = CostProbe(model, adapter, windows, linears, cfg.reference, cfg.metric, cfg.stride, device)
-            costs = measure_costs(probe, units, cfg.options, beta=cfg.beta, progress=progress)
-            estimate = fisher_estimate(probe, units, cfg.options) if kept is None else None
+            if cfg.costs == "fisher":
+                costs = estimated_costs(probe, units, cfg.options)
+                estimate = costs.unary
+            else:
+                costs = measure_costs(probe, units, cfg.options, beta=cfg.beta, progress=progress)
+                estimate = fisher_estimate(probe, units, cfg.options) if kept is None else None
             allocation = solve_bits(costs, cfg.budget, solver=cfg.solver)
             uniform = None
             if int(cfg.budget) == cfg.budget and int(cfg.budget) in cfg.options:
@@ -344,7 +366,7 @@ def allocate(
         units=units,
         costs=costs,
         estimate=estimate,
-        agreement=None if estimate is None else estimate_agreement(costs.unary, estimate),
+        agreement=None if estimate is None or cfg.costs == "fisher" else estimate_agreement(costs.unary, estimate),
         allocation=allocation,
         predicted=predicted,
         measured=measured,

@@ -133,10 +133,19 @@ class QuantConfig:
         )
 
     @property
+    def whole_model(self) -> str | None:
+        """Why the layer-wise pass needs the whole model in memory, or None when it can hold one
+        decoder layer at a time (``stream``)."""
+        if self.weight_allocation is not None:
+            return "its weight allocation (+wmix) measures every linear on the whole model"
+        if self.allocation is not None and self.allocation.costs == "fisher":
+            return "its Fisher-estimated activation costs take one backward pass through the whole model"
+        return None
+
+    @property
     def streamable(self) -> bool:
-        """Whether the layer-wise pass can hold one decoder layer at a time (``stream``): not with a
-        weight allocation, whose costs quantize every linear and run the whole model."""
-        return self.weight_allocation is None
+        """Whether the layer-wise pass can hold one decoder layer at a time."""
+        return self.whole_model is None
 
     def uses(self, section: str) -> bool:
         """Whether this configuration has ``section`` (one of :data:`OVERRIDABLE`; weights always)."""
@@ -236,7 +245,8 @@ class QuantConfig:
 # 7: the layer-wise pass may run on fewer windows than the end-to-end stage (layer_windows).
 # 8: the end-to-end teacher may keep only its top tokens (end_to_end.top_k).
 # 9: reconstructions may multiply in bfloat16 (reconstruction.precision, end_to_end.precision).
-CONFIG_VERSION = 9
+# 10: activation allocation costs may be estimated (allocation.costs).
+CONFIG_VERSION = 10
 
 
 def _upgrade_v1(data: dict) -> dict:
@@ -261,7 +271,7 @@ def _upgrade_v2(data: dict) -> dict:
 def _new_fields_default(data: dict) -> dict:
     """A configuration in the next layout when that layout only adds fields whose defaults
     describe what the older version did (4: plain ternary weights; 5: frozen codes; 6: one weight
-    format)."""
+    format; 10: measured activation costs)."""
     return data
 
 
@@ -298,6 +308,7 @@ _UPGRADES = {
     6: _upgrade_v6,
     7: _upgrade_v7,
     8: _upgrade_v8,
+    9: _new_fields_default,
 }
 
 

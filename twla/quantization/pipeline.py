@@ -121,7 +121,7 @@ def quantize(
     if config.allocation:
         cost_windows(calibration, config.allocation)  # fail before the work, not after it
     if stream is not None and not config.streamable:
-        raise ValueError("a weight allocation measures every linear on the whole model; it cannot stream layers")
+        raise ValueError(f"{config.whole_model}: it cannot stream layers")
     if config.weight_allocation:
         check_weight_allocation(model, adapter, config, calibration)
     config.check_windows(calibration.shape[0])

@@ -20,6 +20,7 @@ Granularity = Literal["block", "site"]
 
 
 CostMetric = Literal["kl", "loss"]
+CostSource = Literal["measured", "fisher"]  # how an activation allocation gets its unary costs
 Precision = Literal["float32", "bfloat16", "auto"]  # of a reconstruction's matrix products
 
 
@@ -360,6 +361,10 @@ class AllocationConfig:
     Costs are deltas of ``metric`` (``kl`` to the reference model's next-token distribution, or
     the ``loss``) against every unit at ``reference`` bits, measured on the first ``samples``
     calibration windows cut to ``seqlen`` tokens, scoring every ``stride``-th position.
+    costs: ``measured`` (one pass per unit and option, and per adjacent pair and options when β > 0)
+    or ``fisher``, the second-order estimate of the unary costs from one backward pass (no pair
+    terms, so β has nothing to weigh; seconds instead of minutes, and it needs the whole model in
+    memory).
     """
 
     granularity: Granularity = "block"
@@ -372,9 +377,11 @@ class AllocationConfig:
     samples: int = 2
     seqlen: int = 256
     stride: int = 4
+    costs: CostSource = "measured"
 
     def __post_init__(self) -> None:
         check_choice("allocation granularity", self.granularity, Granularity)
+        check_choice("allocation costs", self.costs, CostSource)
         check_choice("cost metric", self.metric, CostMetric)
         if self.solver not in BIT_SOLVERS:
             raise ValueError(f"unknown bit solver {self.solver!r}; choose one of {', '.join(BIT_SOLVERS)}")

@@ -10,7 +10,10 @@ from torch.nn import functional as F
 
 from tests.helpers import tiny_llama
 from twla import InfeasibleBudgetError, QuantConfig, quantize
+from twla.bench.plots import plot_cost_predictions
+from twla.bench.rows import MethodRow
 from twla.bench.run import activation_bits, scheme
+from twla.bench.tables import allocation_table
 from twla.models.adapters import get_adapter
 from twla.quantization.allocation import allocate, allocation_units
 from twla.quantization.fake_quant import QuantLinear
@@ -143,7 +146,7 @@ def test_beta_zero_measures_no_pairs(calib_ids):
     assert free.predicted == pytest.approx(free.costs.unary[np.arange(3), chosen].sum())
 
 
-def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_ids):
+def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_ids, tmp_path):
     """costs="fisher": the program's unary costs are the second-order estimate (the one a measured
     run reports beside its costs), there are no pairs, and the only passes measure the uniform bits
     and the choice; the choice is set on the model."""
@@ -161,6 +164,15 @@ def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_i
     assert fisher.allocation.mean_bits <= 4 + 1e-9
     bits = {int(name.split(".")[2]): b for name, b in fisher.bits.items()}
     assert {r.act_bits for r in report.records if r.layer == 0} == {bits[0]}
+    rows = [
+        MethodRow(f"{costs}", "W1.58A2-8 mixed", "had", 1.0, 4, 1.9, 1.9, 1.0, 1.0, allocation=run.allocation.to_dict())
+        for costs, (_, run) in runs.items()
+    ]
+    table = allocation_table(rows).splitlines()
+    assert "| fisher | 3 blocks | fisher | dp |" in table[2] and "| – | 2, " in table[2]
+    assert "| measured | 3 blocks | measured | dp |" in table[3] and f"{measured.agreement['spearman']:.2f}" in table[3]
+    plot_cost_predictions(rows, str(tmp_path / "costs.png"))
+    assert (tmp_path / "costs.png").stat().st_size > 0
     data = mixed(costs="fisher").to_dict()
     assert not QuantConfig.from_dict(data).streamable
     del data["allocation"]["costs"]  # version 9 had measured costs only

@@ -135,17 +135,18 @@ def plot_allocations(rows: list[MethodRow], path: str) -> None:
 
 
 def plot_cost_predictions(rows: list[MethodRow], path: str) -> None:
-    """Left: second-order (Fisher) estimate vs measured unary costs. Right: predicted (Σs + Σc)
-    vs measured change of the mixed and the uniform models."""
+    """Left: second-order (Fisher) estimate vs measured unary costs (rows whose costs were
+    measured). Right: predicted (Σs + Σc) vs measured change of the mixed and the uniform models."""
     mixed = [row for row in rows if row.allocation]
     fig = Figure(figsize=(10, 4.2))
     left, right = fig.subplots(1, 2)
     lo, hi = float("inf"), 0.0
     for i, row in enumerate(mixed):
         al = row.allocation
+        measured = al.get("cost_source", "measured") == "measured" and al["estimate"] is not None
         pairs = [
             (e, m)
-            for est_row, meas_row in zip(al["estimate"], al["costs"]["unary"], strict=True)
+            for est_row, meas_row in zip(al["estimate"] if measured else [], al["costs"]["unary"], strict=False)
             for e, m in zip(est_row, meas_row, strict=True)
             if e > 0 and m > 0
         ]

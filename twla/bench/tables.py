@@ -222,13 +222,13 @@ def weight_allocation_table(rows: list[MethodRow]) -> str:
 
 
 def allocation_table(rows: list[MethodRow]) -> str:
-    """ILA-AMP: the chosen bits, the cost model's prediction against the measured change, and the
-    bits set (the program's, or uniform ones that measured no worse)."""
+    """ILA-AMP: where its costs came from, the chosen bits, the cost model's prediction against the
+    measured change, and the bits set (the program's, or uniform ones that measured no worse)."""
     lines = [
-        "| method | units | solver | mean bits (budget) | units per bit-width | predicted Δ (mixed) "
+        "| method | units | costs | solver | mean bits (budget) | units per bit-width | predicted Δ (mixed) "
         "| measured Δ (mixed) | predicted Δ (uniform) | measured Δ (uniform) | bits set "
         "| Fisher vs measured s: Spearman, median ratio | cost passes, s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         al = row.allocation
@@ -237,12 +237,13 @@ def allocation_table(rows: list[MethodRow]) -> str:
         choice, uniform, agree = al["allocation"], al["uniform"] or {}, al["agreement"]
         counts = ", ".join(f"{b}: {choice['bits'].count(b)}" for b in al["costs"]["bits"])
         uni = [f"{uniform[k]:.4f}" if uniform else "–" for k in ("predicted", "measured")]
+        agreement = f"{agree['spearman']:.2f}, {agree['median_ratio']:.2f}" if agree else "–"
         lines.append(
-            f"| {row.method} | {len(al['units'])} {al['granularity']}s | {choice['solver']} "
+            f"| {row.method} | {len(al['units'])} {al['granularity']}s | {al.get('cost_source', 'measured')} "
+            f"| {choice['solver']} "
             f"| {choice['mean_bits']:.2f} ({choice['budget']:g}) | {counts} | {al['predicted']:.4f} "
             f"| {al['measured']:.4f} | {uni[0]} | {uni[1]} | {'uniform' if al['kept_uniform'] else 'mixed'} "
-            f"| {agree['spearman']:.2f}, {agree['median_ratio']:.2f} "
-            f"| {al['passes']}, {al['seconds']:.0f} |"
+            f"| {agreement} | {al['passes']}, {al['seconds']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -275,6 +275,7 @@ class AllocationReport:
         return {
             "granularity": self.config.granularity,
             "metric": self.config.metric,
+            "cost_source": self.config.costs,
             "units": [u.name for u in self.units],
             "weights": [u.weight for u in self.units],
             "costs": self.costs.to_dict(),

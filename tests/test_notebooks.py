@@ -25,6 +25,7 @@ assert sites.costs.units == len(adapter.sites) * blocks.costs.units
 for rep in (blocks, sites):  # fewer activation bits cost more, on average over the units
     unary = rep.costs.unary
     assert all(unary[:, k].mean() > unary[:, k + 1].mean() for k in range(unary.shape[1] - 1)), unary.mean(0)
+assert fisher.passes == 2 and fisher.allocation.mean_bits <= alloc_cfg.budget + 1e-9  # only the outcome is measured
 """,
     "kotms_rotations.ipynb": """
 for label in ("riemannian-adam", "riemannian-sgd", "cayley-adam", "riemannian-adam from Hadamard"):

@@ -15,7 +15,7 @@ from twla.bench.rows import MethodRow
 from twla.bench.run import activation_bits, scheme
 from twla.bench.tables import allocation_table
 from twla.models.adapters import get_adapter
-from twla.quantization.allocation import allocate, allocation_units
+from twla.quantization.allocation import allocate, allocation_units, uniform_bits
 from twla.quantization.fake_quant import QuantLinear
 from twla.quantization.sections import AllocationConfig
 from twla.solvers.bits.problem import option_index
@@ -154,7 +154,7 @@ def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_i
         costs: quantize(tiny_llama(num_hidden_layers=3), mixed(costs=costs), calib_ids, device="cpu", progress=False)
         for costs in ("fisher", "measured")
     }
-    (_, report), measured = runs["fisher"], runs["measured"][1].allocation
+    (model, report), measured = runs["fisher"], runs["measured"][1].allocation
     fisher = report.allocation
     assert fisher.passes == 2 and fisher.agreement is None and fisher.costs.beta == 0
     assert np.array_equal(fisher.costs.unary, fisher.estimate) and not fisher.costs.pairwise.any()
@@ -162,6 +162,12 @@ def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_i
     chosen = option_index(fisher.costs, fisher.allocation.bits)
     assert fisher.predicted == pytest.approx(fisher.costs.unary[np.arange(3), chosen].sum())
     assert fisher.allocation.mean_bits <= 4 + 1e-9
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    mixed_bits = {n: 2 if ".0." in n else 6 if ".2." in n else 4 for n in fisher.bits}  # block 0 at 2, block 2 at 6
+    set_bits(model, mixed_bits.get)
+    with uniform_bits(model, get_adapter(model), replace(fisher, bits=mixed_bits)) as uniform:
+        assert uniform == 4 and {m.act.bits for m in linears.values()} == {4}
+    assert {n: m.act.bits for n, m in linears.items()} == mixed_bits
     bits = {int(name.split(".")[2]): b for name, b in fisher.bits.items()}
     assert {r.act_bits for r in report.records if r.layer == 0} == {bits[0]}
     rows = [

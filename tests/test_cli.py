@@ -63,6 +63,9 @@ def test_bench_writes_report_plots_and_checkpoint(tiny_checkpoint, tmp_path):
     assert "Mixed-precision activations (ILA-AMP)" in text
     counts = ", ".join(f"{b}: {mixed['allocation']['allocation']['bits'].count(b)}" for b in (2, 4, 6, 8))
     assert f"| {counts} |" in text
+    seed0 = mixed["seeds"]["0"]  # the same model at uniform 4 bits, evaluated beside the allocation's
+    assert seed0["uniform_ppl"] > 1 and (seed0["uniform_ppl"] == seed0["ppl"]) == mixed["allocation"]["kept_uniform"]
+    assert f"| {seed0['ppl']:.3f}, {seed0['uniform_ppl']:.3f} ({seed0['ppl'] - seed0['uniform_ppl']:+.3f}) |" in text
     wmix = report["rows"][5]  # ternary and integer linears in one model: each stage averaged where it ran
     assert wmix["scheme"] == "W1.58/3/4A16" and 2.2 < wmix["bits_storage"] <= 3.0
     assert len(set(wmix["weight_allocation"]["formats"].values())) > 1

@@ -13,7 +13,8 @@ class MethodRow:
     """One method of a bench run: perplexity (the mean over seeds), bits and sizes, seconds, and
     the details the first seed's model measured (JSON forms of the pipeline's reports).
 
-    ppl_spread: mean, std, min, max, n over seeds; seeds: {seed: {"ppl", "quant_seconds"}}.
+    ppl_spread: mean, std, min, max, n over seeds; seeds: {seed: {"ppl", "quant_seconds", "accuracy"}},
+    with "uniform_ppl" for an ILA-AMP row: the same model with every linear at the budget's bits.
     output_error: mean relative output error over linears; stages: per stage of the block fit,
     mean weight / output error; relocation, activations: means of the per-layer records;
     reconstruction: per-block errors before / after; end_to_end: held-out mean KL before / after

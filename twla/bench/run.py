@@ -58,6 +58,7 @@ from twla.models.loading import (
 )
 from twla.models.memory import resident_memory
 from twla.quantization.accounting import ACCOUNTING_RULES, count_bits
+from twla.quantization.allocation import uniform_bits
 from twla.quantization.config import QuantConfig
 from twla.quantization.pipeline import quantize
 from twla.quantization.records import LayerRecord
@@ -328,6 +329,11 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
                 "quant_seconds": report.seconds,
                 "accuracy": {r.task: r.value for r in scores[seed]},
             }
+            if report.allocation and report.allocation.uniform:  # ILA-AMP against uniform bits, same model
+                per_seed[seed]["uniform_ppl"] = result.ppl
+                if not report.allocation.kept_uniform:
+                    with uniform_bits(model, get_adapter(model), report.allocation) as bits:
+                        per_seed[seed]["uniform_ppl"] = evaluate(f"{label} at uniform A{bits}", model)[0].ppl
             if row is None:  # the first seed's model is reported in detail, plotted and saved
                 row = _method_row(spec, qcfg, model, report, result.ppl, eval_seconds)
                 row.pipeline["evaluation"] = evaluated

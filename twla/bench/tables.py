@@ -221,14 +221,27 @@ def weight_allocation_table(rows: list[MethodRow]) -> str:
     return "\n".join(lines)
 
 
+def _against_uniform(row: MethodRow) -> str:
+    """Perplexity with the allocation's bits and with every linear at the budget's bits, the same
+    quantized model: means over seeds and the paired difference (± its standard error)."""
+    pairs = [(s["ppl"], s["uniform_ppl"]) for s in row.seeds.values() if "uniform_ppl" in s]
+    if not pairs:
+        return "–"
+    n = len(pairs)
+    diffs = [a - b for a, b in pairs]
+    mean = sum(diffs) / n
+    error = f" ± {(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5:.3f} s.e., {n} seeds" if n > 1 else ""
+    return f"{sum(a for a, _ in pairs) / n:.3f}, {sum(b for _, b in pairs) / n:.3f} ({mean:+.3f}{error})"
+
+
 def allocation_table(rows: list[MethodRow]) -> str:
     """ILA-AMP: where its costs came from, the chosen bits, the cost model's prediction against the
     measured change, and the bits set (the program's, or uniform ones that measured no worse)."""
     lines = [
         "| method | units | costs | solver | mean bits (budget) | units per bit-width | predicted Δ (mixed) "
         "| measured Δ (mixed) | predicted Δ (uniform) | measured Δ (uniform) | bits set "
-        "| Fisher vs measured s: Spearman, median ratio | cost passes, s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Fisher vs measured s: Spearman, median ratio | cost passes, s | perplexity: bits set, uniform (Δ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         al = row.allocation
@@ -243,7 +256,7 @@ def allocation_table(rows: list[MethodRow]) -> str:
             f"| {choice['solver']} "
             f"| {choice['mean_bits']:.2f} ({choice['budget']:g}) | {counts} | {al['predicted']:.4f} "
             f"| {al['measured']:.4f} | {uni[0]} | {uni[1]} | {'uniform' if al['kept_uniform'] else 'mixed'} "
-            f"| {agreement} | {al['passes']}, {al['seconds']:.0f} |"
+            f"| {agreement} | {al['passes']}, {al['seconds']:.0f} | {_against_uniform(row)} |"
         )
     return "\n".join(lines)
 

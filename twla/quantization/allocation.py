@@ -19,7 +19,8 @@ It checks the measured costs, or replaces them (``costs="fisher"``: no pair term
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -290,6 +291,22 @@ class AllocationReport:
             "reference_nll": self.reference_nll,
             "kept_uniform": self.kept_uniform,
         }
+
+
+@contextmanager
+def uniform_bits(model: nn.Module, adapter: Adapter, report: AllocationReport) -> Iterator[int]:
+    """The model with every allocated linear at the budget's bits (the allocation's comparison; the
+    model without ILA-AMP when the layer-wise pass ran at those bits), the set bits back on exit."""
+    if report.uniform is None:
+        raise ValueError("the budget's bits are not an option of this allocation: there is no uniform comparison")
+    linears = wrap_linears(model, adapter)
+    for name in report.bits:
+        linears[name].set_act_bits(report.uniform["bits"])
+    try:
+        yield report.uniform["bits"]
+    finally:
+        for name, bits in report.bits.items():
+            linears[name].set_act_bits(bits)
 
 
 def _evaluate(probe: CostProbe, costs: BitCosts, units: list[Unit], bits: list[int]) -> tuple[float, float]:

@@ -143,10 +143,10 @@ def plot_cost_predictions(rows: list[MethodRow], path: str) -> None:
     lo, hi = float("inf"), 0.0
     for i, row in enumerate(mixed):
         al = row.allocation
-        measured = al.get("cost_source", "measured") == "measured" and al["estimate"] is not None
+        compared = al["agreement"] is not None  # the estimate beside measured costs
         pairs = [
             (e, m)
-            for est_row, meas_row in zip(al["estimate"] if measured else [], al["costs"]["unary"], strict=False)
+            for est_row, meas_row in zip(al["estimate"] if compared else [], al["costs"]["unary"], strict=False)
             for e, m in zip(est_row, meas_row, strict=True)
             if e > 0 and m > 0
         ]

@@ -68,6 +68,13 @@ class MethodRow:
         return cls(**{**data, "seeds": {int(k): v for k, v in data.get("seeds", {}).items()}})
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), minimum and maximum."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": var**0.5, "min": min(values), "max": max(values), "n": len(values)}
+
+
 def cell(value: object, fmt: str) -> str:
     if value is None:
         return "–"

@@ -22,7 +22,7 @@ from twla.bench.plots import (
     plot_weight_histograms,
 )
 from twla.bench.report import report_dict, write_report
-from twla.bench.rows import REPORT_FORMAT, MethodRow
+from twla.bench.rows import REPORT_FORMAT, MethodRow, spread
 from twla.data.text import (
     Text,
     bos_token,
@@ -190,13 +190,6 @@ class _Run:
     bos: int | None  # the token every window starts with, if the tokenizer adds one
 
 
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), minimum and maximum."""
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {"mean": mean, "std": var**0.5, "min": min(values), "max": max(values), "n": len(values)}
-
-
 def accuracy(scores: dict[int, list[TaskResult]]) -> dict[str, dict] | None:
     """A row's accuracy per task: mean and std of the headline metric over seeds, and the first
     seed's items, standard error and metrics."""
@@ -329,11 +322,11 @@ def _bench(cfg: BenchConfig, run: _Run, progress: bool) -> dict:
                 "quant_seconds": report.seconds,
                 "accuracy": {r.task: r.value for r in scores[seed]},
             }
-            if report.allocation and report.allocation.uniform:  # ILA-AMP against uniform bits, same model
-                per_seed[seed]["uniform_ppl"] = result.ppl
-                if not report.allocation.kept_uniform:
-                    with uniform_bits(model, get_adapter(model), report.allocation) as bits:
-                        per_seed[seed]["uniform_ppl"] = evaluate(f"{label} at uniform A{bits}", model)[0].ppl
+            al = report.allocation
+            if al and al.uniform:  # ILA-AMP against uniform bits on the same model (already set if kept)
+                with uniform_bits(model, get_adapter(model), al) as bits:
+                    uniform = result if al.kept_uniform else evaluate(f"{label} at uniform A{bits}", model)[0]
+                per_seed[seed]["uniform_ppl"] = uniform.ppl
             if row is None:  # the first seed's model is reported in detail, plotted and saved
                 row = _method_row(spec, qcfg, model, report, result.ppl, eval_seconds)
                 row.pipeline["evaluation"] = evaluated

@@ -3,7 +3,7 @@ block fit, reconstruction, rotations, activations, bit allocation, packed checkp
 
 from __future__ import annotations
 
-from twla.bench.rows import MethodRow, cell, ppl_cell
+from twla.bench.rows import MethodRow, cell, ppl_cell, spread
 from twla.quantization.methods import method_parts
 
 
@@ -227,11 +227,10 @@ def _against_uniform(row: MethodRow) -> str:
     pairs = [(s["ppl"], s["uniform_ppl"]) for s in row.seeds.values() if "uniform_ppl" in s]
     if not pairs:
         return "–"
-    n = len(pairs)
-    diffs = [a - b for a, b in pairs]
-    mean = sum(diffs) / n
-    error = f" ± {(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5:.3f} s.e., {n} seeds" if n > 1 else ""
-    return f"{sum(a for a, _ in pairs) / n:.3f}, {sum(b for _, b in pairs) / n:.3f} ({mean:+.3f}{error})"
+    chosen, uniform, diff = (spread(list(v)) for v in (*zip(*pairs, strict=True), [a - b for a, b in pairs]))
+    n = diff["n"]
+    error = f" ± {diff['std'] / n**0.5:.3f} s.e., {n} seeds" if n > 1 else ""
+    return f"{chosen['mean']:.3f}, {uniform['mean']:.3f} ({diff['mean']:+.3f}{error})"
 
 
 def allocation_table(rows: list[MethodRow]) -> str:

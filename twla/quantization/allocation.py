@@ -360,12 +360,14 @@ def allocate(
         model.to(device)
         try:
             probe = CostProbe(model, adapter, windows, linears, cfg.reference, cfg.metric, cfg.stride, device)
+            agreement = None
             if cfg.costs == "fisher":
                 costs = estimated_costs(probe, units, cfg.options)
                 estimate = costs.unary
             else:
                 costs = measure_costs(probe, units, cfg.options, beta=cfg.beta, progress=progress)
                 estimate = fisher_estimate(probe, units, cfg.options) if kept is None else None
+                agreement = None if estimate is None else estimate_agreement(costs.unary, estimate)
             allocation = solve_bits(costs, cfg.budget, solver=cfg.solver)
             uniform = None
             if int(cfg.budget) == cfg.budget and int(cfg.budget) in cfg.options:
@@ -384,7 +386,7 @@ def allocate(
         units=units,
         costs=costs,
         estimate=estimate,
-        agreement=None if estimate is None or cfg.costs == "fisher" else estimate_agreement(costs.unary, estimate),
+        agreement=agreement,
         allocation=allocation,
         predicted=predicted,
         measured=measured,

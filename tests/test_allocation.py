@@ -180,11 +180,11 @@ def test_fisher_costs_solve_on_the_estimate_and_measure_only_the_outcome(calib_i
     plot_cost_predictions(rows, str(tmp_path / "costs.png"))
     assert (tmp_path / "costs.png").stat().st_size > 0
     data = mixed(costs="fisher").to_dict()
-    assert not QuantConfig.from_dict(data).streamable
+    assert QuantConfig.from_dict(data).streamable
     del data["allocation"]["costs"]  # version 9 had measured costs only
     assert QuantConfig.from_dict({**data, "version": 9}).allocation.costs == "measured"
-    with pytest.raises(ValueError, match="backward pass through the whole model: it cannot stream"):
-        quantize(tiny_llama(), mixed(costs="fisher"), calib_ids, progress=False, stream=object())
+    fisher_term = QuantConfig.from_method("e2m+amp-fisher").allocation
+    assert (fisher_term.granularity, fisher_term.costs, fisher_term.beta) == ("site", "fisher", 0.0)
 
 
 def test_a_choice_that_measures_worse_than_uniform_bits_is_not_set(calib_ids, monkeypatch):

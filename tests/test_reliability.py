@@ -375,7 +375,11 @@ def test_errors_come_before_the_weights_are_read(tiny_checkpoint, tmp_path, monk
         (["bench", "--methods", "e2m+recon", "--e2e-steps", "9", *out], "--e2e-steps applies to methods with +e2e"),
         (
             ["bench", "--methods", "e2m+amp-site", "--amp-costs", "fisher", "--amp-beta", "0.5", *out],
-            "--amp-beta weighs measured adjacent pairs, and --amp-costs fisher has none",
+            "--amp-beta weighs measured adjacent pairs, and the Fisher costs of e2m+amp-site have none",
+        ),
+        (
+            ["bench", "--methods", "e2m+amp-fisher", "--amp-beta", "0.5", *out],
+            "the Fisher costs of e2m+amp-fisher have none",
         ),
         (["bench", "--methods", "e2m,e2m+gptq", "--save", "pt2", *out], "--save names methods that are not benched"),
         (["bench", "--methods", "", *out], "no methods to bench"),

@@ -81,6 +81,7 @@ def _same_files(a: str, b: str) -> list[str]:
         (E2E, "keep", False),
         ("pt2+gptq+ssr+r1+kotms+a4", "keep", True),  # learned rotations: a first pass over the layers
         ("pt2+gptq+had+amp", "keep", False),  # bit allocation: every cost pass reloads the layers
+        ("pt2+gptq+had+amp-fisher", "keep", False),  # the Fisher costs' backward pass reloads them too
         ("pt2+gptq+ssr+had+amp-site+recon+e2e", "float16", False),  # kept through both whole-model stages
     ],
 )

@@ -10,8 +10,8 @@ Typical use::
     windows = twla.evaluation_windows(twla.tokenize(tokenizer, twla.load_text("prideprejudice")), 512)
     print(twla.perplexity(model, windows).ppl)
 
-Mixed-precision activations (ILA-AMP) come from ``+amp`` in the method spec, or directly from
-measured or user costs::
+Mixed-precision activations (ILA-AMP) come from ``+amp``, ``+amp-site`` or ``+amp-fisher`` (the
+default's) in the method spec, or directly from measured or user costs::
 
     alloc = twla.solve_bits({"bits": [2, 4, 8], "unary": ..., "pairwise": ..., "beta": 0.5}, budget=4.0)
 
@@ -25,7 +25,7 @@ A checkpoint directory can also be quantized straight into a packed checkpoint, 
 layer in memory at a time (any method), and a packed checkpoint
 evaluated the same way::
 
-    config = twla.QuantConfig.from_method("pt2+gptq+had+a4+recon+e2e")
+    config = twla.QuantConfig.from_method("pt2+gptq+had+amp-fisher+recon+e2e")  # the default method
     report, bits = twla.quantize_checkpoint("./my-llama", config, calib, path="out/model", method="...")
     with twla.streamed_packed("out/model") as (model, tokenizer, info):
         print(twla.perplexity(model, windows).ppl)

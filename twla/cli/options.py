@@ -86,7 +86,7 @@ OVERRIDE_FLAGS = (
     *RECONSTRUCTION_FLAGS,
 )
 _USERS = {
-    "allocation": "+amp or +amp-site",
+    "allocation": "+amp, +amp-site or +amp-fisher",
     "weight_allocation": "+wmix",
     "reconstruction": "+recon or +round",
     "end_to_end": "+e2e",
@@ -150,7 +150,7 @@ def add_quantization(p: argparse.ArgumentParser, run: dict[str, object]) -> None
     add_batch_size(p, run["batch_size"])
     p.add_argument("--overwrite", action="store_true", help="replace an output that twla wrote earlier")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    amp = p.add_argument_group("mixed-precision activations (amp / amp-site methods only)")
+    amp = p.add_argument_group("mixed-precision activations (amp / amp-site / amp-fisher methods only)")
     a = AllocationConfig
     amp.add_argument("--amp-budget", type=float, help=f"mean activation bits (default {a.budget:g})")
     amp.add_argument(
@@ -239,6 +239,9 @@ def overrides(args: argparse.Namespace, methods: tuple[str, ...]) -> dict[str, d
             )
         given.setdefault(section, {})[name] = value
     allocation = given.get("allocation", {})
-    if allocation.get("costs") == "fisher" and allocation.get("beta", 0) != 0:
-        raise ValueError("--amp-beta weighs measured adjacent pairs, and --amp-costs fisher has none")
+    if allocation.get("beta", 0) != 0:
+        for spec in methods:
+            section = QuantConfig.from_method(spec).allocation
+            if section is not None and allocation.get("costs", section.costs) == "fisher":
+                raise ValueError(f"--amp-beta weighs measured adjacent pairs, and the Fisher costs of {spec} have none")
     return given

@@ -19,7 +19,7 @@ It checks the measured costs, or replaces them (``costs="fisher"``: no pair term
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from twla.kernels.uniform import uniform_grid
@@ -183,7 +184,11 @@ def estimated_costs(probe: CostProbe, units: list[Unit], options: tuple[int, ...
 
 
 def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...]) -> np.ndarray:
-    """Second-order unary estimate ŝ (L × K) from one backward pass at 16-bit activations."""
+    """Second-order unary estimate ŝ (L × K) from one backward pass at 16-bit activations.
+
+    Each block is checkpointed: its forward runs without a graph, and the backward pass reruns it
+    from its input to take its gradients, so a block holds memory only while its own gradients
+    are taken (and a streamed block is loaded for that moment only)."""
     K = len(options)
     per_linear = {name: np.zeros(K) for name in probe.linears}
     n_scored = probe.targets.numel()
@@ -191,6 +196,9 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
 
     def hook(name: str, module: QuantLinear):
         def forward(mod, args, out):
+            if not out.requires_grad:  # a checkpointed block's first, graph-less pass
+                return
+            weight = mod.weight  # a streamed layer drops it before the backward pass
             x = mod.rotate_input(args[0].detach()).float()
             steps = torch.cat(
                 [uniform_grid(x, b, clip=mod.act_clips.get(b, 1.0), symmetric=mod.act.symmetric)[0] for b in options],
@@ -198,13 +206,16 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
             )  # per-token step Δ_t(b) of each option's grid
 
             def backward(grad: Tensor) -> None:
-                g2 = (grad.float() @ mod.weight.float()).pow(2).sum(-1)  # ‖∂L/∂x_t‖² per token
+                g2 = (grad.float() @ weight.float()).pow(2).sum(-1)  # ‖∂L/∂x_t‖² per token
                 noise = (g2[..., None] * steps.pow(2) / 12).flatten(0, -2).sum(0)
                 per_linear[name] += 0.5 * n_scored * noise.double().cpu().numpy()
 
             out.register_hook(backward)
 
         return module.register_forward_hook(forward)
+
+    def block(layer: nn.Module, kwargs: dict) -> Callable[[Tensor], Tensor]:
+        return lambda hidden: layer_output(layer(hidden, **kwargs))
 
     for name, module in probe.linears.items():
         module.set_act_bits(16)
@@ -213,13 +224,13 @@ def fisher_estimate(probe: CostProbe, units: list[Unit], options: tuple[int, ...
         with torch.enable_grad():
             hidden = probe.inputs[0].requires_grad_()
             for layer, kwargs in zip(probe.layers, probe.kwargs, strict=True):
-                hidden = layer_output(layer(hidden, **kwargs))
+                hidden = checkpoint(block(layer, kwargs), hidden, use_reentrant=True, preserve_rng_state=False)
             loss = F.nll_loss(probe.log_probs(hidden).flatten(0, 1), probe.targets.flatten())
-            torch.autograd.grad(loss, probe.inputs[0])
+            loss.backward()  # (a checkpointed graph takes no ``inputs``)
     finally:
         for handle in handles:
             handle.remove()
-        probe.inputs[0].requires_grad_(False)
+        probe.inputs[0].requires_grad_(False).grad = None
         probe.reset()
     estimate = np.array([sum(per_linear[name] for name in unit.linears) for unit in units])
     estimate[:, [k for k, b in enumerate(options) if b == probe.reference]] = 0.0
@@ -255,7 +266,7 @@ class AllocationReport:
     config: AllocationConfig
     units: list[Unit]
     costs: BitCosts
-    estimate: np.ndarray | None  # None when the layers were streamed
+    estimate: np.ndarray
     agreement: dict[str, float] | None
     allocation: Allocation
     predicted: float
@@ -280,7 +291,7 @@ class AllocationReport:
             "units": [u.name for u in self.units],
             "weights": [u.weight for u in self.units],
             "costs": self.costs.to_dict(),
-            "estimate": None if self.estimate is None else self.estimate.tolist(),
+            "estimate": self.estimate.tolist(),
             "agreement": self.agreement,
             "allocation": self.allocation.to_dict(),
             "predicted": self.predicted,
@@ -340,11 +351,7 @@ def allocate(
     instead (the program's choice stays in the report).
 
     kept: the quantized decoder layers are not in ``model`` (on the meta device) but in ``kept``, and
-    every pass reloads them one at a time (the same costs and bits); the Fisher estimate, a
-    diagnostic of the measured costs, is then not computed (its backward pass would hold every
-    layer), and Fisher costs are refused."""
-    if kept is not None and cfg.costs == "fisher":
-        raise ValueError("Fisher-estimated costs take one backward pass through the whole model; they cannot stream")
+    every pass, forward or backward, reloads them one at a time (the same costs and bits)."""
     start = time.perf_counter()
     linears = wrap_linears(model, adapter)
     missing = [n for n, m in linears.items() if any(b not in m.act_clips for b in cfg.clip_bits)]
@@ -366,8 +373,8 @@ def allocate(
                 estimate = costs.unary
             else:
                 costs = measure_costs(probe, units, cfg.options, beta=cfg.beta, progress=progress)
-                estimate = fisher_estimate(probe, units, cfg.options) if kept is None else None
-                agreement = None if estimate is None else estimate_agreement(costs.unary, estimate)
+                estimate = fisher_estimate(probe, units, cfg.options)
+                agreement = estimate_agreement(costs.unary, estimate)
             allocation = solve_bits(costs, cfg.budget, solver=cfg.solver)
             uniform = None
             if int(cfg.budget) == cfg.budget and int(cfg.budget) in cfg.options:

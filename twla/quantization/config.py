@@ -138,8 +138,6 @@ class QuantConfig:
         decoder layer at a time (``stream``)."""
         if self.weight_allocation is not None:
             return "its weight allocation (+wmix) measures every linear on the whole model"
-        if self.allocation is not None and self.allocation.costs == "fisher":
-            return "its Fisher-estimated activation costs take one backward pass through the whole model"
         return None
 
     @property

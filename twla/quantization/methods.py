@@ -174,6 +174,15 @@ VOCABULARY: tuple[Term, ...] = (
         "allocation granularity",
     ),
     Term(
+        ("amp-fisher",),
+        "allocation",
+        ({"granularity": "site", "costs": "fisher", "beta": 0.0},),
+        "the same per site on the second-order (Fisher) estimate of the unary costs: one backward pass at "
+        "16-bit activations instead of a pass per site and width, no pair terms (β = 0); the choice is still "
+        "measured against uniform bits",
+        "allocation granularity",
+    ),
+    Term(
         ("recon",),
         "reconstruction",
         ({"reconstruction": ReconstructionConfig()},),

@@ -3,7 +3,7 @@ names (the main job's rows, the ablation of the default, the quality-vs-bits fro
 
 from __future__ import annotations
 
-DEFAULT_METHOD = "pt2+gptq+had+a4+recon+e2e"  # the default W1.58A4 method; `twla quantize` uses it
+DEFAULT_METHOD = "pt2+gptq+had+amp-fisher+recon+e2e"  # the default W1.58A4 method; `twla quantize` uses it
 
 
 # The main job's rows: they fit its time budget (under 40 minutes on the slower 2-core machine
@@ -11,21 +11,22 @@ DEFAULT_METHOD = "pt2+gptq+had+a4+recon+e2e"  # the default W1.58A4 method; `twl
 # reconstruction and a W4A4 round-to-nearest reference (about 20 minutes more).
 DEFAULT_METHODS = (
     "pt2+gptq+had+a4",  # W1.58A4 with fixed random Kronecker-Hadamard site rotations
-    DEFAULT_METHOD,  # + block-wise, then end-to-end reconstruction
+    DEFAULT_METHOD,  # + block-wise, then end-to-end reconstruction, then ILA-AMP's activation bits
 )
 
 
-# The default method, each of its components taken away, SSR's column reordering added (it
-# did not lower the default's perplexity over three seeds, so the default leaves it out), and
-# TWLA's E2M code rule in place of PT²-LLM's.
+# The default method, each of its components taken away (ILA-AMP's mixed activation bits first:
+# uniform 4 bits), SSR's column reordering added (it did not lower the default's perplexity over
+# three seeds, so the default leaves it out), and TWLA's E2M code rule in place of PT²-LLM's.
 ABLATION_METHODS = (
     DEFAULT_METHOD,
-    "e2m+gptq+had+a4+recon+e2e",
-    "pt2+gptq+ssr+had+a4+recon+e2e",
-    "pt2+gptq+had+a4+recon",
-    "pt2+gptq+had+a4+e2e",
-    "pt2+gptq+a4+recon+e2e",
-    "pt2+had+a4+recon+e2e",
+    "pt2+gptq+had+a4+recon+e2e",
+    "e2m+gptq+had+amp-fisher+recon+e2e",
+    "pt2+gptq+ssr+had+amp-fisher+recon+e2e",
+    "pt2+gptq+had+amp-fisher+recon",
+    "pt2+gptq+had+amp-fisher+e2e",
+    "pt2+gptq+amp-fisher+recon+e2e",
+    "pt2+had+amp-fisher+recon+e2e",
 )
 
 

@@ -363,8 +363,7 @@ class AllocationConfig:
     calibration windows cut to ``seqlen`` tokens, scoring every ``stride``-th position.
     costs: ``measured`` (one pass per unit and option, and per adjacent pair and options when β > 0)
     or ``fisher``, the second-order estimate of the unary costs from one backward pass (no pair
-    terms, so β has nothing to weigh; seconds instead of minutes, and it needs the whole model in
-    memory).
+    terms, so β has nothing to weigh; seconds instead of minutes).
     """
 
     granularity: Granularity = "block"
